@@ -1,0 +1,44 @@
+"""Config keys added by nucseg-d2. Call ``add_nucseg_config(cfg)`` on a fresh ``get_cfg()``."""
+from detectron2.config import CfgNode as CN
+
+
+def add_nucseg_config(cfg):
+    """Add every nucseg-d2 key, with its default, to ``cfg`` (a copy of Detectron2's defaults)."""
+    _C = cfg
+
+    # ---------------------------------------------------------------- input / augmentation
+    # Nuclei fragments (cut by a crop) smaller than this many pixels are dropped from both the
+    # instance masks and sem_seg, so the two targets never disagree.
+    _C.INPUT.MIN_FRAGMENT_AREA = 8
+    _C.INPUT.AUG = CN()
+    _C.INPUT.AUG.HFLIP = True  # random horizontal flip (p = 0.5)
+    _C.INPUT.AUG.VFLIP = True  # random vertical flip (p = 0.5)
+    _C.INPUT.AUG.ROT90 = True  # random rotation by 0/90/180/270 degrees
+    _C.INPUT.AUG.GAUSSIAN_BLUR_PROB = 0.0  # probability of a Gaussian blur
+    _C.INPUT.AUG.GAUSSIAN_BLUR_SIGMA = (0.5, 1.5)  # blur sigma range in pixels
+    _C.INPUT.AUG.GAUSSIAN_NOISE_PROB = 0.0  # probability of additive Gaussian noise
+    _C.INPUT.AUG.GAUSSIAN_NOISE_STD = (2.0, 10.0)  # noise std range, in 0-255 intensity units
+    _C.INPUT.AUG.EMBOSS_PROB = 0.0  # probability of an emboss filter
+    _C.INPUT.AUG.EMBOSS_STRENGTH = (0.2, 0.5)  # blend weight of the embossed image
+    _C.INPUT.AUG.SHARPEN_PROB = 0.0  # probability of a sharpen filter
+    _C.INPUT.AUG.SHARPEN_STRENGTH = (0.2, 0.5)  # blend weight of the sharpened image
+    _C.INPUT.AUG.CHANNEL_SHUFFLE_PROB = 0.0  # probability of a random RGB channel permutation
+    _C.INPUT.AUG.STAIN_JITTER_PROB = 0.0  # probability of H&E stain jitter in HED space
+    _C.INPUT.AUG.STAIN_JITTER_SCALE = 0.05  # HED channel scale ~ U(1 - s, 1 + s)
+    _C.INPUT.AUG.STAIN_JITTER_SHIFT = 0.01  # HED channel shift ~ U(-s, s)
+
+    # ---------------------------------------------------------------- data sets
+    # Number of folds for the k-fold-by-patient TNBC data sets (tnbc_cv{K}_fold{i}_train/_test).
+    _C.DATASETS.TNBC_NUM_FOLDS = 5
+
+    # ---------------------------------------------------------------- post-processing
+    # Instances -> label map, shared by evaluator and predictor (defaults of the paper's code).
+    _C.TEST.NUCLEI = CN()
+    _C.TEST.NUCLEI.SCORE_THRESH = 0.5  # keep detections scoring above this
+    _C.TEST.NUCLEI.MASK_THRESH = 0.5  # binarise mask probabilities at this value
+    # Drop a mask more than this fraction covered by higher-scoring masks; else keep its free part.
+    _C.TEST.NUCLEI.MAX_OVERLAP = 0.7
+    # Metrics the NucleiEvaluator reports (names from nucseg_d2.evaluation.metrics).
+    _C.TEST.NUCLEI.METRICS = ["aji", "aji_plus", "paper_aji", "dice1", "pq"]
+    # Also run Detectron2's COCOEvaluator (mask AP) beside the nuclei metrics.
+    _C.TEST.NUCLEI.COCO_AP = False

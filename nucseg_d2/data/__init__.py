@@ -1,0 +1,1 @@
+"""Data sets, readers, mapper and augmentations for nuclei segmentation."""

@@ -1,0 +1,1 @@
+"""Nuclei evaluation: metrics and Detectron2 evaluators."""

@@ -1,0 +1,1 @@
+"""Model components (registered on import)."""
