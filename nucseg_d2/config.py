@@ -42,3 +42,54 @@ def add_nucseg_config(cfg):
     _C.TEST.NUCLEI.METRICS = ["aji", "aji_plus", "paper_aji", "dice1", "pq"]
     # Also run Detectron2's COCOEvaluator (mask AP) beside the nuclei metrics.
     _C.TEST.NUCLEI.COCO_AP = False
+
+    # ---------------------------------------------------------------- model
+    _C.MODEL.NUCSEG = CN()
+    # Return full-image pred_masks at inference (for COCOEvaluator/Visualizer) instead of compact
+    # box-relative pred_mask_probs; costs H*W bytes per detection.
+    _C.MODEL.NUCSEG.PASTE_FULL_MASKS = False
+
+
+class NucleiConfigError(ValueError):
+    """A config file or value that cannot be used; the message names the file/key and why."""
+
+
+def merge_config_file(cfg, path: str):
+    """``cfg.merge_from_file`` with errors that name the file and the offending key."""
+    import os
+
+    if not os.path.isfile(path):
+        raise NucleiConfigError(f"config file not found: {path}")
+    try:
+        cfg.merge_from_file(path)
+    except KeyError as e:
+        raise NucleiConfigError(f"{path}: unknown config key {e}") from e
+    except (ValueError, AssertionError, TypeError) as e:
+        raise NucleiConfigError(f"{path}: {e}") from e
+
+
+def validate_nucseg_config(cfg):
+    """Reject values the code would otherwise misuse silently; raises NucleiConfigError."""
+    aug = cfg.INPUT.AUG
+    for key in ("GAUSSIAN_BLUR_PROB", "GAUSSIAN_NOISE_PROB", "EMBOSS_PROB", "SHARPEN_PROB",
+                "CHANNEL_SHUFFLE_PROB", "STAIN_JITTER_PROB"):
+        value = aug[key]
+        if not 0.0 <= value <= 1.0:
+            raise NucleiConfigError(f"INPUT.AUG.{key} must be a probability in [0, 1], got {value}")
+    for key in ("GAUSSIAN_BLUR_SIGMA", "GAUSSIAN_NOISE_STD", "EMBOSS_STRENGTH", "SHARPEN_STRENGTH"):
+        low, high = aug[key]
+        if not 0 <= low <= high:
+            raise NucleiConfigError(f"INPUT.AUG.{key} must be a range (low, high) with 0 <= low <= high, got {aug[key]}")
+    if cfg.INPUT.MIN_FRAGMENT_AREA < 0:
+        raise NucleiConfigError(f"INPUT.MIN_FRAGMENT_AREA must be >= 0, got {cfg.INPUT.MIN_FRAGMENT_AREA}")
+    nuclei = cfg.TEST.NUCLEI
+    for key in ("SCORE_THRESH", "MASK_THRESH", "MAX_OVERLAP"):
+        if not 0.0 <= nuclei[key] <= 1.0:
+            raise NucleiConfigError(f"TEST.NUCLEI.{key} must be in [0, 1], got {nuclei[key]}")
+    if cfg.INPUT.CROP.ENABLED and min(cfg.INPUT.CROP.SIZE) <= 0:
+        raise NucleiConfigError(f"INPUT.CROP.SIZE must be positive, got {cfg.INPUT.CROP.SIZE}")
+    from .evaluation.metrics import ALL_METRICS
+
+    unknown = [m for m in nuclei.METRICS if m not in ALL_METRICS]
+    if unknown:
+        raise NucleiConfigError(f"TEST.NUCLEI.METRICS: unknown metrics {unknown}; known: {sorted(ALL_METRICS)}")

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Train and evaluate nucseg-d2 models: ``python train_net.py --config-file configs/tnbc.yaml``.
+
+Thin, in the manner of Detectron2's ``projects/*/train_net.py``: every option is a config key.
+"""
+import logging
+import os
+import sys
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+
+from nucseg_d2 import add_nucseg_config
+from nucseg_d2.config import NucleiConfigError, merge_config_file, validate_nucseg_config
+from nucseg_d2.data import NucleiDataError, NucleiDatasetMapper
+from nucseg_d2.evaluation import NucleiEvaluator
+
+
+class Trainer(DefaultTrainer):
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=NucleiDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=NucleiDatasetMapper(cfg, is_train=False)
+        )
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluators = [NucleiEvaluator.from_cfg(cfg, dataset_name, output_folder, save_label_maps=True)]
+        if cfg.TEST.NUCLEI.COCO_AP:
+            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+        return DatasetEvaluators(evaluators)
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_nucseg_config(cfg)
+    merge_config_file(cfg, args.config_file)
+    try:
+        cfg.merge_from_list(args.opts)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise NucleiConfigError(f"command-line overrides {args.opts}: {e}") from e
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    validate_nucseg_config(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def run(args):
+    try:
+        return main(args)
+    except (NucleiDataError, NucleiConfigError) as e:
+        # One clear line instead of a stack trace (the message names the file and the problem).
+        logging.getLogger("nucseg_d2").error(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        run,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
