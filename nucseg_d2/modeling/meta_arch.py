@@ -2,6 +2,7 @@
 from typing import Dict, List
 
 import torch
+from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Instances
@@ -32,6 +33,7 @@ class NucleiRCNN(GeneralizedRCNN):
     ``COCOEvaluator`` and ``Visualizer`` expect) at the memory cost explained above.
     """
 
+    @configurable
     def __init__(self, *, paste_full_masks: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.paste_full_masks = paste_full_masks

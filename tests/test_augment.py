@@ -1,0 +1,291 @@
+"""Tests for nucseg_d2.data.augment: exact geometry, image-only photometry, cfg builder."""
+import numpy as np
+import pytest
+from detectron2.config import get_cfg
+from detectron2.data import transforms as T
+from skimage.color import rgb2hed
+
+from nucseg_d2.config import add_nucseg_config
+from nucseg_d2.data.augment import (
+    ChannelShuffleTransform,
+    ConvolutionTransform,
+    GaussianBlurTransform,
+    GaussianNoiseTransform,
+    RandomChannelShuffle,
+    RandomEmboss,
+    RandomGaussianBlur,
+    RandomGaussianNoise,
+    RandomRotation90,
+    RandomSharpen,
+    RandomStainJitter,
+    Rot90Transform,
+    StainJitterTransform,
+    build_nuclei_augmentations,
+    emboss_kernel,
+    sharpen_kernel,
+)
+
+H, W = 5, 7  # non-square so a wrong axis order changes the shape
+
+
+def _unique_image(h=H, w=W, channels=3):
+    """Image whose every value is distinct, so its position after a transform can be found."""
+    return np.arange(h * w * channels, dtype=np.int32).reshape(h, w, channels)
+
+
+def _pixel_centres(h, w):
+    rows, cols = np.mgrid[0:h, 0:w]
+    return rows.ravel(), cols.ravel()
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_rot90_image_and_segmentation_match_np_rot90(k):
+    image = _unique_image()
+    tfm = Rot90Transform(H, W, k)
+    np.testing.assert_array_equal(tfm.apply_image(image), np.rot90(image, k))
+    seg = image[..., 0]
+    np.testing.assert_array_equal(tfm.apply_segmentation(seg), np.rot90(seg, k))
+    assert tfm.apply_image(image).shape[:2] == tfm.output_size()
+    assert tfm.apply_image(image).flags["C_CONTIGUOUS"]
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_rot90_coords_follow_the_pixels(k):
+    ids = np.arange(H * W).reshape(H, W)
+    rotated = np.rot90(ids, k)
+    rows, cols = _pixel_centres(H, W)
+    centres = np.stack([cols + 0.5, rows + 0.5], axis=1).astype(np.float64)
+    moved = Rot90Transform(H, W, k).apply_coords(centres.copy())
+    new_cols = (moved[:, 0] - 0.5).astype(int)
+    new_rows = (moved[:, 1] - 0.5).astype(int)
+    # The pixel that landed at the transformed centre is the one we started from.
+    np.testing.assert_array_equal(rotated[new_rows, new_cols], ids[rows, cols])
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_rot90_box_equals_rotated_mask_extent(k):
+    mask = np.zeros((H, W), dtype=bool)
+    mask[1:3, 2:6] = True  # rows 1-2, cols 2-5 -> XYXY box (2, 1, 6, 3)
+    box = np.array([[2.0, 1.0, 6.0, 3.0]])
+    rotated_mask = np.rot90(mask, k)
+    rows, cols = np.nonzero(rotated_mask)
+    expected = [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+    np.testing.assert_allclose(Rot90Transform(H, W, k).apply_box(box)[0], expected)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, -1, 5])
+def test_rot90_inverse_round_trips(k):
+    image = _unique_image()
+    tfm = Rot90Transform(H, W, k)
+    inverse = tfm.inverse()
+    np.testing.assert_array_equal(inverse.apply_image(tfm.apply_image(image)), image)
+    coords = np.random.default_rng(0).uniform(0, 5, size=(10, 2))
+    np.testing.assert_allclose(inverse.apply_coords(tfm.apply_coords(coords.copy())), coords)
+
+
+def test_rot90_rejects_wrong_size():
+    with pytest.raises(ValueError, match="size"):
+        Rot90Transform(H, W, 1).apply_image(np.zeros((W, H, 3), np.uint8))
+
+
+def test_random_rotation90_draws_every_k_and_keeps_image_and_seg_aligned():
+    np.random.seed(0)
+    image = (np.arange(H * W).reshape(H, W, 1) * np.ones((1, 1, 3), int)).astype(np.uint8)
+    seen = set()
+    for _ in range(60):
+        aug_input = T.AugInput(image.copy(), sem_seg=image[..., 0].astype(np.int32))
+        tfm = RandomRotation90()(aug_input)
+        seen.add(getattr(tfm, "k", 0))
+        np.testing.assert_array_equal(aug_input.image[..., 0], aug_input.sem_seg)
+    assert seen == {0, 1, 2, 3}
+
+
+# ----------------------------------------------------------------------------- photometric
+
+
+def _he_like_image(seed=0, h=24, w=32):
+    """Pink background with purple blobs and some noise: plausible H&E colours."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((h, w, 3), dtype=np.float32)
+    image[:] = (235, 170, 210)
+    rows, cols = np.mgrid[0:h, 0:w]
+    for cy, cx in [(6, 8), (16, 22), (12, 14)]:
+        image[(rows - cy) ** 2 + (cols - cx) ** 2 < 16] = (90, 50, 140)
+    image += rng.normal(0, 8, size=image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+PHOTOMETRIC_TRANSFORMS = [
+    GaussianBlurTransform(1.0),
+    GaussianNoiseTransform(5.0, seed=3),
+    ConvolutionTransform(emboss_kernel(0.5)),
+    ConvolutionTransform(sharpen_kernel(0.5)),
+    ChannelShuffleTransform((2, 0, 1)),
+    StainJitterTransform((1.2, 0.8, 1.0), (0.02, -0.02, 0.0)),
+]
+
+
+@pytest.mark.parametrize("tfm", PHOTOMETRIC_TRANSFORMS, ids=lambda t: type(t).__name__)
+def test_photometric_transforms_change_only_the_image(tfm):
+    image = _he_like_image()
+    label_map = np.zeros(image.shape[:2], dtype=np.int32)
+    label_map[3:9, 4:12] = 7
+    aug_input = T.AugInput(image.copy(), sem_seg=label_map.copy())
+    aug_input.transform(tfm)
+    assert aug_input.image.dtype == np.uint8 and aug_input.image.shape == image.shape
+    assert not np.array_equal(aug_input.image, image)
+    np.testing.assert_array_equal(aug_input.sem_seg, label_map)
+    coords = np.array([[1.5, 2.5], [30.0, 20.0]])
+    np.testing.assert_array_equal(tfm.apply_coords(coords.copy()), coords)
+    np.testing.assert_array_equal(tfm.apply_box(np.array([[1.0, 2.0, 5.0, 9.0]])), [[1, 2, 5, 9]])
+    assert isinstance(tfm.inverse(), T.NoOpTransform)
+
+
+def test_transforms_are_deterministic_once_drawn():
+    # Detectron2 may re-apply a drawn transform to other data; the noise must not change.
+    image = _he_like_image()
+    tfm = GaussianNoiseTransform(5.0, seed=11)
+    np.testing.assert_array_equal(tfm.apply_image(image), tfm.apply_image(image))
+
+
+def test_blur_smooths_and_kernels_keep_flat_regions():
+    image = _he_like_image()
+    blurred = GaussianBlurTransform(1.5).apply_image(image)
+    assert np.abs(np.diff(blurred.astype(float), axis=1)).mean() < np.abs(
+        np.diff(image.astype(float), axis=1)
+    ).mean()
+    flat = np.full((8, 9, 3), 120, dtype=np.uint8)
+    for kernel in (emboss_kernel(0.7), sharpen_kernel(0.7)):
+        assert kernel.sum() == pytest.approx(1.0)
+        np.testing.assert_array_equal(ConvolutionTransform(kernel).apply_image(flat), flat)
+
+
+def test_sharpen_increases_edge_contrast():
+    step = np.zeros((8, 10, 3), dtype=np.uint8)
+    step[:, 5:] = 200
+    step[:, :5] = 50
+    sharpened = ConvolutionTransform(sharpen_kernel(0.5)).apply_image(step)
+    assert sharpened[0, 4, 0] < 50 and sharpened[0, 5, 0] > 200  # overshoot at the edge
+
+
+def test_channel_shuffle_is_a_permutation():
+    image = _he_like_image()
+    np.random.seed(1)
+    seen = set()
+    for _ in range(40):
+        tfm = RandomChannelShuffle().get_transform(image)
+        out = tfm.apply_image(image)
+        assert sorted(tfm.permutation) == [0, 1, 2]
+        for i, source in enumerate(tfm.permutation):
+            np.testing.assert_array_equal(out[..., i], image[..., source])
+        seen.add(tfm.permutation)
+    assert len(seen) == 6
+
+
+def test_stain_jitter_identity_keeps_the_image():
+    # Also for colours outside the H&E gamut, where rgb2hed's clamping would not round trip.
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    out = StainJitterTransform((1, 1, 1), (0, 0, 0)).apply_image(image)
+    assert np.abs(out.astype(int) - image.astype(int)).max() <= 1
+
+
+def test_stain_jitter_scales_haematoxylin():
+    image = _he_like_image()
+    out = StainJitterTransform((1.5, 1.0, 1.0), (0, 0, 0)).apply_image(image)
+    nucleus = (slice(4, 9), slice(6, 11))
+    assert rgb2hed(out)[nucleus][..., 0].mean() > rgb2hed(image)[nucleus][..., 0].mean() * 1.2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stain_jitter_stays_uint8_in_range_even_when_extreme(seed):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
+    image[0, 0] = 0
+    image[0, 1] = 255
+    np.random.seed(seed)
+    for tfm in (
+        RandomStainJitter(scale=0.9, shift=0.5).get_transform(image),
+        StainJitterTransform((3, 3, 3), (1, 1, 1)),
+        StainJitterTransform((0, 0, 0), (-1, -1, -1)),
+    ):
+        out = tfm.apply_image(image)
+        assert out.dtype == np.uint8 and out.shape == image.shape
+        assert out.min() >= 0 and out.max() <= 255
+
+
+def test_random_augmentations_draw_within_their_ranges():
+    image = _he_like_image()
+    np.random.seed(0)
+    for _ in range(20):
+        assert 0.5 <= RandomGaussianBlur((0.5, 1.5)).get_transform(image).sigma <= 1.5
+        assert 2.0 <= RandomGaussianNoise((2.0, 10.0)).get_transform(image).std <= 10.0
+        jitter = RandomStainJitter(0.05, 0.01).get_transform(image)
+        assert np.all(np.abs(jitter.scale - 1) <= 0.05) and np.all(np.abs(jitter.shift) <= 0.01)
+    for aug in (RandomEmboss((0.2, 0.5)), RandomSharpen((0.2, 0.5))):
+        assert aug.get_transform(image).kernel.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+def _cfg():
+    cfg = get_cfg()
+    add_nucseg_config(cfg)
+    return cfg
+
+
+def test_build_augmentations_test_mode_is_empty():
+    assert build_nuclei_augmentations(_cfg(), is_train=False) == []
+
+
+def test_build_augmentations_follows_cfg():
+    cfg = _cfg()
+    cfg.INPUT.CROP.ENABLED = True
+    cfg.INPUT.CROP.TYPE = "absolute"
+    cfg.INPUT.CROP.SIZE = [16, 16]
+    cfg.INPUT.AUG.GAUSSIAN_BLUR_PROB = 0.3
+    cfg.INPUT.AUG.STAIN_JITTER_PROB = 0.5
+    augs = build_nuclei_augmentations(cfg, is_train=True)
+    assert isinstance(augs[0], T.RandomCrop)
+    flips = [a for a in augs if isinstance(a, T.RandomFlip)]
+    assert sorted((f.horizontal, f.vertical) for f in flips) == [(False, True), (True, False)]
+    assert any(isinstance(a, RandomRotation90) for a in augs)
+    applied = {type(a.aug): a.prob for a in augs if isinstance(a, T.RandomApply)}
+    assert applied == {RandomGaussianBlur: 0.3, RandomStainJitter: 0.5}
+
+    cfg.INPUT.CROP.ENABLED = False
+    cfg.INPUT.AUG.HFLIP = cfg.INPUT.AUG.VFLIP = cfg.INPUT.AUG.ROT90 = False
+    cfg.INPUT.AUG.GAUSSIAN_BLUR_PROB = cfg.INPUT.AUG.STAIN_JITTER_PROB = 0.0
+    assert build_nuclei_augmentations(cfg, is_train=True) == []
+
+
+@pytest.mark.parametrize("image_hw", [(10, 12), (40, 50), (12, 40)])
+def test_crop_works_on_images_smaller_than_the_crop(image_hw):
+    cfg = _cfg()
+    cfg.INPUT.CROP.ENABLED = True
+    cfg.INPUT.CROP.TYPE = "absolute"
+    cfg.INPUT.CROP.SIZE = [16, 24]
+    cfg.INPUT.AUG.ROT90 = False
+    augs = build_nuclei_augmentations(cfg, is_train=True)
+    image = np.zeros(image_hw + (3,), dtype=np.uint8)
+    aug_input = T.AugInput(image, sem_seg=np.zeros(image_hw, np.int32))
+    T.AugmentationList(augs)(aug_input)
+    expected = (min(16, image_hw[0]), min(24, image_hw[1]))
+    assert aug_input.image.shape[:2] == expected == aug_input.sem_seg.shape
+
+
+def test_all_photometric_on_keeps_segmentation():
+    cfg = _cfg()
+    for key in ("GAUSSIAN_BLUR", "GAUSSIAN_NOISE", "EMBOSS", "SHARPEN", "CHANNEL_SHUFFLE", "STAIN_JITTER"):
+        cfg.INPUT.AUG[key + "_PROB"] = 1.0
+    cfg.INPUT.AUG.HFLIP = cfg.INPUT.AUG.VFLIP = cfg.INPUT.AUG.ROT90 = False
+    augs = build_nuclei_augmentations(cfg, is_train=True)
+    assert len(augs) == 6
+    image = _he_like_image()
+    label_map = np.random.default_rng(0).integers(0, 5, size=image.shape[:2]).astype(np.int32)
+    np.random.seed(0)
+    aug_input = T.AugInput(image.copy(), sem_seg=label_map.copy())
+    T.AugmentationList(augs)(aug_input)
+    np.testing.assert_array_equal(aug_input.sem_seg, label_map)
+    assert aug_input.image.dtype == np.uint8 and not np.array_equal(aug_input.image, image)
