@@ -1,0 +1,149 @@
+"""Detectron2 dataset dicts ("records") from nuclei label maps, cached on disk."""
+import hashlib
+import logging
+import os
+import pickle
+import re
+import tempfile
+import warnings
+
+import numpy as np
+import pycocotools.mask as mask_util
+import scipy.ndimage
+from detectron2.structures import BoxMode
+
+from .readers import NucleiDataError, load_label_map, read_rgb_image
+
+__all__ = ["label_map_to_annotations", "build_records", "get_nuclei_cache_dir"]
+
+logger = logging.getLogger(__name__)
+
+# Bump when the record layout or the annotation encoding changes, to invalidate old caches.
+_RECORDS_CACHE_VERSION = 1
+
+
+def get_nuclei_cache_dir():
+    """``$NUCSEG_CACHE``, default ``~/.cache/nucseg_d2`` (not created here)."""
+    cache_dir = os.environ.get("NUCSEG_CACHE") or os.path.join("~", ".cache", "nucseg_d2")
+    return os.path.expanduser(cache_dir)
+
+
+def _column_major_rle_counts(nucleus_crop, top, left, height, width):
+    """Uncompressed COCO RLE counts of a mask given as a boolean crop placed at (top, left).
+
+    Equivalent to ``mask_util.encode`` on the full image, but only touches a full-height strip of
+    the crop's columns instead of a full image per nucleus.
+    """
+    crop_height, crop_width = nucleus_crop.shape
+    strip = np.zeros((height, crop_width), dtype=np.int8)
+    strip[top : top + crop_height] = nucleus_crop
+    flat = strip.ravel(order="F")  # COCO RLE runs go down columns
+    # Indices where the value flips, in strip coordinates; the strip is padded with zeros both
+    # sides so a nucleus touching the strip border still produces a start and an end.
+    flips = np.flatnonzero(np.diff(flat, prepend=0, append=0))
+    run_starts = np.concatenate(([0], flips + left * height, [height * width]))
+    counts = np.diff(run_starts)
+    if counts[-1] == 0:  # pycocotools omits a trailing empty background run
+        counts = counts[:-1]
+    return counts
+
+
+def label_map_to_annotations(label_map):
+    """One Detectron2 annotation dict per nucleus (positive id) of ``label_map``, in id order."""
+    label_map = np.asarray(label_map)
+    height, width = label_map.shape
+    ids = np.unique(label_map)
+    ids = ids[ids > 0]
+    if len(ids) == 0:
+        return []
+    # find_objects allocates one entry per id up to the maximum; compact sparse ids first.
+    if ids[-1] > 2 * len(ids) + 1024:
+        compact = np.searchsorted(ids, label_map).astype(np.int32)
+        compact[label_map == 0] = -1
+        label_map, ids = compact + 1, np.arange(1, len(ids) + 1)
+    boxes = scipy.ndimage.find_objects(label_map)
+    annotations = []
+    for nucleus_id in ids:
+        rows, cols = boxes[nucleus_id - 1]
+        nucleus_crop = label_map[rows, cols] == nucleus_id
+        counts = _column_major_rle_counts(nucleus_crop, rows.start, cols.start, height, width)
+        uncompressed = {"counts": counts.tolist(), "size": [height, width]}
+        rle = mask_util.frPyObjects(uncompressed, height, width)
+        rle["counts"] = rle["counts"].decode("ascii")  # str counts are JSON-serialisable
+        annotations.append(
+            {
+                "bbox": [
+                    float(cols.start),
+                    float(rows.start),
+                    float(cols.stop - cols.start),
+                    float(rows.stop - rows.start),
+                ],
+                "bbox_mode": BoxMode.XYWH_ABS,
+                "segmentation": rle,
+                "area": int(np.count_nonzero(nucleus_crop)),
+                "category_id": 0,
+                "iscrowd": 0,
+            }
+        )
+    return annotations
+
+
+def _build_record(spec):
+    image = read_rgb_image(spec["file_name"])
+    record = dict(spec)
+    record["height"], record["width"] = int(image.shape[0]), int(image.shape[1])
+    record.setdefault("label_format", "label_map")
+    record["annotations"] = label_map_to_annotations(load_label_map(record))
+    return record
+
+
+def _file_fingerprint(path):
+    try:
+        stat = os.stat(path)
+    except OSError as err:
+        raise NucleiDataError(f"{path}: file not found") from err
+    return f"{os.path.abspath(path)}|{stat.st_mtime_ns}|{stat.st_size}"
+
+
+def _cache_path(specs, cache_key):
+    digest = hashlib.sha256(f"v{_RECORDS_CACHE_VERSION}|{cache_key}".encode())
+    for spec in specs:
+        digest.update(repr(sorted(spec.items())).encode())
+        digest.update(_file_fingerprint(spec["file_name"]).encode())
+        digest.update(_file_fingerprint(spec["label_file"]).encode())
+    safe_key = re.sub(r"[^A-Za-z0-9_.-]", "_", cache_key)
+    file_name = f"{safe_key}-{digest.hexdigest()[:20]}.pkl"
+    return os.path.join(get_nuclei_cache_dir(), "records", file_name)
+
+
+def build_records(specs, cache_key):
+    """Records for ``specs``, read from / written to the on-disk cache.
+
+    Each spec is a dict with ``file_name``, ``label_file``, ``image_id``, optional ``label_format``
+    (default "label_map") and any extra keys (``organ``, ``patient``), which are copied into the
+    record. The cache entry is keyed by ``cache_key`` plus the specs and the paths, mtimes and
+    sizes of their files, so editing a file invalidates it.
+    """
+    specs = [dict(spec) for spec in specs]
+    cache_path = _cache_path(specs, cache_key)
+    if os.path.isfile(cache_path):
+        try:
+            with open(cache_path, "rb") as cache_file:
+                return pickle.load(cache_file)
+        except Exception as err:  # a corrupt or foreign cache entry is rebuilt, never trusted
+            logger.warning("Ignoring unreadable records cache %s (%s)", cache_path, err)
+    records = [_build_record(spec) for spec in specs]
+    try:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        # Atomic write: readers (other processes) see either no entry or a complete one.
+        handle, temp_path = tempfile.mkstemp(dir=os.path.dirname(cache_path), suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as temp_file:
+                pickle.dump(records, temp_file, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(temp_path, cache_path)
+        except BaseException:
+            os.unlink(temp_path)
+            raise
+    except OSError as err:
+        warnings.warn(f"Could not write records cache {cache_path}: {err}")
+    return records

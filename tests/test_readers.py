@@ -1,0 +1,327 @@
+"""Readers: each file format on hand-made files, and on the real data when it is present."""
+import os
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import scipy.io
+import tifffile
+from PIL import Image
+
+from nucseg_d2.data.readers import (
+    NucleiDataError,
+    load_label_map,
+    read_cpm17_mat,
+    read_label_map,
+    read_monuseg_xml,
+    read_rgb_image,
+    read_tnbc_gt,
+)
+
+# The shared real data (the project sees it as ../shared/data); tests using it skip without it.
+REAL_ROOT = Path(
+    os.environ.get("NUCSEG_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+needs_tnbc = pytest.mark.skipif(not (REAL_ROOT / "tnbc").is_dir(), reason="real TNBC data absent")
+needs_kumar = pytest.mark.skipif(
+    not (REAL_ROOT / "kumar").is_dir(), reason="real Kumar data absent"
+)
+
+XML_IDS = ["TCGA-A7-A13E-01Z-00-DX1", "TCGA-CH-5767-01Z-00-DX1", "TCGA-NH-A8F7-01A-01-TS1"]
+
+
+def _aperio_xml(regions):
+    """Aperio XML text with one Region per list of (x, y) vertices."""
+    body = "".join(
+        f'<Region Id="{i}"><Attributes/><Vertices>'
+        + "".join(f'<Vertex X="{x}" Y="{y}"/>' for x, y in vertices)
+        + "</Vertices></Region>"
+        for i, vertices in enumerate(regions, 1)
+    )
+    return f'<Annotations><Annotation Id="1"><Regions>{body}</Regions></Annotation></Annotations>'
+
+
+def _match_ious(reference, candidate):
+    """Per reference nucleus, IoU with the candidate nucleus overlapping it most (0 if none)."""
+    reference_ids = np.unique(reference)[1:]
+    both = (reference > 0) & (candidate > 0)
+    pair_code = reference[both].astype(np.int64) * (int(candidate.max()) + 1) + candidate[both]
+    codes, intersections = np.unique(pair_code, return_counts=True)
+    pair_ref, pair_cand = np.divmod(codes, int(candidate.max()) + 1)
+    ref_area = np.bincount(reference.ravel())
+    cand_area = np.bincount(candidate.ravel())
+    best = {}
+    for r, c, inter in zip(pair_ref, pair_cand, intersections):
+        if inter > best.get(r, (0, 0))[1]:
+            best[r] = (c, inter)
+    ious = []
+    for r in reference_ids:
+        if r not in best:
+            ious.append(0.0)
+            continue
+        c, inter = best[r]
+        ious.append(inter / (ref_area[r] + cand_area[c] - inter))
+    return np.array(ious)
+
+
+# ------------------------------------------------------------------------------ read_rgb_image
+def test_rgba_png_drops_alpha_without_warning(tmp_path):
+    rgba = np.zeros((4, 5, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2], rgba[..., 3] = 10, 20, 30, 255
+    rgba[1, 2, :3] = (200, 100, 50)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "tile.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = read_rgb_image(tmp_path / "tile.png")
+    assert image.dtype == np.uint8 and image.shape == (4, 5, 3)
+    assert image[0, 0].tolist() == [10, 20, 30]
+    assert image[1, 2].tolist() == [200, 100, 50]
+
+
+def test_greyscale_png_is_replicated_with_warning(tmp_path):
+    grey = np.array([[0, 7], [128, 255]], np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    with pytest.warns(UserWarning, match="greyscale"):
+        image = read_rgb_image(tmp_path / "grey.png")
+    assert image.shape == (2, 2, 3)
+    assert (image == grey[..., None]).all()
+
+
+def test_16bit_grey_png_is_scaled_with_warnings(tmp_path):
+    grey16 = np.array([[0, 65535], [257, 500]], np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    with pytest.warns(UserWarning) as caught:
+        image = read_rgb_image(tmp_path / "grey16.png")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "16-bit" in messages and "greyscale" in messages
+    # round(v * 255 / 65535): 0 -> 0, 65535 -> 255, 257 -> 1, 500 -> 1.95 -> 2
+    assert image[..., 0].tolist() == [[0, 255], [1, 2]]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_colour_image_is_scaled_not_truncated(tmp_path, suffix):
+    rgb16 = np.zeros((2, 2, 3), np.uint16)
+    rgb16[0, 0] = (500, 65280, 65535)
+    path = str(tmp_path / f"rgb16{suffix}")
+    if suffix == ".png":
+        cv2.imwrite(path, rgb16[..., ::-1])  # OpenCV writes BGR
+    else:
+        tifffile.imwrite(path, rgb16, compression="lzw")
+    with pytest.warns(UserWarning, match="16-bit"):
+        image = read_rgb_image(path)
+    # Scaled: 500 -> 2, 65280 -> 254; keeping the high byte (Pillow's default) would give 1, 255.
+    assert image[0, 0].tolist() == [2, 254, 255]
+
+
+def test_lzw_tiff_rgb_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "tile.tif", rgb, compression="lzw", photometric="rgb")
+    assert (read_rgb_image(tmp_path / "tile.tif") == rgb).all()
+
+
+def test_unreadable_images_raise_naming_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.tif").write_bytes(b"not a tiff at all")
+    for name in ["truncated.png", "garbage.tif", "missing.png"]:
+        with pytest.raises(NucleiDataError, match=name):
+            read_rgb_image(tmp_path / name)
+
+
+@needs_tnbc
+def test_real_tnbc_rgba_slide():
+    image = read_rgb_image(REAL_ROOT / "tnbc" / "Slide_01" / "01_1.png")
+    with Image.open(REAL_ROOT / "tnbc" / "Slide_01" / "01_1.png") as original:
+        assert original.mode == "RGBA"
+        expected = np.asarray(original)[..., :3]
+    assert image.shape == (512, 512, 3) and image.dtype == np.uint8
+    assert (image == expected).all()
+
+
+@needs_kumar
+def test_real_kumar_lzw_tiff_matches_pillow_decoder():
+    path = REAL_ROOT / "kumar" / "images" / "TCGA-A7-A13E-01Z-00-DX1.tif"
+    image = read_rgb_image(path)
+    with Image.open(path) as original:  # an independent LZW decoder
+        expected = np.asarray(original.convert("RGB"))
+    assert image.shape == (1000, 1000, 3)
+    assert (image == expected).all()
+
+
+# ------------------------------------------------------------------------------ read_label_map
+def test_uint16_png_label_map_with_id_gaps(tmp_path):
+    labels = np.array([[0, 2, 2], [7, 0, 65535]], np.uint16)
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    label_map = read_label_map(tmp_path / "labels.png")
+    assert label_map.dtype == np.int32
+    assert label_map.tolist() == [[0, 2, 2], [7, 0, 65535]]
+
+
+def test_uint32_tiff_and_palette_png_label_maps(tmp_path):
+    labels = np.array([[0, 100000], [3, 3]], np.uint32)
+    tifffile.imwrite(tmp_path / "labels.tif", labels, compression="lzw")
+    assert read_label_map(tmp_path / "labels.tif").tolist() == [[0, 100000], [3, 3]]
+    palette = Image.fromarray(np.array([[0, 5], [9, 0]], np.uint8), "L").convert("P")
+    palette.putpalette([v for i in range(256) for v in (i * 7 % 256, i, 255 - i)])
+    palette.save(tmp_path / "palette.png")
+    # Ids are the palette indices, not the colours.
+    assert read_label_map(tmp_path / "palette.png").tolist() == [[0, 5], [9, 0]]
+
+
+def test_npy_label_maps_float_and_int64(tmp_path):
+    np.save(tmp_path / "float.npy", np.array([[0.0, 4.0], [4.0, 1.0]], np.float32))
+    assert read_label_map(tmp_path / "float.npy").tolist() == [[0, 4], [4, 1]]
+    huge = np.array([[0, 2**40]], np.int64)
+    np.save(tmp_path / "huge.npy", huge)
+    loaded = read_label_map(tmp_path / "huge.npy")
+    assert loaded.dtype == np.int64 and loaded[0, 1] == 2**40
+
+
+@pytest.mark.parametrize(
+    "name, values, problem",
+    [
+        ("fractional.npy", np.array([[0.0, 1.5]]), "non-integral"),
+        ("nan.npy", np.array([[0.0, np.nan]]), "NaN"),
+        ("negative.npy", np.array([[0, -3]], np.int32), "negative"),
+        ("volume.npy", np.zeros((2, 2, 2), np.int32), "2-D"),
+    ],
+)
+def test_bad_label_maps_raise_naming_file_and_problem(tmp_path, name, values, problem):
+    np.save(tmp_path / name, values)
+    with pytest.raises(NucleiDataError, match=problem) as error:
+        read_label_map(tmp_path / name)
+    assert name in str(error.value)
+
+
+def test_colour_label_map_with_differing_channels_is_rejected(tmp_path):
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[0, 0] = (1, 2, 3)
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    with pytest.raises(NucleiDataError, match="colour.png"):
+        read_label_map(tmp_path / "colour.png")
+    grey_in_rgb = np.repeat(np.array([[0, 4]], np.uint8)[..., None], 3, axis=2)
+    Image.fromarray(grey_in_rgb).save(tmp_path / "grey.png")
+    assert read_label_map(tmp_path / "grey.png").tolist() == [[0, 4]]
+
+
+@needs_kumar
+def test_real_kumar_label_png():
+    label_map = read_label_map(REAL_ROOT / "kumar" / "labels" / "TCGA-A7-A13E-01Z-00-DX1.png")
+    assert label_map.dtype == np.int32 and label_map.shape == (1000, 1000)
+    ids = np.unique(label_map)
+    assert ids[0] == 0 and len(ids) - 1 == 314  # nuclei in this image (its XML has 314 regions)
+
+
+# ------------------------------------------------------------------------------ read_tnbc_gt
+def test_tnbc_gt_uses_4_connectivity(tmp_path):
+    gt = np.array(
+        [
+            [255, 0, 0, 0],
+            [0, 255, 0, 255],
+            [0, 0, 0, 255],
+        ],
+        np.uint8,
+    )
+    Image.fromarray(gt, "L").save(tmp_path / "gt.png")
+    label_map = read_tnbc_gt(tmp_path / "gt.png")
+    # The two diagonal pixels are separate nuclei under 4-connectivity (one under 8-connectivity).
+    assert label_map.tolist() == [[1, 0, 0, 0], [0, 2, 0, 3], [0, 0, 0, 3]]
+
+
+@needs_tnbc
+def test_real_tnbc_gt_component_count():
+    total = 0
+    for gt_path in sorted((REAL_ROOT / "tnbc").glob("GT_*/*.png")):
+        label_map = read_tnbc_gt(gt_path)
+        assert label_map.shape == (512, 512)
+        total += int(label_map.max())
+    assert total == 4056  # SOURCES.md: about 4,056 nuclei with 4-connectivity
+
+
+# ------------------------------------------------------------------------------ read_monuseg_xml
+def test_monuseg_xml_rasterises_regions_in_order(tmp_path):
+    square = [(2, 1), (5, 1), (5, 4), (2, 4)]  # X = 2..5, Y = 1..4
+    overlapping = [(4, 3), (7, 3), (7, 5), (4, 5)]  # X = 4..7, Y = 3..5
+    line = [(0, 0), (3, 0)]  # fewer than 3 vertices: no id
+    (tmp_path / "a.xml").write_text(_aperio_xml([square, line, overlapping]))
+    label_map = read_monuseg_xml(tmp_path / "a.xml", 6, 8)
+    expected = np.zeros((6, 8), np.int32)
+    # Pixel (r, c) spans [r, r+1) x [c, c+1); it is filled when its centre is inside.
+    expected[1:4, 2:5] = 1
+    expected[3:5, 4:7] = 2  # the later region wins the overlap
+    assert (label_map == expected).all()
+
+
+@pytest.mark.parametrize(
+    "name, text, problem",
+    [
+        ("cut.xml", _aperio_xml([[(1, 1), (3, 1), (3, 3)]])[:-30], "malformed XML"),
+        ("noy.xml", '<Annotations><Annotation><Regions><Region><Vertices><Vertex X="1"/>'
+         "</Vertices></Region></Regions></Annotation></Annotations>", "X/Y"),
+        ("other.xml", "<svg><path/></svg>", "Aperio"),
+    ],
+)
+def test_bad_xml_raises_naming_file(tmp_path, name, text, problem):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(NucleiDataError, match=problem) as error:
+        read_monuseg_xml(tmp_path / name, 10, 10)
+    assert name in str(error.value)
+
+
+@needs_kumar
+@pytest.mark.parametrize("image_id", XML_IDS)
+def test_real_xml_matches_kumar_label_map(image_id):
+    reference = read_label_map(REAL_ROOT / "kumar" / "labels" / f"{image_id}.png")
+    rasterised = read_monuseg_xml(REAL_ROOT / "kumar" / "xml" / f"{image_id}.xml", *reference.shape)
+    assert len(np.unique(rasterised)) == len(np.unique(reference))  # one region per nucleus
+    ious = _match_ious(reference, rasterised)
+    # SOURCES.md: median 0.87-0.92; the pixel-centre convention gives 0.92-0.93 on these three.
+    assert np.median(ious) >= 0.9
+    assert (ious >= 0.5).mean() >= 0.95
+
+
+# ------------------------------------------------------------------------------ read_cpm17_mat
+def test_cpm17_mat(tmp_path):
+    inst_map = np.array([[0, 1, 1], [0, 0, 5]], np.uint16)
+    scipy.io.savemat(tmp_path / "image_00.mat", {"inst_map": inst_map, "type_map": inst_map > 0})
+    assert read_cpm17_mat(tmp_path / "image_00.mat").tolist() == inst_map.tolist()
+    assert read_label_map(tmp_path / "image_00.mat").tolist() == inst_map.tolist()  # by suffix
+
+
+def test_cpm17_mat_errors_name_the_file(tmp_path):
+    scipy.io.savemat(tmp_path / "no_key.mat", {"type_map": np.zeros((2, 2))})
+    with pytest.raises(NucleiDataError, match=r"no_key\.mat.*inst_map.*type_map"):
+        read_cpm17_mat(tmp_path / "no_key.mat")
+    (tmp_path / "broken.mat").write_bytes(b"MATLAB 5.0 but not really")
+    with pytest.raises(NucleiDataError, match="broken.mat"):
+        read_cpm17_mat(tmp_path / "broken.mat")
+
+
+# ------------------------------------------------------------------------------ load_label_map
+def test_load_label_map_dispatches_and_checks_size(tmp_path):
+    Image.fromarray(np.array([[0, 255], [0, 0]], np.uint8), "L").save(tmp_path / "gt.png")
+    Image.fromarray(np.array([[0, 9], [9, 0]], np.uint16)).save(tmp_path / "ids.png")
+    (tmp_path / "ids.xml").write_text(_aperio_xml([[(0, 0), (1, 0), (1, 1), (0, 1)]]))
+    scipy.io.savemat(tmp_path / "ids.mat", {"inst_map": np.array([[3, 0], [0, 0]])})
+    record = {"file_name": str(tmp_path / "image.png"), "height": 2, "width": 2}
+    cases = {
+        ("gt.png", "tnbc_binary"): [[0, 1], [0, 0]],
+        ("ids.png", "label_map"): [[0, 9], [9, 0]],
+        ("ids.xml", "monuseg_xml"): [[1, 0], [0, 0]],
+        ("ids.mat", "cpm17_mat"): [[3, 0], [0, 0]],
+    }
+    for (label_name, label_format), expected in cases.items():
+        label_file = str(tmp_path / label_name)
+        label_map = load_label_map(dict(record, label_file=label_file, label_format=label_format))
+        assert label_map.tolist() == expected, label_format
+    taller = dict(record, label_file=str(tmp_path / "ids.png"), label_format="label_map", height=3)
+    mismatch = r"ids\.png: label map is 2x2 but image .*image\.png is 3x2"
+    with pytest.raises(NucleiDataError, match=mismatch):
+        load_label_map(taller)
+    with pytest.raises(NucleiDataError, match="unknown label_format"):
+        load_label_map(dict(record, label_file=str(tmp_path / "ids.png"), label_format="polygons"))
