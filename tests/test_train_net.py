@@ -68,11 +68,11 @@ def test_eval_only_is_repeatable(trained_demo):
 def test_resume_continues_from_last_checkpoint(trained_demo):
     argv = ["--config-file", str(ROOT / "configs/demo.yaml"), "--resume", *TINY,
             "SOLVER.MAX_ITER", "26", "OUTPUT_DIR", str(trained_demo)]
+    before = len(_read_metrics_json(trained_demo))
     _run(*argv)
-    iterations = [r["iteration"] for r in _read_metrics_json(trained_demo) if "total_loss" in r]
-    # The resumed run starts after iteration 23 (the first run's last) instead of at 0.
-    assert iterations[-1] == 25
-    assert iterations.count(0) == 1
+    resumed = [r["iteration"] for r in _read_metrics_json(trained_demo)[before:] if "total_loss" in r]
+    # The resumed run starts after iteration 23 (the first run's last), not at 0.
+    assert resumed and min(resumed) >= 24 and resumed[-1] == 25
 
 
 def test_unknown_config_key_names_the_file(tmp_path):

@@ -1,1 +1,5 @@
-"""Nuclei evaluation: metrics and Detectron2 evaluators."""
+"""Nuclei evaluation: pure metrics on label maps, significance tests, Detectron2 evaluators."""
+from .evaluator import NucleiEvaluator
+from .metrics import ALL_METRICS, compute_metrics, summarize
+
+__all__ = ["NucleiEvaluator", "ALL_METRICS", "compute_metrics", "summarize"]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..data.readers import load_label_map
 from ..modeling.postprocess import instances_to_label_map, label_map_dtype
-from .metrics import compute_metrics, summarize
+from .metrics import aji_counts, compute_metrics, summarize
 
 __all__ = ["NucleiEvaluator"]
 
@@ -87,7 +87,9 @@ class NucleiEvaluator(DatasetEvaluator):
             row["num_gt"] = int(len(np.unique(gt)) - (gt.min() == 0))
             row["num_pred"] = int(pred.max())
             row.update(compute_metrics(gt, pred, self.metrics))
-            self._rows.append(row)
+            # Pooled ("aggregated over all images") AJI needs the raw sums, not the ratio.
+            intersection, union = aji_counts(gt, pred, variant="aji")
+            self._rows.append((row, intersection, union))
             if self.save_label_maps and self.output_dir:
                 self._write_label_map(record["image_id"], pred)
 
@@ -100,21 +102,25 @@ class NucleiEvaluator(DatasetEvaluator):
         os.replace(tmp, path)
 
     def evaluate(self):
-        rows = self._rows
+        scored = self._rows
         if comm.get_world_size() > 1:
             comm.synchronize()
-            rows = [r for part in comm.gather(rows, dst=0) for r in part]
+            scored = [r for part in comm.gather(scored, dst=0) for r in part]
             if not comm.is_main_process():
                 return {}
-        if not rows:
+        if not scored:
             logger.warning(f"NucleiEvaluator on {self.dataset_name}: no predictions to score")
             return {}
+        rows = [row for row, _, _ in scored]
+        total_union = sum(union for _, _, union in scored)
+        pooled_aji = sum(inter for _, inter, _ in scored) / total_union if total_union else 1.0
         rows.sort(key=lambda r: str(r["image_id"]))
         metric_names = [k for k in rows[0] if k not in ("image_id", "num_gt", "num_pred", *_GROUP_FIELDS)]
         group_key = next((k for k in _GROUP_FIELDS if k in rows[0]), None)
         summary = summarize(rows, metric_names, group_key=group_key)
         summary["dataset"] = self.dataset_name
         summary["num_images"] = len(rows)
+        summary["pooled_aji"] = pooled_aji
         summary["postprocess"] = {
             "score_thresh": self.score_thresh,
             "mask_thresh": self.mask_thresh,
