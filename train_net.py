@@ -76,8 +76,11 @@ def run(args):
         return main(args)
     except (NucleiDataError, NucleiConfigError) as e:
         # One clear line instead of a stack trace (the message names the file and the problem).
-        logging.getLogger("nucseg_d2").error(str(e))
-        print(f"error: {e}", file=sys.stderr)
+        # Errors raised in a DataLoader worker arrive with the worker's traceback folded into
+        # the message; its last line is the original message.
+        message = str(e).strip().splitlines()[-1]
+        logging.getLogger("nucseg_d2").error(message)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
