@@ -2,6 +2,7 @@
 import csv
 import json
 import logging
+import math
 import os
 from collections import OrderedDict
 from typing import Iterable, Optional
@@ -22,6 +23,16 @@ logger = logging.getLogger(__name__)
 
 # Record fields copied into each per-image row so results can be grouped (per organ, patient).
 _GROUP_FIELDS = ("organ", "patient")
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 class NucleiEvaluator(DatasetEvaluator):
@@ -136,7 +147,8 @@ class NucleiEvaluator(DatasetEvaluator):
     def _write_json(path, obj):
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+            # Strict JSON: NaN (std of one image) and inf (Hausdorff vs an empty map) become null.
+            json.dump(_json_safe(obj), f, indent=2, allow_nan=False)
         os.replace(tmp, path)
 
     @staticmethod

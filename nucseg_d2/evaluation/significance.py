@@ -1,0 +1,204 @@
+"""One-tailed paired t-tests between two methods' per-image results, with the paper's stars.
+
+Liu et al. (IJCAI 2019), Tables 2-4: "one-tailed paired t-test", *** p < 0.01, ** p < 0.05,
+* p < 0.1, ✗ otherwise (printed here as "x"). Pairs are images, matched by id.
+
+Command line::
+
+    python -m nucseg_d2.evaluation.significance ours/per_image.csv theirs/per_image.csv \
+        [--metrics aji,dice1] [--key image_id] [--names Proposed "Mask R-CNN"]
+
+H1 for every metric is "A is better than B": mean(A - B) > 0, or mean(B - A) > 0 for the
+metrics where lower is better (object Hausdorff).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import warnings
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+from scipy import stats
+
+from .metrics import LOWER_IS_BETTER, metric_keys
+
+__all__ = [
+    "PairedTTest",
+    "paired_one_tailed_ttest",
+    "significance_stars",
+    "compare_per_image_csv",
+    "format_table",
+    "main",
+]
+
+
+class PairedTTest(NamedTuple):
+    statistic: float  # t = mean(d) / (std(d, ddof=1) / sqrt(n)), d = a - b
+    pvalue: float  # one-tailed, H1: mean(a - b) > 0
+    num_pairs: int
+    mean_difference: float
+
+
+def paired_one_tailed_ttest(a: Sequence[float], b: Sequence[float]) -> PairedTTest:
+    """Paired t-test of H1: mean(a - b) > 0 (``scipy.stats.ttest_rel(a, b, alternative="greater")``).
+
+    ``a[k]`` and ``b[k]`` must be the same image. Needs at least two pairs. When every difference
+    is equal the t statistic is undefined and scipy returns NaN (or ±inf); it is passed on.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"need two 1-D sequences of equal length, got shapes {a.shape} and {b.shape}")
+    if a.size < 2:
+        raise ValueError(f"a paired t-test needs at least 2 pairs, got {a.size}")
+    with warnings.catch_warnings():
+        # Zero-variance differences: scipy warns and returns NaN/inf, which is passed on.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.ttest_rel(a, b, alternative="greater")
+    return PairedTTest(float(result.statistic), float(result.pvalue), int(a.size), float(np.mean(a - b)))
+
+
+def significance_stars(p: float) -> str:
+    """The paper's notation: p < 0.01 '***', p < 0.05 '**', p < 0.1 '*', otherwise 'x' (✗).
+
+    A NaN p-value (no variation in the differences) gives 'n/a'.
+    """
+    if p is None or math.isnan(p):
+        return "n/a"
+    if p < 0.01:
+        return "***"
+    if p < 0.05:
+        return "**"
+    if p < 0.1:
+        return "*"
+    return "x"
+
+
+def _read_rows(path: str, key: str) -> Dict[str, Dict[str, str]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or key not in reader.fieldnames:
+            raise ValueError(f"{path}: no {key!r} column (columns: {reader.fieldnames})")
+        rows: Dict[str, Dict[str, str]] = {}
+        duplicates = []
+        for row in reader:
+            if row[key] in rows:
+                duplicates.append(row[key])
+            rows[row[key]] = row
+    if duplicates:
+        raise ValueError(f"{path}: duplicate {key} values {sorted(set(duplicates))}")
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _column(rows: Dict[str, Dict[str, str]], ids: List[str], metric: str, path: str) -> np.ndarray:
+    values = []
+    for image_id in ids:
+        text = rows[image_id].get(metric)
+        try:
+            values.append(float(text))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: {metric} of {image_id!r} is not a number: {text!r}") from None
+    return np.array(values)
+
+
+def _is_numeric_column(rows: Dict[str, Dict[str, str]], metric: str) -> bool:
+    try:
+        [float(row[metric]) for row in rows.values()]
+    except (TypeError, ValueError, KeyError):
+        return False
+    return True
+
+
+def compare_per_image_csv(csv_a: str, csv_b: str, metrics: Optional[Sequence[str]] = None,
+                          key: str = "image_id") -> List[Dict[str, object]]:
+    """One-tailed paired t-test of "A better than B" per metric, pairing rows by ``key``.
+
+    ``metrics`` default: the known metric columns (``metric_keys()``) present in both files.
+    Raises ValueError when the two files do not hold the same image ids (naming the ids found
+    in only one of them), on duplicate ids, or on non-numeric values. Returns one dict per
+    metric: metric, better ("higher"/"lower"), n, mean_a, mean_b, t, p, stars.
+    """
+    rows_a, rows_b = _read_rows(csv_a, key), _read_rows(csv_b, key)
+    only_a = sorted(set(rows_a) - set(rows_b))
+    only_b = sorted(set(rows_b) - set(rows_a))
+    if only_a or only_b:
+        raise ValueError(
+            f"image ids differ between {csv_a} and {csv_b}: only in {os.path.basename(csv_a)}: {only_a}; "
+            f"only in {os.path.basename(csv_b)}: {only_b}"
+        )
+    ids = sorted(rows_a)
+    columns_a = list(next(iter(rows_a.values())))
+    columns_b = set(next(iter(rows_b.values())))
+    if metrics is None:
+        known = set(metric_keys())
+        metrics = [c for c in columns_a if c in known and c in columns_b]
+        if not metrics:
+            raise ValueError(f"no known metric columns shared by {csv_a} and {csv_b}; pass metrics=")
+    else:
+        missing = [m for m in metrics if m not in columns_a or m not in columns_b]
+        if missing:
+            raise ValueError(f"metrics {missing} are not columns of both {csv_a} and {csv_b}")
+    table = []
+    for metric in metrics:
+        a = _column(rows_a, ids, metric, csv_a)
+        b = _column(rows_b, ids, metric, csv_b)
+        lower_is_better = metric in LOWER_IS_BETTER
+        test = paired_one_tailed_ttest(b, a) if lower_is_better else paired_one_tailed_ttest(a, b)
+        table.append({
+            "metric": metric,
+            "better": "lower" if lower_is_better else "higher",
+            "n": test.num_pairs,
+            "mean_a": float(a.mean()),
+            "mean_b": float(b.mean()),
+            "t": test.statistic,
+            "p": test.pvalue,
+            "stars": significance_stars(test.pvalue),
+        })
+    return table
+
+
+def format_table(table: Sequence[Dict[str, object]], name_a: str = "A", name_b: str = "B") -> str:
+    """Plain-text table of ``compare_per_image_csv`` rows."""
+    header = ["metric", "better", "n", f"mean {name_a}", f"mean {name_b}", "t", "p (1-tailed)", "sig"]
+    lines = [[str(r["metric"]), str(r["better"]), str(r["n"]), f"{r['mean_a']:.4f}", f"{r['mean_b']:.4f}",
+              f"{r['t']:.3f}", f"{r['p']:.3g}", str(r["stars"])] for r in table]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([render(header), render(["-" * w for w in widths])] + [render(line) for line in lines])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nucseg_d2.evaluation.significance",
+        description="One-tailed paired t-tests (H1: A better than B) between two per-image CSV files, "
+                    "with the paper's stars (*** p<0.01, ** p<0.05, * p<0.1, x otherwise).",
+    )
+    parser.add_argument("csv_a", help="per-image results of method A (e.g. the proposed method)")
+    parser.add_argument("csv_b", help="per-image results of method B (the comparison)")
+    parser.add_argument("--metrics", help="comma-separated columns (default: known metric columns)")
+    parser.add_argument("--key", default="image_id", help="column pairing the rows (default image_id)")
+    parser.add_argument("--names", nargs=2, metavar=("NAME_A", "NAME_B"), help="labels for A and B")
+    args = parser.parse_args(argv)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    name_a, name_b = args.names or (os.path.splitext(os.path.basename(p))[0] for p in (args.csv_a, args.csv_b))
+    if name_a == name_b:
+        name_a, name_b = "A", "B"
+    try:
+        table = compare_per_image_csv(args.csv_a, args.csv_b, metrics=metrics, key=args.key)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"A = {name_a} ({args.csv_a}); B = {name_b} ({args.csv_b})")
+    print("one-tailed paired t-test, H1: A better than B; *** p<0.01, ** p<0.05, * p<0.1, x otherwise")
+    print(format_table(table, name_a, name_b))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
