@@ -48,6 +48,35 @@ def add_nucseg_config(cfg):
     # Return full-image pred_masks at inference (for COCOEvaluator/Visualizer) instead of compact
     # box-relative pred_mask_probs; costs H*W bytes per detection.
     _C.MODEL.NUCSEG.PASTE_FULL_MASKS = False
+    # Feature fusion (paper Sec. 3.1): paste positive-ROI mask logits into a 2-channel map made
+    # from P2 and train it with a second semantic loss (L_semseg2). Training only.
+    _C.MODEL.NUCSEG.FUSION_ON = False
+    _C.MODEL.NUCSEG.FUSION_IN_FEATURE = "p2"  # FPN level the fused map is made from
+    # Auxiliary semantic branch (paper Sec. 3.2) built from MODEL.SEM_SEG_HEAD (L_semseg1).
+    _C.MODEL.NUCSEG.SEMANTIC_ON = False
+    # Also return the semantic branch's map at inference (visualisation only; costs a forward).
+    _C.MODEL.NUCSEG.RETURN_SEMANTIC = False
+    # Weights of the seven terms of the total loss (paper Eq. 4; all 1 in the paper).
+    _C.MODEL.NUCSEG.LOSS_WEIGHTS = CN()
+    _C.MODEL.NUCSEG.LOSS_WEIGHTS.RPN_CLS = 1.0  # L_rpn-obj
+    _C.MODEL.NUCSEG.LOSS_WEIGHTS.RPN_LOC = 1.0  # L_rpn-reg
+    _C.MODEL.NUCSEG.LOSS_WEIGHTS.CLS = 1.0  # L_det-cls
+    _C.MODEL.NUCSEG.LOSS_WEIGHTS.BOX_REG = 1.0  # L_det-reg
+    _C.MODEL.NUCSEG.LOSS_WEIGHTS.MASK = 1.0  # L_det-mask
+    _C.MODEL.NUCSEG.LOSS_WEIGHTS.SEMSEG1 = 1.0  # semantic branch
+    _C.MODEL.NUCSEG.LOSS_WEIGHTS.SEMSEG2 = 1.0  # feature fusion
+
+    # Dual-modal mask head (paper Table 1), used with ROI_MASK_HEAD.NAME "DualModalMaskHead";
+    # ROI_MASK_HEAD.CONV_DIM (256) is the width of the shared convs, Conv1 and Conv3.
+    _C.MODEL.ROI_MASK_HEAD.DUAL_MODAL = CN()
+    _C.MODEL.ROI_MASK_HEAD.DUAL_MODAL.NUM_SHARED_CONV = 3  # "Conv x 3"
+    _C.MODEL.ROI_MASK_HEAD.DUAL_MODAL.FC_CONV_DIM = 128  # Conv2, before the FC layer
+    _C.MODEL.ROI_MASK_HEAD.DUAL_MODAL.SHUFFLE_CONV_DIM = 1024  # Conv4, 4x the pixel-shuffled width
+
+    # GCN semantic head ("Large Kernel Matters", Peng et al. 2017), SEM_SEG_HEAD.NAME
+    # "GCNSemSegHead" on res2-res5; the paper uses k = 5 for memory.
+    _C.MODEL.SEM_SEG_HEAD.GCN_KERNEL_SIZE = 5
+    _C.MODEL.SEM_SEG_HEAD.GCN_CHANNELS = 64  # channels of every GCN / refinement block
 
 
 class NucleiConfigError(ValueError):
