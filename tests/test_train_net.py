@@ -85,3 +85,55 @@ def test_unknown_config_key_names_the_file(tmp_path):
 def test_bad_config_value_is_rejected():
     with pytest.raises(train_net.NucleiConfigError, match="GAUSSIAN_BLUR_PROB"):
         _run("--config-file", str(ROOT / "configs/demo.yaml"), "INPUT.AUG.GAUSSIAN_BLUR_PROB", "1.5")
+
+
+def _write_folder_dataset(folder, corrupt_first=False, empty_labels=False):
+    import numpy as np
+    from PIL import Image
+
+    from nucseg_d2.data.synthetic import generate_tile
+
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    for i in range(2):
+        image, labels = generate_tile(np.random.default_rng(i), size=(96, 96))
+        if empty_labels:
+            labels[:] = 0
+        Image.fromarray(image).save(folder / "images" / f"tile{i}.png")
+        Image.fromarray(labels.astype(np.uint16)).save(folder / "labels" / f"tile{i}.png")
+    if corrupt_first:
+        data = (folder / "images" / "tile0.png").read_bytes()
+        (folder / "images" / "tile0.png").write_bytes(data[: len(data) // 3])
+
+
+def test_corrupt_image_is_reported_once_by_name(tmp_path, capsys):
+    from nucseg_d2.data import register_nuclei_folder
+
+    _write_folder_dataset(tmp_path / "corrupt", corrupt_first=True)
+    register_nuclei_folder("test_corrupt_folder", tmp_path / "corrupt/images", tmp_path / "corrupt/labels")
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "DATALOADER.NUM_WORKERS", "1",
+         "DATASETS.TRAIN", "('test_corrupt_folder',)", "DATASETS.TEST", "()",
+         "OUTPUT_DIR", str(tmp_path / "out")]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        train_net.run(args)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "tile0.png" in errors[0] and "truncated" in errors[0]
+    assert "Traceback" not in errors[0]
+
+
+@pytest.mark.slow
+def test_images_without_nuclei_train_and_evaluate(tmp_path):
+    from nucseg_d2.data import register_nuclei_folder
+
+    _write_folder_dataset(tmp_path / "empty", empty_labels=True)
+    register_nuclei_folder("test_empty_folder", tmp_path / "empty/images", tmp_path / "empty/labels")
+    _run("--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "SOLVER.MAX_ITER", "3",
+         "DATASETS.TRAIN", "('test_empty_folder',)", "DATASETS.TEST", "('test_empty_folder',)",
+         "OUTPUT_DIR", str(tmp_path / "out"))
+    summary = json.loads((tmp_path / "out/inference/test_empty_folder/metrics.json").read_text())
+    # Nothing to find; whatever the untrained model predicts, the scores are defined numbers.
+    assert summary["num_images"] == 2
+    assert all(0.0 <= summary["mean"][k] <= 1.0 for k in ("aji", "dice1", "pq"))
