@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One device command: install detectron2 from the carried kit if needed, train CONFIG, evaluate on
+# its test sets with the full metrics suite, and leave results under $OUT (at most 8 files).
+#
+#   bash scripts/gpu_train_eval.sh CONFIG RUN_NAME [KEY VALUE ...]
+#
+# Expects (see docs/REPRODUCING.md): .device/kit (copy of shared/device-kit) and .device/data
+# (tnbc/, kumar/ as in shared/data) carried beside the working tree. On a machine that already has
+# detectron2 (this project's .venv) the kit is skipped, so the same script is tried on the CPU first:
+#   OUT=/tmp/out PYTHON=.venv/bin/python NUCSEG_DATASETS=../shared/data \
+#     bash scripts/gpu_train_eval.sh configs/tnbc.yaml cpu-check SOLVER.MAX_ITER 2 MODEL.DEVICE cpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=$1; RUN_NAME=$2; shift 2
+OUT=${OUT:?set OUT to the folder whose files come back}
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export NUCSEG_DATASETS=${NUCSEG_DATASETS:-$PWD/.device/data}
+export NUCSEG_CACHE=${NUCSEG_CACHE:-/tmp/nucseg_cache}
+phase_start=$(date +%s); run_start=$phase_start
+phase() { local now; now=$(date +%s); echo "[phase] $1: $((now - phase_start)) s (total $((now - run_start)) s)"; phase_start=$now; }
+
+if ! "$PYTHON" -c "import detectron2" 2>/dev/null; then
+  bash .device/kit/install.sh "$PWD/.device/site"
+  export PYTHONPATH="$PWD/.device/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PYTHON" -c "import torch, detectron2; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'detectron2', detectron2.__version__)"
+phase install
+
+WORK=/tmp/nucseg_runs/$RUN_NAME
+mkdir -p "$WORK"
+status=0
+"$PYTHON" train_net.py --config-file "$CONFIG" OUTPUT_DIR "$WORK" "$@" > "$WORK/train_eval.log" 2>&1 || status=$?
+grep -E "iter: |copypaste|Evaluation results|^error" "$WORK/train_eval.log" | cut -c1-220 | tail -n 60 || true
+phase train_and_eval
+if [[ $status -ne 0 ]]; then tail -n 40 "$WORK/train_eval.log"; tail -c 4000000 "$WORK/train_eval.log" > "$OUT/train_eval.log"; exit "$status"; fi
+
+# What comes back: the config, the log, Detectron2's training metrics, and per test set its
+# metrics.json, per_image.csv and predicted label maps (one tar, small uint16 PNGs).
+cp "$WORK/config.yaml" "$OUT/config.yaml"
+tail -c 4000000 "$WORK/train_eval.log" > "$OUT/train_eval.log"
+cp "$WORK/metrics.json" "$OUT/training_metrics.json"
+tar -C "$WORK" -cf "$OUT/inference.tar" inference
+ls -la "$OUT"
+phase collect
