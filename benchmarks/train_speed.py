@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""CPU training seconds/iteration (and inference seconds/image) per config, as a ratio to a baseline.
+"""Training s/iteration, inference s/image (1000x1000) and peak memory per config, as ratios to a baseline.
 
 Each config trains on the same synthetic batches (mapper output of the built-in synthetic data
-set) in this process; the first config is the baseline.
+set) in this process; the first config is the baseline. Default: the paper's ablation (Table 3).
 
-    python benchmarks/train_speed.py [--configs configs/tnbc.yaml configs/demo.yaml] [--iters 4]
+    python benchmarks/train_speed.py [--configs A.yaml B.yaml ...] [--iters 4] [KEY VALUE ...]
 """
 import argparse
 import os
@@ -21,6 +21,7 @@ from detectron2.utils.events import EventStorage
 from nucseg_d2 import add_nucseg_config
 from nucseg_d2.config import merge_config_file
 from nucseg_d2.data import NucleiDatasetMapper
+from nucseg_d2.data.synthetic import generate_tile
 
 
 def load_cfg(path, opts):
@@ -32,7 +33,13 @@ def load_cfg(path, opts):
     return cfg
 
 
-def time_config(cfg, records, iters, warmup=2):
+def peak_rss_mib():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_config(cfg, records, iters, infer_image, warmup=2):
     torch.manual_seed(0)
     mapper = NucleiDatasetMapper(cfg, is_train=True)
     model = build_model(cfg)
@@ -53,35 +60,48 @@ def time_config(cfg, records, iters, warmup=2):
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     model.eval()
-    test_input = NucleiDatasetMapper(cfg, is_train=False)(records[0])
+    height, width = infer_image.shape[:2]
+    test_input = {"image": torch.from_numpy(infer_image.transpose(2, 0, 1).copy()),
+                  "height": height, "width": width}
     with torch.no_grad():
         model([test_input])
         start = time.perf_counter()
         model([test_input])
         infer = time.perf_counter() - start
-    return float(np.median(times)), infer
+    if torch.cuda.is_available():
+        return float(np.median(times)), infer, torch.cuda.max_memory_allocated() / 2**20
+    return float(np.median(times)), infer, peak_rss_mib()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["configs/tnbc.yaml", "configs/demo.yaml"])
+    parser.add_argument("--configs", nargs="+", default=[
+        "configs/tnbc_maskrcnn.yaml", "configs/tnbc_ab1.yaml", "configs/tnbc_ab3.yaml",
+        "configs/tnbc_ab2.yaml", "configs/tnbc.yaml"])
+    parser.add_argument("--infer-size", type=int, default=1000, help="side of the inference image")
     parser.add_argument("--iters", type=int, default=4)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every config")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     records = DatasetCatalog.get("nuclei_synthetic_train")
+    infer_image, _ = generate_tile(np.random.default_rng(0), size=(args.infer_size, args.infer_size))
     rows = []
     for path in args.configs:
         cfg = load_cfg(path, args.opts)
-        s_iter, s_infer = time_config(cfg, records, args.iters)
-        rows.append((path, cfg.SOLVER.IMS_PER_BATCH, list(cfg.INPUT.CROP.SIZE), s_iter, s_infer))
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        s_iter, s_infer, peak = time_config(cfg, records, args.iters, infer_image)
+        rows.append((path, cfg.SOLVER.IMS_PER_BATCH, list(cfg.INPUT.CROP.SIZE), s_iter, s_infer, peak))
     print(f"\nTraining speed, {args.iters} timed iterations each, device {rows and load_cfg(args.configs[0], args.opts).MODEL.DEVICE}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    print(f"{'config':32s} {'batch':>5s} {'crop':>10s} {'s/iter':>8s} {'ratio':>6s} {'infer s/256²':>12s} {'ratio':>6s}")
+    # Peak memory: CUDA max allocated, or on the CPU the process's peak RSS so far (monotonic:
+    # read it as "at most", in the order the configs ran).
+    infer_col = f"infer s/{args.infer_size}²"
+    print(f"{'config':30s} {'batch':>5s} {'crop':>10s} {'s/iter':>7s} {'ratio':>6s} {infer_col:>14s} {'ratio':>6s} {'peak MiB':>9s}")
     base_iter, base_infer = rows[0][3], rows[0][4]
-    for path, batch, crop, s_iter, s_infer in rows:
-        print(f"{path:32s} {batch:5d} {str(crop):>10s} {s_iter:8.2f} {s_iter / base_iter:6.2f} "
-              f"{s_infer:12.2f} {s_infer / base_infer:6.2f}")
+    for path, batch, crop, s_iter, s_infer, peak in rows:
+        print(f"{path:30s} {batch:5d} {str(crop):>10s} {s_iter:7.2f} {s_iter / base_iter:6.2f} "
+              f"{s_infer:14.2f} {s_infer / base_infer:6.2f} {peak:9.0f}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,25 @@ def _synthetic_input(size=64):
 
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"Base-Nuclei-RCNN-FPN.yaml", "tnbc.yaml", "kumar.yaml", "demo.yaml"} <= names
+    expected = {"Base-Nuclei-RCNN-FPN.yaml", "Base-Panoptic-Nuclei.yaml", "demo.yaml"}
+    for dataset in ("tnbc", "kumar"):
+        expected |= {f"{dataset}{suffix}.yaml" for suffix in ("", "_maskrcnn", "_ab1", "_ab2", "_ab3", "_R101")}
+    assert expected <= names
+
+
+def test_ablation_configs_switch_exactly_their_component():
+    def components(name):
+        cfg = _load(CONFIGS[0].parent / name)
+        panoptic = cfg.MODEL.META_ARCHITECTURE == "PanopticNucleiRCNN"
+        return (panoptic and cfg.MODEL.NUCSEG.FUSION_ON, panoptic and cfg.MODEL.NUCSEG.SEMANTIC_ON,
+                cfg.MODEL.ROI_MASK_HEAD.NAME == "DualModalMaskHead")
+
+    for dataset in ("tnbc", "kumar"):
+        assert components(f"{dataset}_maskrcnn.yaml") == (False, False, False)
+        assert components(f"{dataset}_ab1.yaml") == (True, False, False)
+        assert components(f"{dataset}_ab3.yaml") == (False, True, False)
+        assert components(f"{dataset}_ab2.yaml") == (True, True, False)
+        assert components(f"{dataset}.yaml") == (True, True, True)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -57,6 +75,11 @@ def test_config_builds_and_runs_forward(path):
     with EventStorage(0):
         losses = model(inputs)
     assert losses and all(torch.isfinite(v) for v in losses.values())
+    expected = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"}
+    if cfg.MODEL.META_ARCHITECTURE == "PanopticNucleiRCNN":
+        expected |= {"loss_sem_seg"} if cfg.MODEL.NUCSEG.SEMANTIC_ON else set()
+        expected |= {"loss_fusion"} if cfg.MODEL.NUCSEG.FUSION_ON else set()
+    assert set(losses) == expected
     model.eval()
     with torch.no_grad():
         outputs = model([{k: inputs[0][k] for k in ("image", "height", "width")}])
