@@ -1,6 +1,7 @@
 """GCN semantic branch (paper Sec. 3.2) and the FPN backbone that also returns res2-res5."""
 from unittest import mock
 
+import math
 import pytest
 import torch
 import torch.nn.functional as F
@@ -307,3 +308,22 @@ def test_bottom_up_runs_once_per_step_for_instance_and_semantic_heads():
         with torch.no_grad():
             model([{key: batch[0][key] for key in ("image", "height", "width")}])
         assert bottom_up_forward.call_count == 2
+
+
+def test_untrained_head_starts_near_chance_loss_with_group_norm():
+    """From scratch, the semantic loss must start near log(2), not in the tens (seen without GN)."""
+    from detectron2.layers import ShapeSpec
+
+    from nucseg_d2.modeling.gcn_head import GCNSemSegHead
+
+    torch.manual_seed(0)
+    shapes = {f"res{i}": ShapeSpec(channels=64 * 2 ** (i - 2), stride=2 ** i) for i in range(2, 6)}
+    head = GCNSemSegHead(shapes, num_classes=2, gcn_channels=32, kernel_size=5, common_stride=4,
+                         ignore_value=255, norm="GN")
+    head.train()
+    # Post-ReLU-like activations of several units' magnitude, as a GN ResNet produces.
+    features = {name: 3 * torch.rand(2, s.channels, 64 // s.stride, 64 // s.stride) for name, s in shapes.items()}
+    targets = torch.randint(0, 2, (2, 64, 64))
+    _, losses = head(features, targets)
+    assert abs(losses["loss_sem_seg"].item() - math.log(2)) < 0.05
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in head.modules())
