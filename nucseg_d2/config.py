@@ -115,6 +115,14 @@ def validate_nucseg_config(cfg):
     for key in ("SCORE_THRESH", "MASK_THRESH", "MAX_OVERLAP"):
         if not 0.0 <= nuclei[key] <= 1.0:
             raise NucleiConfigError(f"TEST.NUCLEI.{key} must be in [0, 1], got {nuclei[key]}")
+    if nuclei.COCO_AP and not cfg.MODEL.NUCSEG.PASTE_FULL_MASKS:
+        # COCOEvaluator reads full-image pred_masks; NucleiRCNN otherwise returns only compact
+        # box-relative pred_mask_probs, and COCOEvaluator would silently report box AP only.
+        raise NucleiConfigError(
+            "TEST.NUCLEI.COCO_AP: True needs MODEL.NUCSEG.PASTE_FULL_MASKS: True (Detectron2's "
+            "COCOEvaluator reads full-image pred_masks, which the model returns only when pasting "
+            "is on); set MODEL.NUCSEG.PASTE_FULL_MASKS True or TEST.NUCLEI.COCO_AP False"
+        )
     if cfg.INPUT.CROP.ENABLED and min(cfg.INPUT.CROP.SIZE) <= 0:
         raise NucleiConfigError(f"INPUT.CROP.SIZE must be positive, got {cfg.INPUT.CROP.SIZE}")
     from .evaluation.metrics import ALL_METRICS

@@ -309,3 +309,17 @@ def test_inside_stock_generalized_rcnn():
     predictions = output["instances"]
     assert len(predictions) > 0
     assert predictions.pred_masks.shape == (len(predictions), image_size, image_size)
+
+
+def test_zero_rois_forward_and_backward():
+    """An image without nuclei sends no RoI through the head; training must still step."""
+    from nucseg_d2.modeling.mask_head import ZeroBatchSafePixelShuffle
+
+    shuffle = ZeroBatchSafePixelShuffle(2)
+    x = torch.randn(3, 8, 5, 5)
+    assert torch.equal(shuffle(x), torch.nn.functional.pixel_shuffle(x, 2))
+    empty = torch.zeros(0, 8, 5, 5, requires_grad=True)
+    out = shuffle(empty)
+    assert out.shape == (0, 2, 10, 10)
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape

@@ -157,7 +157,7 @@ def test_proposed_model_with_gcn_head_on_bottom_up_features(batch):
         "MODEL.BACKBONE.NAME", "build_resnet_fpn_with_bottom_up_backbone",
         "MODEL.SEM_SEG_HEAD.NAME", "GCNSemSegHead",
         "MODEL.SEM_SEG_HEAD.IN_FEATURES", ["res2", "res3", "res4", "res5"],
-        "MODEL.SEM_SEG_HEAD.GCN_CHANNELS", 16,
+        "MODEL.SEM_SEG_HEAD.GCN_CHANNELS", 32,
         "MODEL.ROI_MASK_HEAD.NAME", "DualModalMaskHead",
         "MODEL.ROI_MASK_HEAD.DUAL_MODAL.FC_CONV_DIM", 32,
         "MODEL.ROI_MASK_HEAD.DUAL_MODAL.SHUFFLE_CONV_DIM", 128,

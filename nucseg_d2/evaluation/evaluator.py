@@ -1,13 +1,9 @@
 """NucleiEvaluator: Detectron2 ``DatasetEvaluator`` reporting the nuclei metrics suite."""
-import csv
-import json
 import logging
-import math
 import os
 from collections import OrderedDict
 from typing import Iterable, Optional
 
-import numpy as np
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
@@ -15,7 +11,8 @@ from PIL import Image
 
 from ..data.readers import load_label_map
 from ..modeling.postprocess import instances_to_label_map, label_map_dtype
-from .metrics import aji_counts, compute_metrics, summarize
+from .metrics import metric_keys
+from .reporting import score_image, summarize_scores, write_reports
 
 __all__ = ["NucleiEvaluator"]
 
@@ -23,16 +20,6 @@ logger = logging.getLogger(__name__)
 
 # Record fields copied into each per-image row so results can be grouped (per organ, patient).
 _GROUP_FIELDS = ("organ", "patient")
-
-
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 class NucleiEvaluator(DatasetEvaluator):
@@ -63,7 +50,7 @@ class NucleiEvaluator(DatasetEvaluator):
         self.max_overlap = max_overlap
         self.save_label_maps = save_label_maps
         self._records = {r["image_id"]: r for r in DatasetCatalog.get(dataset_name)}
-        self._rows = []
+        self._scores = []
 
     @classmethod
     def from_cfg(cls, cfg, dataset_name: str, output_dir: Optional[str] = None, **kwargs):
@@ -80,7 +67,7 @@ class NucleiEvaluator(DatasetEvaluator):
         )
 
     def reset(self):
-        self._rows = []
+        self._scores = []
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
@@ -93,14 +80,8 @@ class NucleiEvaluator(DatasetEvaluator):
                 max_overlap=self.max_overlap,
                 image_size=gt.shape,
             )
-            row = {"image_id": record["image_id"]}
-            row.update({k: record[k] for k in _GROUP_FIELDS if k in record})
-            row["num_gt"] = int(len(np.unique(gt)) - (gt.min() == 0))
-            row["num_pred"] = int(pred.max())
-            row.update(compute_metrics(gt, pred, self.metrics))
-            # Pooled ("aggregated over all images") AJI needs the raw sums, not the ratio.
-            intersection, union = aji_counts(gt, pred, variant="aji")
-            self._rows.append((row, intersection, union))
+            groups = {key: record[key] for key in _GROUP_FIELDS if key in record}
+            self._scores.append(score_image(record["image_id"], gt, pred, self.metrics, groups))
             if self.save_label_maps and self.output_dir:
                 self._write_label_map(record["image_id"], pred)
 
@@ -113,50 +94,25 @@ class NucleiEvaluator(DatasetEvaluator):
         os.replace(tmp, path)
 
     def evaluate(self):
-        scored = self._rows
+        scores = self._scores
         if comm.get_world_size() > 1:
             comm.synchronize()
-            scored = [r for part in comm.gather(scored, dst=0) for r in part]
+            # Each rank scored its share of the images; the main process reports on all of them.
+            scores = [score for part in comm.gather(scores, dst=0) for score in part]
             if not comm.is_main_process():
                 return {}
-        if not scored:
+        if not scores:
             logger.warning(f"NucleiEvaluator on {self.dataset_name}: no predictions to score")
             return {}
-        rows = [row for row, _, _ in scored]
-        total_union = sum(union for _, _, union in scored)
-        pooled_aji = sum(inter for _, inter, _ in scored) / total_union if total_union else 1.0
-        rows.sort(key=lambda r: str(r["image_id"]))
-        metric_names = [k for k in rows[0] if k not in ("image_id", "num_gt", "num_pred", *_GROUP_FIELDS)]
-        group_key = next((k for k in _GROUP_FIELDS if k in rows[0]), None)
-        summary = summarize(rows, metric_names, group_key=group_key)
+        metric_names = metric_keys(self.metrics)
+        group_key = next((key for key in _GROUP_FIELDS if key in scores[0].row), None)
+        rows, summary = summarize_scores(scores, metric_names, group_key=group_key)
         summary["dataset"] = self.dataset_name
-        summary["num_images"] = len(rows)
-        summary["pooled_aji"] = pooled_aji
         summary["postprocess"] = {
             "score_thresh": self.score_thresh,
             "mask_thresh": self.mask_thresh,
             "max_overlap": self.max_overlap,
         }
         if self.output_dir:
-            os.makedirs(self.output_dir, exist_ok=True)
-            self._write_json(os.path.join(self.output_dir, "metrics.json"), summary)
-            self._write_csv(os.path.join(self.output_dir, "per_image.csv"), rows)
+            write_reports(self.output_dir, summary, rows)
         return OrderedDict({"nuclei": {name: summary["mean"][name] for name in metric_names}})
-
-    @staticmethod
-    def _write_json(path, obj):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            # Strict JSON: NaN (std of one image) and inf (Hausdorff vs an empty map) become null.
-            json.dump(_json_safe(obj), f, indent=2, allow_nan=False)
-        os.replace(tmp, path)
-
-    @staticmethod
-    def _write_csv(path, rows):
-        fields = list(rows[0])
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)

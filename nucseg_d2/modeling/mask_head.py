@@ -47,6 +47,22 @@ __all__ = ["DualModalMaskHead"]
 UPSCALE = 2
 
 
+class ZeroBatchSafePixelShuffle(nn.PixelShuffle):
+    """``nn.PixelShuffle`` whose backward also works for zero RoIs (an image without nuclei).
+
+    torch's pixel_shuffle backward fails on an empty batch; the same rearrangement written as
+    reshape + permute has a well-defined (empty) gradient.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 0:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        r = self.upscale_factor
+        x = x.reshape(n, c // (r * r), r, r, h, w).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(n, c // (r * r), h * r, w * r)
+
+
 @ROI_MASK_HEAD_REGISTRY.register()
 class DualModalMaskHead(BaseMaskRCNNHead):
     """Mask head summing an FC path and a pixel-shuffle conv path (paper Table 1).
@@ -122,7 +138,7 @@ class DualModalMaskHead(BaseMaskRCNNHead):
         # Conv path: local detail, upsampled by rearranging channels rather than a deconv.
         self.conv3 = conv_block(shared_channels, conv_dim)
         self.conv4 = conv_block(conv_dim, shuffle_conv_dim)
-        self.pixel_shuffle = nn.PixelShuffle(UPSCALE)
+        self.pixel_shuffle = ZeroBatchSafePixelShuffle(UPSCALE)
         self.conv5 = Conv2d(shuffle_conv_dim // (UPSCALE * UPSCALE), num_classes, kernel_size=1)
 
         for conv in self.shared_convs + [self.conv1, self.conv2, self.conv3, self.conv4]:

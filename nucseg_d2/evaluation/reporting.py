@@ -1,0 +1,195 @@
+"""Per-image scores -> summary, report files and a printed table.
+
+Shared by :class:`~nucseg_d2.evaluation.evaluator.NucleiEvaluator` (Detectron2 predictions) and
+:mod:`nucseg_d2.evaluation.folder_eval` (label-map files of any method), so both produce the same
+``per_image.csv`` and ``metrics.json`` for the same label maps.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .metrics import aji_counts, compute_metrics, pairwise_overlap, summarize
+
+__all__ = [
+    "METRICS_JSON",
+    "PER_IMAGE_CSV",
+    "ImageScore",
+    "score_image",
+    "pooled_aji_from_scores",
+    "summarize_scores",
+    "json_safe",
+    "write_json_atomic",
+    "write_csv_atomic",
+    "write_reports",
+    "format_summary_table",
+]
+
+METRICS_JSON = "metrics.json"
+PER_IMAGE_CSV = "per_image.csv"
+
+# Per-image columns that are neither metrics nor group labels.
+ID_AND_COUNT_COLUMNS = ("image_id", "num_gt", "num_pred")
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """One image's ``per_image.csv`` row plus the raw AJI sums that pooled AJI needs.
+
+    ``row`` holds ``image_id``, the group labels (e.g. ``organ``), ``num_gt``, ``num_pred`` and
+    one value per metric key. Pooled AJI is a ratio of sums over images, so the per-image ratio
+    alone cannot give it; the two integers are small enough to gather across processes.
+    """
+
+    row: Dict[str, object]
+    aji_intersection: int
+    aji_union: int
+
+
+def score_image(image_id, gt, pred, metrics: Sequence[str],
+                groups: Optional[Mapping[str, object]] = None) -> ImageScore:
+    """Score one (ground truth, prediction) pair of label maps.
+
+    ``metrics`` are names of :data:`~nucseg_d2.evaluation.metrics.ALL_METRICS` ("pq" gives the
+    keys dq, sq, pq); ``groups`` are copied into the row (e.g. ``{"organ": "Breast"}``).
+    """
+    overlap = pairwise_overlap(gt, pred)
+    row: Dict[str, object] = {"image_id": image_id}
+    row.update(groups or {})
+    row["num_gt"] = overlap.num_gt
+    row["num_pred"] = overlap.num_pred
+    row.update(compute_metrics(gt, pred, metrics))
+    intersection, union = aji_counts(overlap, variant="aji")
+    return ImageScore(row, int(intersection), int(union))
+
+
+def pooled_aji_from_scores(scores: Iterable[ImageScore]) -> float:
+    """AJI aggregated over all images: Σ intersections / Σ unions (1.0 when every map is empty,
+    the same convention as :func:`~nucseg_d2.evaluation.metrics.pooled_aji`)."""
+    scores = list(scores)
+    total_union = sum(score.aji_union for score in scores)
+    if total_union == 0:
+        return 1.0
+    return sum(score.aji_intersection for score in scores) / total_union
+
+
+def summarize_scores(scores: Sequence[ImageScore], metric_names: Sequence[str],
+                     group_key: Optional[str] = None) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
+    """(rows sorted by image id, summary) for ``metrics.json``.
+
+    The summary is :func:`~nucseg_d2.evaluation.metrics.summarize` (mean, sample std, count and,
+    with ``group_key``, per group) plus ``num_images`` and ``pooled_aji``. Rows are sorted so
+    the files do not depend on the order images were processed in (or on how many processes
+    shared the work).
+    """
+    if not scores:
+        raise ValueError("no images were scored")
+    rows = sorted((score.row for score in scores), key=lambda row: str(row["image_id"]))
+    # An inf Hausdorff (an empty map) makes that std NaN by design (written as null); numpy's
+    # "invalid value" warning about it would only be noise.
+    with np.errstate(invalid="ignore"):
+        summary = summarize(rows, list(metric_names), group_key=group_key)
+    summary["num_images"] = len(rows)
+    summary["pooled_aji"] = pooled_aji_from_scores(scores)
+    return rows, summary
+
+
+def json_safe(obj):
+    """``obj`` with non-finite floats replaced by None and keys made strings.
+
+    Strict JSON has no NaN or Infinity: NaN (the std of a single image) and inf (Hausdorff
+    against an empty map) become ``null``, which every JSON reader accepts.
+    """
+    if isinstance(obj, Mapping):
+        return {str(key): json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _replace_atomically(path: str, write) -> None:
+    """Write through ``write(file)`` to a temporary file beside ``path``, then rename it.
+
+    Readers (and a run interrupted mid-write) never see a half-written report; the temporary
+    name is unique, so two processes writing the same report do not clobber each other's file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    descriptor, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(descriptor, "w", newline="") as tmp_file:
+            write(tmp_file)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Strict JSON (NaN and inf written as null, see :func:`json_safe`), written atomically."""
+    _replace_atomically(path, lambda f: json.dump(json_safe(obj), f, indent=2, allow_nan=False))
+
+
+def write_csv_atomic(path: str, rows: Sequence[Mapping[str, object]]) -> None:
+    """Rows as CSV with a header (columns in order of first appearance), written atomically."""
+    fields: List[str] = []
+    for row in rows:
+        fields.extend(key for key in row if key not in fields)
+
+    def write(csv_file):
+        writer = csv.DictWriter(csv_file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    _replace_atomically(path, write)
+
+
+def write_reports(output_dir: str, summary: Mapping[str, object],
+                  rows: Sequence[Mapping[str, object]]) -> Tuple[str, str]:
+    """Write ``metrics.json`` and ``per_image.csv`` into ``output_dir``; return both paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    json_path = os.path.join(output_dir, METRICS_JSON)
+    csv_path = os.path.join(output_dir, PER_IMAGE_CSV)
+    write_json_atomic(json_path, summary)
+    write_csv_atomic(csv_path, rows)
+    return json_path, csv_path
+
+
+def _format_value(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"  # std of a single image
+    return f"{value:.4f}"
+
+
+def _render(lines: List[List[str]]) -> List[str]:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+
+
+def format_summary_table(summary: Mapping[str, object], metric_names: Sequence[str],
+                         group_key: Optional[str] = None) -> str:
+    """Plain-text table: mean and std per metric, pooled AJI, then one row of means per group."""
+    lines = [["metric", "mean", "std"]]
+    lines += [[name, _format_value(summary["mean"][name]), _format_value(summary["std"][name])]
+              for name in metric_names]
+    text = _render(lines)
+    text.append(f"pooled AJI (Σ intersections / Σ unions over {summary['num_images']} images): "
+                f"{_format_value(summary['pooled_aji'])}")
+    groups = summary.get("groups")
+    if group_key and groups:
+        text.append("")
+        text.append(f"mean per {group_key}:")
+        group_lines = [[group_key, "n", *metric_names]]
+        group_lines += [[str(group), str(stats["count"]), *(_format_value(stats["mean"][m]) for m in metric_names)]
+                        for group, stats in sorted(groups.items(), key=lambda item: str(item[0]))]
+        text.extend(_render(group_lines))
+    return "\n".join(text)
