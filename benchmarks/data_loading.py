@@ -13,7 +13,6 @@ import platform
 import tempfile
 import time
 
-import numpy as np
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data import transforms as T

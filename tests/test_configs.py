@@ -9,10 +9,7 @@ from detectron2.utils.events import EventStorage
 
 from nucseg_d2 import add_nucseg_config
 from nucseg_d2.config import merge_config_file, validate_nucseg_config
-from nucseg_d2.data.mapper import instances_from_label_map
-from nucseg_d2.data.synthetic import generate_tile
-from detectron2.structures import BitMasks, Boxes, Instances
-import numpy as np
+from model_inputs import synthetic_training_input
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -24,22 +21,6 @@ def _load(path):
     cfg.MODEL.DEVICE = "cpu"
     validate_nucseg_config(cfg)
     return cfg
-
-
-def _synthetic_input(size=64):
-    image, label_map = generate_tile(np.random.default_rng(3), size=(size, size))
-    boxes, masks = instances_from_label_map(label_map)
-    instances = Instances((size, size))
-    instances.gt_boxes = Boxes(torch.from_numpy(boxes))
-    instances.gt_classes = torch.zeros(len(boxes), dtype=torch.int64)
-    instances.gt_masks = BitMasks(torch.from_numpy(masks))
-    return {
-        "image": torch.from_numpy(image.transpose(2, 0, 1).copy()),
-        "height": size,
-        "width": size,
-        "instances": instances,
-        "sem_seg": torch.from_numpy((label_map > 0).astype(np.int64)),
-    }
 
 
 def test_configs_exist():
@@ -70,7 +51,7 @@ def test_config_builds_and_runs_forward(path):
     cfg = _load(path)
     cfg.TEST.DETECTIONS_PER_IMAGE = 50
     model = build_model(cfg)
-    inputs = [_synthetic_input()]
+    inputs = [synthetic_training_input(3, 64, 64)]
     model.train()
     with EventStorage(0):
         losses = model(inputs)

@@ -2,7 +2,6 @@
 inference, the ROI heads' training outputs, and checkpoints shared with the baseline."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -15,9 +14,9 @@ from detectron2.utils.events import EventStorage
 
 from nucseg_d2 import add_nucseg_config
 from nucseg_d2.config import merge_config_file
-from nucseg_d2.data.mapper import instances_from_label_map
-from nucseg_d2.data.synthetic import generate_tile
 from nucseg_d2.modeling import NucleiROIHeads, PanopticNucleiRCNN
+
+from model_inputs import synthetic_training_input
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "Base-Nuclei-RCNN-FPN.yaml"
 SEVEN_LOSSES = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask",
@@ -66,26 +65,10 @@ def _build(cfg, seed=0):
     return build_model(cfg)
 
 
-def _synthetic_input(seed, height, width):
-    image, label_map = generate_tile(np.random.default_rng(seed), size=(height, width))
-    boxes, masks = instances_from_label_map(label_map)
-    instances = Instances((height, width))
-    instances.gt_boxes = Boxes(torch.from_numpy(boxes))
-    instances.gt_classes = torch.zeros(len(boxes), dtype=torch.int64)
-    instances.gt_masks = BitMasks(torch.from_numpy(masks))
-    return {
-        "image": torch.from_numpy(image.transpose(2, 0, 1).copy()),
-        "height": height,
-        "width": width,
-        "instances": instances,
-        "sem_seg": torch.from_numpy((label_map > 0).astype(np.int64)),
-    }
-
-
 @pytest.fixture(scope="module")
 def batch():
     # Two images of different sizes, so the batch is padded (sem_seg with the ignore value).
-    return [_synthetic_input(3, 64, 80), _synthetic_input(4, 72, 64)]
+    return [synthetic_training_input(3, 64, 80), synthetic_training_input(4, 72, 64)]
 
 
 def _train_losses(model, batch, seed=0):
