@@ -20,4 +20,11 @@ setup(
         "imagecodecs",
         "Pillow",
     ],
+    entry_points={
+        "console_scripts": [
+            "nucseg-eval=nucseg_d2.evaluation.folder_eval:main",
+            "nucseg-significance=nucseg_d2.evaluation.significance:main",
+            "nucseg-predict=nucseg_d2.predict.cli:main",
+        ]
+    },
 )

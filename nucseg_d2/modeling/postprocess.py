@@ -4,14 +4,14 @@ The rules are the defaults of the paper's released code: keep detections scoring
 threshold, binarise masks, paint in descending score order, drop a mask that is mostly covered by
 higher-scoring ones and otherwise keep only its uncovered part.
 """
-from typing import Optional
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
 from detectron2.layers.mask_ops import _do_paste_mask
 from detectron2.structures import Instances
 
-__all__ = ["instances_to_label_map", "label_map_dtype"]
+__all__ = ["instances_to_label_map", "label_map_dtype", "box_local_masks", "paint_masks"]
 
 
 def label_map_dtype(num_labels: int):
@@ -19,7 +19,7 @@ def label_map_dtype(num_labels: int):
     return np.uint16 if num_labels <= np.iinfo(np.uint16).max else np.uint32
 
 
-def _box_local_masks(instances: Instances, height: int, width: int, mask_thresh: float):
+def box_local_masks(instances: Instances, height: int, width: int, mask_thresh: float):
     """Yield (binary mask, y slice, x slice) per instance, each covering only its own box.
 
     Accepts either full-image ``pred_masks`` (Detectron2's default output) or box-relative mask
@@ -73,8 +73,22 @@ def instances_to_label_map(
         return label_map
     instances = instances[instances.scores > score_thresh]
     instances = instances[torch.argsort(instances.scores, descending=True, stable=True)]
-    next_id = 1
-    for mask, ys, xs in _box_local_masks(instances, height, width, mask_thresh):
+    paint_masks(label_map, box_local_masks(instances, height, width, mask_thresh), max_overlap)
+    return label_map
+
+
+def paint_masks(
+    label_map: np.ndarray, masks: Iterable[Tuple[np.ndarray, slice, slice]], max_overlap: float
+) -> List[int]:
+    """Paint binary masks, highest priority first, into an all-zero ``label_map`` in place.
+
+    ``masks`` yields (boolean mask, y slice, x slice) with the mask covering
+    ``label_map[ys, xs]``. The i-th painted mask gets id i (1, 2, ...). Returns the positions in
+    ``masks`` of the painted ones, so callers can map ids back to scores. The tiled predictor
+    paints stitched detections with this too, so tiles and whole images follow the same rules.
+    """
+    painted = []
+    for position, (mask, ys, xs) in enumerate(masks):
         area = int(mask.sum())
         if area == 0:
             continue
@@ -83,6 +97,6 @@ def instances_to_label_map(
         free_area = int(free.sum())
         if free_area == 0 or 1.0 - free_area / area > max_overlap:
             continue
-        region[free] = next_id
-        next_id += 1
-    return label_map
+        painted.append(position)
+        region[free] = len(painted)
+    return painted

@@ -1,0 +1,337 @@
+"""``nucseg-predict`` / ``python -m nucseg_d2.predict``: a trained model over many images or slides.
+
+    nucseg-predict slides/ --config-file configs/kumar.yaml --weights model_final.pth --output out/
+
+Inputs are images, folders, globs or text files listing paths (one a line, relative to the
+list's folder). Per input ``<stem>`` the outputs are ``<stem>_labels.tif``, ``<stem>.geojson``,
+``<stem>_coco.json``, ``<stem>_nuclei.csv`` (or ``.parquet``) and ``<stem>_overlay.png`` (see
+``--formats``). Inputs whose outputs all exist are skipped unless ``--overwrite``, so an
+interrupted batch resumes where it stopped. A failing input is reported on one line and the batch
+goes on; the exit status is 1 when any input failed, 2 when nothing could start (bad checkpoint,
+config or output folder).
+
+Many inputs: ``--num-gpus N`` (processes per machine; on a machine without GPU they run on the
+CPU with the gloo backend), ``--num-machines``, ``--machine-rank``, ``--dist-url``, through
+Detectron2's ``launch``. Rank r of W takes ``inputs[r::W]``.
+"""
+import argparse
+import glob
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..config import NucleiConfigError
+from ..data.readers import NucleiDataError
+from .predictor import CheckpointError, build_predict_cfg
+from .slides import IMAGE_SUFFIXES, SLIDE_SUFFIXES
+
+__all__ = ["main", "build_parser", "expand_inputs", "output_paths", "FORMATS", "DEFAULT_FORMATS"]
+
+logger = logging.getLogger("nucseg_d2.predict")
+
+# Output format name -> file name suffix after the input's stem.
+FORMATS: Dict[str, str] = {
+    "labels": "_labels.tif",
+    "geojson": ".geojson",
+    "coco": "_coco.json",
+    "csv": "_nuclei.csv",
+    "parquet": "_nuclei.parquet",
+    "overlay": "_overlay.png",
+}
+DEFAULT_FORMATS = ("labels", "geojson", "coco", "csv", "overlay")
+LIST_SUFFIXES = (".txt", ".lst")
+INPUT_SUFFIXES = IMAGE_SUFFIXES + SLIDE_SUFFIXES
+OVERLAY_MAX_SIDE = 2048  # overlays of slides are downsampled to this long side
+
+EXIT_OK, EXIT_FAILED_INPUTS, EXIT_SETUP_ERROR = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nucseg-predict",
+        description="Segment nuclei in H&E images and whole slides with a trained nucseg-d2 model.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image or slide file, folder, glob pattern, or .txt list of paths")
+    parser.add_argument("--config-file", required=True, help="model config YAML")
+    parser.add_argument("--weights", help="checkpoint (default: MODEL.WEIGHTS of the config)")
+    parser.add_argument("--output", required=True, help="output folder (created if missing)")
+    parser.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels (default 1024)")
+    parser.add_argument("--overlap", type=int, default=128,
+                        help="tile overlap in pixels; at least the largest nucleus diameter (default 128)")
+    parser.add_argument("--batch-size", type=int, help="tiles per forward pass (default 4 on GPU, 1 on CPU)")
+    level = parser.add_mutually_exclusive_group()
+    level.add_argument("--level", type=int, help="slide pyramid level to analyse (default 0)")
+    level.add_argument("--mpp", type=float,
+                       help="target µm/px: the coarsest level at or finer than it (training data: 0.25)")
+    parser.add_argument("--roi", type=int, nargs=4, metavar=("X", "Y", "W", "H"),
+                        help="region of interest in level-0 pixels")
+    parser.add_argument("--tissue-mask", choices=("auto", "on", "off"), default="auto",
+                        help="skip tiles without tissue (Otsu on a thumbnail); auto = slides only")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation (flips, rot90)")
+    parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), default=list(DEFAULT_FORMATS),
+                        help=f"outputs to write (default: {' '.join(DEFAULT_FORMATS)})")
+    parser.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs exist")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: the config's MODEL.DEVICE, CPU without GPU)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
+    parser.add_argument("--num-machines", type=int, default=1)
+    parser.add_argument("--machine-rank", type=int, default=0)
+    parser.add_argument("--dist-url", default="auto",
+                        help="rendezvous URL, e.g. tcp://host:port (auto: a free local port, one machine)")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides KEY VALUE ... (last option)")
+    return parser
+
+
+# ------------------------------------------------------------------------ inputs and outputs
+def _is_within(path: str, folder: str) -> bool:
+    return os.path.dirname(os.path.realpath(path)) == os.path.realpath(folder)
+
+
+def expand_inputs(specs: Sequence[str], output_dir: Optional[str] = None) -> List[str]:
+    """Files to process, in order, without duplicates.
+
+    A folder gives its image/slide files (not recursive, hidden files and the output folder's
+    files excluded); a glob its matches with an image/slide suffix; a ``.txt``/``.lst`` file
+    the paths it lists; anything else is taken as a file, so a missing one fails by name later.
+    """
+    paths: List[str] = []
+
+    def supported(path):
+        return (os.path.isfile(path) and path.lower().endswith(INPUT_SUFFIXES)
+                and not os.path.basename(path).startswith(".")
+                and not (output_dir and _is_within(path, output_dir)))
+
+    for spec in specs:
+        if os.path.isdir(spec) or (any(ch in spec for ch in "*?[") and not os.path.exists(spec)):
+            if os.path.isdir(spec):
+                found = sorted(p for p in (os.path.join(spec, n) for n in os.listdir(spec)) if supported(p))
+            else:
+                found = sorted(p for p in glob.glob(spec, recursive=True) if supported(p))
+            if not found:
+                print(f"warning: {spec}: no image or slide files ({' '.join(INPUT_SUFFIXES)})",
+                      file=sys.stderr)
+            paths += found
+        elif spec.lower().endswith(LIST_SUFFIXES) and os.path.isfile(spec):
+            base = os.path.dirname(os.path.abspath(spec))
+            with open(spec, encoding="utf-8") as stream:
+                for line in stream:
+                    line = line.strip()
+                    if line and not line.startswith("#"):
+                        paths.append(line if os.path.isabs(line) else os.path.join(base, line))
+        else:
+            paths.append(spec)
+    unique, seen = [], set()
+    for path in paths:
+        key = os.path.abspath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def input_stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def output_paths(path: str, output_dir: str, formats: Sequence[str]) -> Dict[str, str]:
+    stem = input_stem(path)
+    return {name: os.path.join(output_dir, stem + FORMATS[name]) for name in formats}
+
+
+def _stem_collisions(paths: Sequence[str]) -> Dict[str, List[str]]:
+    by_stem: Dict[str, List[str]] = {}
+    for path in paths:
+        by_stem.setdefault(input_stem(path), []).append(path)
+    return {stem: group for stem, group in by_stem.items() if len(group) > 1}
+
+
+def _check_output_dir(output_dir: str) -> Optional[str]:
+    """None when ``output_dir`` can be created and written, else why not."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".nucseg-write-test-"):
+            pass
+    except OSError as err:
+        return f"output folder {output_dir} cannot be written ({type(err).__name__}: {err.strerror or err})"
+    return None
+
+
+def write_outputs(result, source, paths: Dict[str, str], image_id: int) -> None:
+    """Write each requested output (every writer is atomic)."""
+    from . import writers
+
+    for name, path in paths.items():
+        if name == "labels":
+            writers.write_label_tiff(path, result.label_map)
+        elif name == "geojson":
+            writers.write_geojson(path, result)
+        elif name == "coco":
+            writers.write_coco_json(path, result, image_id=image_id, file_name=source.path)
+        elif name in ("csv", "parquet"):
+            writers.write_nucleus_table(path, result, source.read)
+        elif name == "overlay":
+            writers.write_overlay_png(path, result, source.thumbnail(OVERLAY_MAX_SIDE))
+
+
+# ------------------------------------------------------------------------ the work of one rank
+def _error_line(err: BaseException) -> str:
+    # Our errors name the file already; others get their type so the cause is recognisable.
+    message = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+    if isinstance(err, (NucleiDataError, CheckpointError, NucleiConfigError)):
+        return message
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
+def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: int) -> Dict:
+    """Predict and write this rank's inputs; returns its summary (done / skipped / failed)."""
+    from .predictor import NucleiPredictor
+    from .slides import open_image
+
+    tag = f"[rank {rank}] " if world_size > 1 else ""
+    summary = {"done": [], "skipped": [], "failed": [], "setup_error": None}
+    todo = []
+    for image_id, path in inputs:
+        paths = output_paths(path, args.output, args.formats)
+        if not args.overwrite and all(os.path.isfile(p) for p in paths.values()):
+            summary["skipped"].append(path)
+            print(f"{tag}{path}: skipped (outputs exist; --overwrite to redo)", flush=True)
+        else:
+            todo.append((image_id, path, paths))
+    if not todo:
+        return summary
+
+    device = args.device
+    if device is None and torch.cuda.is_available():
+        from detectron2.utils import comm
+
+        device = f"cuda:{comm.get_local_rank()}"
+    try:
+        cfg = build_predict_cfg(args.config_file, args.opts)
+        weights = args.weights or cfg.MODEL.WEIGHTS
+        if not weights:
+            raise CheckpointError("no weights: give --weights or set MODEL.WEIGHTS in the config")
+        predictor = NucleiPredictor(
+            args.config_file, opts=args.opts, weights=weights, device=device, tile_size=args.tile_size, overlap=args.overlap,
+            batch_size=args.batch_size, tta=args.tta, progress=not args.quiet and rank == 0,
+        )
+    except (CheckpointError, NucleiConfigError, ValueError, KeyError, AssertionError) as err:
+        summary["setup_error"] = _error_line(err) if not isinstance(err, KeyError) else f"config: {err}"
+        return summary
+
+    tissue = {"auto": "auto", "on": True, "off": False}[args.tissue_mask]
+    for image_id, path, paths in todo:
+        start = time.perf_counter()
+        try:
+            with open_image(path, level=args.level, mpp=args.mpp, roi=args.roi) as source:
+                result = predictor.predict_source(source, tissue_mask=tissue)
+                write_outputs(result, source, paths, image_id)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # one bad input must not stop the batch
+            line = _error_line(err)
+            if path not in line:
+                line = f"{path}: {line}"
+            summary["failed"].append((path, line))
+            print(f"{tag}error: {line}", file=sys.stderr, flush=True)
+            logger.debug("%s", traceback.format_exc())
+            continue
+        summary["done"].append(path)
+        timing = predictor.last_timing
+        print(f"{tag}{path}: {result.num_nuclei} nuclei, {result.label_map.shape[1]}x"
+              f"{result.label_map.shape[0]} px, {timing.get('tiles_run', 0)}/{timing.get('tiles', 0)} "
+              f"tiles, {time.perf_counter() - start:.1f} s", flush=True)
+    return summary
+
+
+def _print_summary(summaries: List[Dict], num_inputs: int) -> None:
+    done = sum(len(s["done"]) for s in summaries)
+    skipped = sum(len(s["skipped"]) for s in summaries)
+    failed = [line for s in summaries for _, line in s["failed"]]
+    setup_errors = sorted({s["setup_error"] for s in summaries if s["setup_error"]})
+    for message in setup_errors:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    not_run = num_inputs - done - skipped - len(failed)
+    print(f"nucseg-predict: {num_inputs} inputs: {done} done, {skipped} skipped (outputs exist), "
+          f"{len(failed)} failed" + (f", {not_run} not run" if not_run else ""), flush=True)
+    for line in failed:
+        print(f"  failed: {line}", flush=True)
+
+
+def _global_status(summaries: List[Dict]) -> int:
+    if any(s["setup_error"] for s in summaries):
+        return EXIT_SETUP_ERROR
+    return EXIT_FAILED_INPUTS if any(s["failed"] for s in summaries) else EXIT_OK
+
+
+def _worker(args, inputs: List[Tuple[int, str]], status_file: str) -> None:
+    """Entry point of every rank (called by Detectron2's ``launch``).
+
+    Every rank learns the batch's status from the gathered summaries; local rank 0 writes it to
+    ``status_file`` for its machine's launching process, so all ranks exit normally (a non-zero
+    exit would make torch terminate the other ranks mid-write).
+    """
+    from detectron2.utils import comm
+
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    if world_size > 1 and not torch.cuda.is_available():
+        # CPU ranks share the machine's cores instead of each starting one thread per core.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+    summary = _process_inputs(args, inputs[rank::world_size], rank, world_size)
+    summaries = comm.all_gather(summary) if world_size > 1 else [summary]
+    if rank == 0:
+        _print_summary(summaries, len(inputs))
+    if comm.get_local_rank() == 0:
+        with open(status_file, "w") as stream:
+            stream.write(str(_global_status(summaries)))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.overlap < 0 or args.tile_size <= args.overlap:
+        print(f"error: need 0 <= --overlap < --tile-size (got {args.overlap}, {args.tile_size})", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+    if not os.path.isfile(args.config_file):
+        print(f"error: config file not found: {args.config_file}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+    if args.weights is not None and not os.path.isfile(args.weights):
+        print(f"error: {args.weights}: checkpoint file not found", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+    problem = _check_output_dir(args.output)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+    paths = expand_inputs(args.inputs, args.output)
+    if not paths:
+        print(f"error: no input images or slides found in {' '.join(args.inputs)}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+    collisions = _stem_collisions(paths)
+    if collisions:
+        listed = "; ".join(f"{stem}: {', '.join(group)}" for stem, group in sorted(collisions.items()))
+        print(f"error: inputs whose outputs would share a name (same file stem): {listed}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # COCO image ids: the input's 1-based position in the expanded list, the same on every rank.
+    inputs = list(enumerate(paths, start=1))
+
+    from detectron2.engine import launch
+
+    with tempfile.TemporaryDirectory(prefix="nucseg-predict-") as scratch:
+        status_file = os.path.join(scratch, "status")
+        launch(_worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args, inputs, status_file))
+        if not os.path.isfile(status_file):
+            return EXIT_SETUP_ERROR
+        with open(status_file) as stream:
+            return int(stream.read())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

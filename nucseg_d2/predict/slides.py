@@ -1,0 +1,441 @@
+"""Image sources for prediction: plain images in memory, whole-slide images read tile by tile.
+
+Every source exposes the *analysed region* (one pyramid level, optionally cropped to a region
+of interest) through ``read(y0, y1, x0, x1)`` in that region's pixel coordinates, plus the
+``downsample``/``origin``/``mpp`` that map them back to full-resolution slide coordinates.
+
+Whole-slide formats (``.svs .ndpi .mrxs .scn .bif ...``), pyramidal ``.tif`` and large tiled
+``.tif`` files are read through tiffslide (pure Python on tifffile) or, for formats tiffslide
+cannot read (``.mrxs``, ``.vms``, ...) or when asked, OpenSlide. Other files are decoded whole by
+:func:`nucseg_d2.data.readers.read_rgb_image` (RGBA, greyscale and 16-bit conversions).
+"""
+import logging
+import math
+import os
+import warnings
+from typing import Callable, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import tifffile
+
+from ..data.readers import NucleiDataError, read_rgb_image
+from .tiling import Tile
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "SLIDE_SUFFIXES",
+    "ImageSource",
+    "ArraySource",
+    "SlideSource",
+    "TissueMask",
+    "open_image",
+    "is_slide_file",
+    "choose_level",
+    "tissue_mask_from_thumbnail",
+    "write_pyramidal_tiff",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
+# tiffslide reads TIFF-based formats only; the others (MIRAX, Hamamatsu VMS, ...) need OpenSlide.
+_TIFFSLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".tif", ".tiff", ".svslide")
+
+# A level whose µm/px is within this fraction of the target counts as "at the target":
+# scanners record e.g. 0.2527 for a nominal 0.25.
+_MPP_TOLERANCE = 0.1
+# Reading thumbnails block by block keeps their memory independent of the slide size.
+_THUMBNAIL_BLOCK = 2048
+
+
+class ImageSource:
+    """The analysed region of one input, read in blocks.
+
+    Attributes: ``path`` (or None), ``height``/``width`` (analysed-level pixels), ``level``,
+    ``downsample`` (level-0 px per analysed px), ``origin`` ((x0, y0) in level-0 px), ``mpp``
+    (µm/px at the analysed level, or None), ``is_slide``.
+    """
+
+    path: Optional[str] = None
+    height: int
+    width: int
+    level: int = 0
+    downsample: float = 1.0
+    origin: Tuple[int, int] = (0, 0)
+    mpp: Optional[float] = None
+    is_slide: bool = False
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """(y1 - y0, x1 - x0, 3) uint8 RGB of the analysed region."""
+        raise NotImplementedError
+
+    def thumbnail(self, max_side: int = 2048) -> np.ndarray:
+        """The whole analysed region as RGB, shrunk so its longer side is at most ``max_side``."""
+        raise NotImplementedError
+
+    def tissue_mask(self, margin: int = 0, max_side: int = 2048) -> "TissueMask":
+        """Tissue (vs glass) of the analysed region, from its thumbnail; see tissue_mask_from_thumbnail."""
+        thumb = self.thumbnail(max_side)
+        return tissue_mask_from_thumbnail(thumb, self.height, self.width, margin)
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ArraySource(ImageSource):
+    """An in-memory RGB image (a decoded PNG/JPEG/TIFF, or an array given to the predictor)."""
+
+    def __init__(self, image: np.ndarray, path: Optional[str] = None,
+                 origin: Tuple[int, int] = (0, 0), mpp: Optional[float] = None):
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise NucleiDataError(
+                f"{path or 'image'}: expected an (H, W, 3) uint8 RGB array, got {image.dtype} "
+                f"{image.shape}"
+            )
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise NucleiDataError(f"{path or 'image'}: image is empty ({image.shape[0]}x{image.shape[1]})")
+        self.image = image
+        self.path = path
+        self.height, self.width = image.shape[:2]
+        self.origin = origin
+        self.mpp = mpp
+
+    def read(self, y0, y1, x0, x1):
+        return self.image[y0:y1, x0:x1]
+
+    def thumbnail(self, max_side: int = 2048):
+        scale = min(1.0, max_side / max(self.height, self.width))
+        if scale == 1.0:
+            return self.image
+        size = (max(1, round(self.width * scale)), max(1, round(self.height * scale)))
+        return cv2.resize(self.image, size, interpolation=cv2.INTER_AREA)
+
+
+def choose_level(level_mpps: Sequence[Optional[float]], target_mpp: float) -> int:
+    """The coarsest level whose µm/px is at or finer than ``target_mpp`` (within 10%).
+
+    Finer-than-target levels keep every detail the model was trained on; level 0 when even
+    it is coarser than the target.
+    """
+    candidates = [i for i, m in enumerate(level_mpps)
+                  if m is not None and m <= target_mpp * (1.0 + _MPP_TOLERANCE)]
+    return max(candidates, key=lambda i: level_mpps[i]) if candidates else 0
+
+
+def _open_backend(path: str, backend: str):
+    """(slide object, backend name) with OpenSlide-like attributes."""
+    suffix = os.path.splitext(path)[1].lower()
+    errors = []
+    order = {"auto": ("tiffslide", "openslide") if suffix in _TIFFSLIDE_SUFFIXES else ("openslide",),
+             "tiffslide": ("tiffslide",), "openslide": ("openslide",)}.get(backend)
+    if order is None:
+        raise ValueError(f"unknown slide backend {backend!r} (auto, tiffslide or openslide)")
+    for name in order:
+        try:
+            if name == "tiffslide":
+                import tiffslide
+
+                return tiffslide.TiffSlide(path), name
+            import openslide
+
+            return openslide.OpenSlide(path), name
+        except ImportError:
+            package = "tiffslide" if name == "tiffslide" else "openslide-python openslide-bin"
+            errors.append(f"{name} is not installed (pip install {package})")
+        except Exception as err:  # each library has its own "unsupported/corrupt" errors
+            errors.append(f"{name}: {type(err).__name__}: {err}")
+    raise NucleiDataError(f"{path}: cannot open as a slide ({'; '.join(errors)})")
+
+
+class SlideSource(ImageSource):
+    """One pyramid level of a whole-slide image, optionally cropped to a region of interest.
+
+    Args:
+        path: the slide file.
+        level: pyramid level to analyse; mutually exclusive with ``mpp``.
+        mpp: target µm/px: picks the coarsest level at or finer than it (see choose_level);
+            the level is used as it is (no resampling).
+        roi: (x, y, w, h) in level-0 pixels; clipped to the slide.
+        backend: "auto", "tiffslide" or "openslide".
+    """
+
+    is_slide = True
+
+    def __init__(self, path, level: Optional[int] = None, mpp: Optional[float] = None,
+                 roi: Optional[Sequence[int]] = None, backend: str = "auto"):
+        if level is not None and mpp is not None:
+            raise ValueError("give either a pyramid level or a target mpp, not both")
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise NucleiDataError(f"{self.path}: file not found")
+        self._slide, self.backend = _open_backend(self.path, backend)
+        try:
+            self._setup(level, mpp, roi)
+        except BaseException:
+            self._slide.close()
+            raise
+
+    def _setup(self, level, mpp, roi):
+        slide = self._slide
+        props = slide.properties
+        prefix = "tiffslide" if self.backend == "tiffslide" else "openslide"
+        base_mpp = props.get(f"{prefix}.mpp-x")
+        base_mpp = float(base_mpp) if base_mpp not in (None, "") else None
+        downsamples = [float(d) for d in slide.level_downsamples]
+        if mpp is not None:
+            if base_mpp is None:
+                warnings.warn(f"{self.path}: the slide records no µm/px; analysing level 0 "
+                              f"instead of {mpp} µm/px")
+                level = 0
+            else:
+                level = choose_level([base_mpp * d for d in downsamples], mpp)
+                chosen = base_mpp * downsamples[level]
+                if abs(chosen - mpp) > mpp * _MPP_TOLERANCE:
+                    logger.info("%s: level %d (%.3f µm/px) is the closest at or finer than %.3f µm/px",
+                                self.path, level, chosen, mpp)
+        level = 0 if level is None else int(level)
+        if not 0 <= level < slide.level_count:
+            raise NucleiDataError(
+                f"{self.path}: pyramid level {level} does not exist (levels 0..{slide.level_count - 1}: "
+                f"{list(slide.level_dimensions)})"
+            )
+        self.level = level
+        self.downsample = downsamples[level]
+        self.mpp = base_mpp * self.downsample if base_mpp is not None else None
+        full_w, full_h = slide.dimensions
+        x, y, w, h = (0, 0, full_w, full_h) if roi is None else (int(v) for v in roi)
+        x0, y0 = max(0, x), max(0, y)
+        x1, y1 = min(full_w, x + w), min(full_h, y + h)
+        if x1 <= x0 or y1 <= y0:
+            raise NucleiDataError(
+                f"{self.path}: region of interest {tuple(roi)} (x, y, w, h) lies outside the "
+                f"{full_w}x{full_h} slide"
+            )
+        self.origin = (x0, y0)
+        level_w, level_h = slide.level_dimensions[level]
+        # The region at this level: never past the level's own edge (downsamples are rounded).
+        self.width = max(1, min(level_w - int(x0 / self.downsample), int(round((x1 - x0) / self.downsample))))
+        self.height = max(1, min(level_h - int(y0 / self.downsample), int(round((y1 - y0) / self.downsample))))
+
+    def _read_level(self, level: int, x0_level0: int, y0_level0: int, width: int, height: int):
+        if self.backend == "tiffslide":
+            pixels = self._slide.read_region((x0_level0, y0_level0), level, (width, height), as_array=True)
+        else:
+            pixels = np.asarray(self._slide.read_region((x0_level0, y0_level0), level, (width, height)))
+        if pixels.ndim == 2:
+            pixels = np.repeat(pixels[..., None], 3, axis=2)
+        if pixels.shape[2] == 4:
+            # OpenSlide returns premultiplied RGBA, transparent outside scanned areas: show that
+            # as glass (white), which the tissue mask treats as background.
+            alpha = pixels[..., 3:4].astype(np.uint16)
+            pixels = (pixels[..., :3] + (255 - alpha)).clip(0, 255).astype(np.uint8)
+        if pixels.dtype != np.uint8:
+            raise NucleiDataError(f"{self.path}: unsupported slide pixel type {pixels.dtype}")
+        return np.ascontiguousarray(pixels[..., :3])
+
+    def read(self, y0, y1, x0, x1):
+        if not (0 <= y0 < y1 <= self.height and 0 <= x0 < x1 <= self.width):
+            raise ValueError(f"block [{y0}:{y1}, {x0}:{x1}] outside the {self.height}x{self.width} region")
+        location = (self.origin[0] + int(round(x0 * self.downsample)),
+                    self.origin[1] + int(round(y0 * self.downsample)))
+        try:
+            return self._read_level(self.level, *location, x1 - x0, y1 - y0)
+        except NucleiDataError:
+            raise
+        except Exception as err:  # a truncated or corrupt tile surfaces only when it is read
+            raise NucleiDataError(
+                f"{self.path}: cannot read level {self.level} block at level-0 {location} "
+                f"({type(err).__name__}: {err})"
+            ) from err
+
+    def thumbnail(self, max_side: int = 2048):
+        scale = min(1.0, max_side / max(self.height, self.width))  # thumbnail px per analysed px
+        out_h, out_w = max(1, round(self.height * scale)), max(1, round(self.width * scale))
+        # Read from the coarsest level that is still at least as fine as the thumbnail.
+        wanted = self.downsample / scale
+        level = max((i for i, d in enumerate(self._slide.level_downsamples) if d <= wanted * 1.01),
+                    key=lambda i: self._slide.level_downsamples[i], default=self.level)
+        level_ds = float(self._slide.level_downsamples[level])
+        level_w, level_h = self._slide.level_dimensions[level]
+        src_x0, src_y0 = int(self.origin[0] / level_ds), int(self.origin[1] / level_ds)
+        src_w = min(level_w - src_x0, max(1, round(self.width * self.downsample / level_ds)))
+        src_h = min(level_h - src_y0, max(1, round(self.height * self.downsample / level_ds)))
+        thumb = np.zeros((out_h, out_w, 3), np.uint8)
+        fy, fx = out_h / src_h, out_w / src_w
+        for by in range(0, src_h, _THUMBNAIL_BLOCK):
+            for bx in range(0, src_w, _THUMBNAIL_BLOCK):
+                bh, bw = min(_THUMBNAIL_BLOCK, src_h - by), min(_THUMBNAIL_BLOCK, src_w - bx)
+                ty0, ty1 = round(by * fy), round((by + bh) * fy)
+                tx0, tx1 = round(bx * fx), round((bx + bw) * fx)
+                if ty1 <= ty0 or tx1 <= tx0:
+                    continue
+                block = self._read_level(level, int((src_x0 + bx) * level_ds),
+                                         int((src_y0 + by) * level_ds), bw, bh)
+                thumb[ty0:ty1, tx0:tx1] = cv2.resize(block, (tx1 - tx0, ty1 - ty0),
+                                                     interpolation=cv2.INTER_AREA)
+        return thumb
+
+    def close(self):
+        self._slide.close()
+
+
+# ------------------------------------------------------------------------ tissue detection
+# Otsu's threshold on saturation is clipped to this range: on a slide that is all tissue Otsu
+# would split pale from dark tissue, and on one that is all glass it would split noise.
+_SATURATION_RANGE = (0.05, 0.15)
+
+
+class TissueMask:
+    """A low-resolution tissue mask of an analysed region; ``scale`` = region px per mask px."""
+
+    def __init__(self, mask: np.ndarray, region_height: int, region_width: int):
+        self.mask = mask
+        self.scale_y = region_height / mask.shape[0]
+        self.scale_x = region_width / mask.shape[1]
+
+    @property
+    def fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def has_tissue(self, tile: Tile) -> bool:
+        y0, y1 = int(tile.y0 / self.scale_y), int(math.ceil(tile.y1 / self.scale_y))
+        x0, x1 = int(tile.x0 / self.scale_x), int(math.ceil(tile.x1 / self.scale_x))
+        return bool(self.mask[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)].any())
+
+
+def tissue_mask_from_thumbnail(thumbnail: np.ndarray, region_height: int, region_width: int,
+                               margin: int = 0) -> TissueMask:
+    """Tissue = saturation above Otsu's threshold (clipped to [0.05, 0.15]) on the thumbnail.
+
+    Small specks (dust) are removed, and the mask is dilated by ``margin`` region pixels so
+    nuclei at the tissue edge still get a tile.
+    """
+    import skimage.color
+    import skimage.filters
+    import skimage.morphology
+
+    saturation = skimage.color.rgb2hsv(thumbnail)[..., 1]
+    if np.ptp(saturation) > 0:
+        threshold = skimage.filters.threshold_otsu(saturation)
+    else:
+        threshold = _SATURATION_RANGE[0]
+    threshold = float(np.clip(threshold, *_SATURATION_RANGE))
+    mask = saturation > threshold
+    mask = skimage.morphology.remove_small_objects(mask, max_size=4)
+    scale = max(region_height / thumbnail.shape[0], region_width / thumbnail.shape[1])
+    radius = int(math.ceil(margin / scale)) if margin > 0 else 0
+    if radius > 0 and mask.any():
+        mask = cv2.dilate(mask.astype(np.uint8), np.ones((2 * radius + 1,) * 2, np.uint8)) > 0
+    return TissueMask(mask, region_height, region_width)
+
+
+# ------------------------------------------------------------------------ opening inputs
+# A single-level tiled 8-bit TIFF larger than this is read region by region like a slide;
+# smaller ones are decoded whole, which also applies read_rgb_image's conversions.
+_LARGE_TIFF_PIXELS = 8192 * 8192
+
+
+def is_slide_file(path: str) -> bool:
+    """Whole-slide formats, pyramidal TIFFs, and large tiled 8-bit TIFFs (read region by region)."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in SLIDE_SUFFIXES:
+        return True
+    if suffix not in (".tif", ".tiff"):
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            if len(tif.series[0].levels) > 1:
+                return True
+            return bool(page.is_tiled and page.dtype == np.uint8
+                        and page.imagewidth * page.imagelength > _LARGE_TIFF_PIXELS)
+    except Exception:
+        return False  # let read_rgb_image report what is wrong with it
+
+
+def open_image(path, level: Optional[int] = None, mpp: Optional[float] = None,
+               roi: Optional[Sequence[int]] = None, backend: str = "auto") -> ImageSource:
+    """Open one input for prediction: a SlideSource for slides, else an ArraySource.
+
+    ``level``/``mpp``/``roi`` as :class:`SlideSource`. Plain images have one level: a level
+    above 0 is an error, ``mpp`` is ignored (with a warning: the file records no pyramid),
+    and ``roi`` crops the decoded image.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise NucleiDataError(f"{path}: file not found")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in IMAGE_SUFFIXES + SLIDE_SUFFIXES:
+        raise NucleiDataError(
+            f"{path}: unsupported format {suffix or '(no suffix)'} (images: "
+            f"{' '.join(IMAGE_SUFFIXES)}; slides: {' '.join(SLIDE_SUFFIXES)})"
+        )
+    if is_slide_file(path):
+        return SlideSource(path, level=level, mpp=mpp, roi=roi, backend=backend)
+    if level not in (None, 0):
+        raise NucleiDataError(f"{path}: a plain image has only pyramid level 0 (asked for {level})")
+    if mpp is not None:
+        warnings.warn(f"{path}: plain image without a pyramid; analysed at its own resolution")
+    image = read_rgb_image(path)
+    origin = (0, 0)
+    if roi is not None:
+        x, y, w, h = (int(v) for v in roi)
+        x0, y0 = max(0, x), max(0, y)
+        x1, y1 = min(image.shape[1], x + w), min(image.shape[0], y + h)
+        if x1 <= x0 or y1 <= y0:
+            raise NucleiDataError(
+                f"{path}: region of interest {tuple(roi)} (x, y, w, h) lies outside the "
+                f"{image.shape[1]}x{image.shape[0]} image"
+            )
+        image, origin = image[y0:y1, x0:x1], (x0, y0)
+    return ArraySource(image, path=path, origin=origin)
+
+
+def write_pyramidal_tiff(path, read_level0: Callable[[int, int, int, int], np.ndarray],
+                         height: int, width: int, num_levels: int = 3, tile: int = 256,
+                         mpp: float = 0.25, subifds: bool = False, compression="zlib"):
+    """Write a tiled pyramidal BigTIFF, tile by tile (constant memory), for tests and benchmarks.
+
+    ``read_level0(y0, y1, x0, x1)`` gives RGB uint8 of the full-resolution image; level k is
+    it shrunk 2^k times (area averaging). Levels are successive reduced-resolution pages, which
+    both tiffslide and OpenSlide's generic-TIFF reader read, or SubIFDs (tiffslide only) with
+    ``subifds=True``. The resolution tags record ``mpp``.
+    """
+
+    def tiles(level):
+        factor = 2 ** level
+        level_h, level_w = -(-height // factor), -(-width // factor)
+        for ty in range(0, level_h, tile):
+            for tx in range(0, level_w, tile):
+                y0, x0 = ty * factor, tx * factor
+                y1, x1 = min(height, (ty + tile) * factor), min(width, (tx + tile) * factor)
+                block = read_level0(y0, y1, x0, x1)
+                if factor > 1:
+                    size = (-(-(x1 - x0) // factor), -(-(y1 - y0) // factor))
+                    block = cv2.resize(block, size, interpolation=cv2.INTER_AREA)
+                padded = np.zeros((tile, tile, 3), np.uint8)
+                padded[: block.shape[0], : block.shape[1]] = block
+                yield padded
+
+    with tifffile.TiffWriter(path, bigtiff=True) as writer:
+        for level in range(num_levels):
+            factor = 2 ** level
+            shape = (-(-height // factor), -(-width // factor), 3)
+            pixels_per_cm = 1e4 / (mpp * factor)
+            options = dict(shape=shape, dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                           compression=compression, resolution=(pixels_per_cm, pixels_per_cm),
+                           resolutionunit="CENTIMETER")
+            if level == 0:
+                options["subifds"] = num_levels - 1 if subifds else 0
+            else:
+                options["subfiletype"] = 1
+            writer.write(tiles(level), **options)

@@ -1,0 +1,474 @@
+"""Prediction outputs that other tools open directly: label TIFF (napari, Fiji), QuPath GeoJSON,
+COCO results JSON (pycocotools), a per-nucleus table (CSV/Parquet) and an overlay PNG.
+
+Every writer is atomic: it writes a temp file in the destination folder, flushes it to disk and
+renames it over the destination with ``os.replace``, so a reader (or a re-run after a crash)
+sees either the previous file or the complete new one, never a half-written file.
+
+Coordinates. A :class:`~nucseg_d2.predict.result.PredictionResult` lives at the analysed
+resolution; outputs meant for slide viewers use full-resolution level-0 coordinates with pixel
+*edges* on integers: analysed pixel (row r, column c) covers level-0
+``[c * d + x0, (c + 1) * d + x0) x [r * d + y0, (r + 1) * d + y0)`` for downsample d and
+origin (x0, y0). Scaling edges (not centres) keeps outlines and centroids aligned at any d.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import uuid
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+import tifffile
+from PIL import Image
+from scipy import ndimage
+from skimage.color import rgb2hed
+from skimage.measure import regionprops_table
+from skimage.segmentation import find_boundaries
+
+from ..modeling.postprocess import label_map_dtype
+from .result import PredictionResult
+
+__all__ = [
+    "NUCLEUS_CLASS_NAME",
+    "NUCLEUS_CLASS_COLOR",
+    "OVERLAY_COLOR",
+    "write_label_tiff",
+    "write_geojson",
+    "write_coco_json",
+    "write_nucleus_table",
+    "write_overlay_png",
+    "nucleus_outline",
+    "rle_from_crop",
+    "nucleus_table",
+    "overlay_contours",
+    "atomic_path",
+]
+
+NUCLEUS_CLASS_NAME = "Nucleus"
+NUCLEUS_CLASS_COLOR = (32, 200, 64)
+# Bright yellow reads well on both haematoxylin (purple) and eosin (pink).
+OVERLAY_COLOR = (255, 255, 0)
+COCO_CATEGORY_ID = 1  # COCO category ids start at 1; "nucleus"
+
+# Images larger than this (either side) are written as 256x256 tiles (napari, Bio-Formats read
+# them lazily); smaller ones as strips, which every TIFF reader, ImageJ's own included, opens.
+_TILED_TIFF_MIN_SIDE = 2048
+_TIFF_TILE = (256, 256)
+# Fixed namespace so a nucleus gets the same UUID each time the same input is predicted.
+_GEOJSON_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/nucseg-d2/geojson")
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[str]:
+    """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``.
+
+    On any error the temp file is removed and ``path`` is left as it was. OSErrors are re-raised
+    naming ``path`` (the temp name would mean nothing to the user).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    temp_path = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        # Reserve the name with mode "x" (not mkstemp: that creates 0600 files; this one follows
+        # the umask like any other output).
+        open(temp_path, "xb").close()
+        yield temp_path
+        fd = os.open(temp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp_path, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_path)
+        if isinstance(err, OSError) and path not in str(err):
+            raise OSError(f"cannot write {path}: {err}") from err
+        raise
+
+
+def _check_result(result: PredictionResult, path) -> Tuple[np.ndarray, np.ndarray, int]:
+    """(label map, scores, N = largest id), after checking that every id has a score."""
+    label_map = np.asarray(result.label_map)
+    if label_map.ndim != 2 or not np.issubdtype(label_map.dtype, np.integer):
+        raise ValueError(f"{path}: label_map must be a 2-D integer array, got "
+                         f"{label_map.dtype} {label_map.shape}")
+    scores = np.asarray(result.scores, dtype=np.float32).reshape(-1)
+    num_labels = int(label_map.max()) if label_map.size else 0
+    if label_map.dtype.kind == "i" and label_map.size and label_map.min() < 0:
+        raise ValueError(f"{path}: label_map has negative ids")
+    if num_labels > scores.size:
+        raise ValueError(f"{path}: label_map has ids up to {num_labels} but only {scores.size} scores")
+    return label_map, scores, num_labels
+
+
+def _nucleus_boxes(label_map: np.ndarray, num_labels: int) -> List[Optional[Tuple[slice, slice]]]:
+    """Bounding slices per id 1..N (None for an absent id), in one pass over the map."""
+    if num_labels == 0:
+        return []
+    return ndimage.find_objects(label_map, max_label=num_labels)
+
+
+def _level0(values: np.ndarray, downsample: float, offset: float) -> np.ndarray:
+    return np.asarray(values, np.float64) * float(downsample) + float(offset)
+
+
+# --------------------------------------------------------------------------- label TIFF
+
+
+def write_label_tiff(path, label_map) -> None:
+    """Instance label map as a zlib-compressed TIFF: uint16, or uint32 past 65,535 ids.
+
+    Large maps are tiled (256x256); BigTIFF is used past ~4 GiB. napari opens it (as an image;
+    "Convert to labels", or ``napari.Viewer().add_labels(tifffile.imread(path))``), Fiji too
+    (uint32 maps through Bio-Formats, since ImageJ has no 32-bit integer type).
+    """
+    label_map = np.asarray(label_map)
+    if label_map.ndim != 2 or not np.issubdtype(label_map.dtype, np.integer):
+        raise ValueError(f"{path}: a label map must be a 2-D integer array, got "
+                         f"{label_map.dtype} {label_map.shape}")
+    max_id = int(label_map.max()) if label_map.size else 0
+    if (label_map.size and label_map.min() < 0) or max_id > np.iinfo(np.uint32).max:
+        raise ValueError(f"{path}: label ids must lie in 0..{np.iinfo(np.uint32).max}")
+    data = label_map.astype(label_map_dtype(max_id), copy=False)
+    tiled = max(data.shape) > _TILED_TIFF_MIN_SIDE
+    with atomic_path(path) as temp_path:
+        tifffile.imwrite(
+            temp_path,
+            data,
+            photometric="minisblack",
+            compression="zlib",
+            tile=_TIFF_TILE if tiled else None,
+            bigtiff=data.nbytes > 2**32 - 2**25,
+            metadata=None,
+        )
+
+
+# --------------------------------------------------------------------------- GeoJSON (QuPath)
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0].astype(np.float64), ring[:, 1].astype(np.float64)
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def _snap_to_pixel_corners(contour: np.ndarray, simplify_tolerance: float) -> np.ndarray:
+    """Pixel-corner ring (K, 2) of (x, y) from a contour traced on the 2x-upsampled mask.
+
+    In the 2x grid each pixel is 2x2 sub-pixels; a traced boundary sub-pixel maps to the corner of
+    its pixel nearest to it (sub-pixel index u -> corner (u + 1) // 2), which is on the crack
+    between foreground and background. The result steps only along pixel edges, so its area is
+    the exact pixel count (cv2 on the mask itself traces pixel centres, half a pixel inside).
+    """
+    corners = (contour.reshape(-1, 2) + 1) // 2
+    keep = np.any(corners != np.roll(corners, 1, axis=0), axis=1)  # drop repeats
+    corners = corners[keep] if keep.any() else corners[:1]
+    if len(corners) >= 3:
+        # Drop vertices where the direction does not change (the middle of straight runs).
+        incoming = corners - np.roll(corners, 1, axis=0)
+        outgoing = np.roll(corners, -1, axis=0) - corners
+        turns = incoming[:, 0] * outgoing[:, 1] - incoming[:, 1] * outgoing[:, 0] != 0
+        corners = corners[turns]
+    if simplify_tolerance > 0 and len(corners) > 4:
+        simplified = cv2.approxPolyDP(corners.astype(np.int32).reshape(-1, 1, 2),
+                                      simplify_tolerance, closed=True).reshape(-1, 2)
+        if len(simplified) >= 3 and abs(_signed_area(simplified)) > 0:
+            corners = simplified
+    return corners
+
+
+def nucleus_outline(mask: np.ndarray, simplify_tolerance: float = 0.0) -> List[np.ndarray]:
+    """Outline of one nucleus mask as polygon rings of (x, y) pixel-corner coordinates.
+
+    Returns ``[exterior, hole, ...]``: the largest outer contour (8-connected pieces; smaller
+    separate pieces are dropped) and its holes. Rings are closed (last point = first), the
+    exterior counter-clockwise and holes clockwise in the coordinates' own axes (RFC 7946's
+    right-hand rule; clockwise on screen, where y points down). With ``simplify_tolerance`` 0 the rings follow pixel edges exactly; a positive value
+    (pixels) applies Douglas-Peucker, which keeps a subset of the corners. Empty mask: ``[]``.
+    """
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return []
+    upsampled = np.pad(np.repeat(np.repeat(mask, 2, axis=0), 2, axis=1), 1).astype(np.uint8)
+    contours, hierarchy = cv2.findContours(upsampled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    hierarchy = hierarchy.reshape(-1, 4)  # next, previous, first child, parent
+    # The 1-pixel padding shifts the sub-pixel indices by one.
+    rings = [_snap_to_pixel_corners(contour - 1, simplify_tolerance) for contour in contours]
+    outer = [i for i in range(len(contours)) if hierarchy[i, 3] < 0]
+    exterior_index = max(outer, key=lambda i: abs(_signed_area(rings[i])))
+    exterior = rings[exterior_index]
+    holes = [rings[i] for i in range(len(contours))
+             if hierarchy[i, 3] == exterior_index and len(rings[i]) >= 3 and _signed_area(rings[i])]
+    closed = []
+    for ring, want_positive in [(exterior, True)] + [(hole, False) for hole in holes]:
+        # RFC 7946 orientation is about the numbers themselves (positive shoelace = CCW), as
+        # shapely's orient() and GeoJSON validators check it; on screen, y down, it looks CW.
+        if (_signed_area(ring) > 0) != want_positive:
+            ring = ring[::-1]
+        closed.append(np.vstack([ring, ring[:1]]))
+    return closed
+
+
+def _coordinates_json(ring: np.ndarray) -> list:
+    # Integers stay integers (a third shorter than "12.0"); others keep 1/1000 pixel.
+    if np.all(ring == np.round(ring)):
+        return ring.astype(np.int64).tolist()
+    return np.round(ring, 3).tolist()
+
+
+def write_geojson(path, result: PredictionResult, simplify_tolerance: float = 0.5,
+                  class_name: str = NUCLEUS_CLASS_NAME,
+                  class_color: Sequence[int] = NUCLEUS_CLASS_COLOR) -> int:
+    """QuPath-ready GeoJSON FeatureCollection of nucleus polygons; returns the number written.
+
+    One Feature per nucleus: a Polygon in level-0 slide coordinates (pixel edges on integers;
+    exterior and holes, closed rings), ``properties`` as QuPath 0.4+ exports detections
+    (``objectType`` "detection", ``classification`` {name, color}, numeric ``measurements``
+    {score, label_id} and ``isLocked``), and a UUID ``id`` that is the same on every run for the
+    same source and label id. ``simplify_tolerance`` is in analysed-level pixels (0: exact
+    pixel-edge outlines, area = pixel count). Written as a stream, one feature per line, so
+    a slide's million nuclei never sit in memory as Python dicts.
+    """
+    label_map, scores, num_labels = _check_result(result, path)
+    origin_x, origin_y = (float(v) for v in result.origin)
+    downsample = float(result.downsample)
+    classification = {"name": class_name, "color": [int(c) for c in class_color]}
+    id_prefix = f"{result.source or ''}:"
+    count = 0
+    with atomic_path(path) as temp_path, open(temp_path, "w", encoding="utf-8") as stream:
+        stream.write('{"type": "FeatureCollection", "features": [')
+        for label_id, box in enumerate(_nucleus_boxes(label_map, num_labels), start=1):
+            if box is None:
+                continue
+            rows, cols = box
+            rings = nucleus_outline(label_map[rows, cols] == label_id, simplify_tolerance)
+            coordinates = []
+            for ring in rings:
+                level0 = np.column_stack([_level0(ring[:, 0] + cols.start, downsample, origin_x),
+                                          _level0(ring[:, 1] + rows.start, downsample, origin_y)])
+                coordinates.append(_coordinates_json(level0))
+            feature = {
+                "type": "Feature",
+                "id": str(uuid.uuid5(_GEOJSON_ID_NAMESPACE, f"{id_prefix}{label_id}")),
+                "geometry": {"type": "Polygon", "coordinates": coordinates},
+                "properties": {
+                    "objectType": "detection",
+                    "classification": classification,
+                    "measurements": {"score": float(scores[label_id - 1]), "label_id": label_id},
+                    "isLocked": False,
+                },
+            }
+            stream.write(("\n" if count == 0 else ",\n") + json.dumps(feature, separators=(",", ":")))
+            count += 1
+        stream.write("\n]}\n")
+    return count
+
+
+# --------------------------------------------------------------------------- COCO results
+
+
+def rle_from_crop(crop_mask: np.ndarray, top: int, left: int, height: int, width: int) -> dict:
+    """COCO compressed RLE of a full (height, width) mask that is ``crop_mask`` at (top, left).
+
+    Byte-identical to ``pycocotools.mask.encode`` on the full image, at the cost of the crop:
+    runs go down columns, so the foreground pixels' column-major flat indices give the runs.
+    """
+    crop_cols, crop_rows = np.nonzero(np.asarray(crop_mask).T)  # column-major order
+    flat = (crop_cols.astype(np.int64) + left) * height + (crop_rows + top)
+    if flat.size == 0:
+        counts = [height * width]
+    else:
+        breaks = np.flatnonzero(np.diff(flat) != 1)
+        starts = np.concatenate(([flat[0]], flat[breaks + 1]))
+        ends = np.concatenate((flat[breaks] + 1, [flat[-1] + 1]))
+        boundaries = np.column_stack([starts, ends]).ravel()
+        counts = np.diff(np.concatenate(([0], boundaries, [height * width])))
+        if counts[-1] == 0:  # pycocotools writes no empty trailing background run
+            counts = counts[:-1]
+        counts = counts.tolist()
+    rle = mask_util.frPyObjects({"counts": counts, "size": [height, width]}, height, width)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def write_coco_json(path, result: PredictionResult, image_id, file_name: str) -> dict:
+    """COCO results list (RLE masks, XYWH boxes, scores, category 1 "nucleus") for one image.
+
+    The file is the list that ``COCO.loadRes(path)`` and Detectron2 results use, at the analysed
+    resolution. Returns this image's COCO ``images`` entry ({id, file_name, height, width}) so a
+    batch can write a matching image list. COCO RLE counts are 32-bit: images of 2^32 pixels or
+    more (whole slides at full resolution) raise ValueError; use the GeoJSON for those.
+    """
+    label_map, scores, num_labels = _check_result(result, path)
+    height, width = label_map.shape
+    if height * width >= 2**32:
+        raise ValueError(f"{path}: {height}x{width} pixels is too large for COCO RLE "
+                         "(32-bit run lengths); write the GeoJSON instead, or analyse a lower level")
+    annotations = []
+    for label_id, box in enumerate(_nucleus_boxes(label_map, num_labels), start=1):
+        if box is None:
+            continue
+        rows, cols = box
+        crop = label_map[rows, cols] == label_id
+        annotations.append({
+            "image_id": image_id,
+            "category_id": COCO_CATEGORY_ID,
+            "segmentation": rle_from_crop(crop, rows.start, cols.start, height, width),
+            "bbox": [float(cols.start), float(rows.start),
+                     float(cols.stop - cols.start), float(rows.stop - rows.start)],
+            "area": int(np.count_nonzero(crop)),
+            "score": float(scores[label_id - 1]),
+        })
+    with atomic_path(path) as temp_path, open(temp_path, "w", encoding="utf-8") as stream:
+        json.dump(annotations, stream, separators=(",", ":"))
+    return {"id": image_id, "file_name": file_name, "height": int(height), "width": int(width)}
+
+
+# --------------------------------------------------------------------------- per-nucleus table
+
+_GEOMETRY_PROPERTIES = ("label", "centroid", "area", "perimeter", "eccentricity", "solidity",
+                        "axis_major_length", "axis_minor_length")
+_INTENSITY_COLUMNS = ("mean_r", "mean_g", "mean_b", "mean_haematoxylin", "mean_eosin")
+
+
+def _intensity_means(label_map: np.ndarray, num_labels: int, read_rgb, block_size: int) -> np.ndarray:
+    """(N + 1, 5) mean R, G, B, haematoxylin, eosin per id, reading the image block by block.
+
+    Sums and pixel counts per id are accumulated with ``np.bincount`` per block, so only one
+    block of the image is in memory; blocks without nuclei are not read at all.
+    """
+    sums = np.zeros((num_labels + 1, len(_INTENSITY_COLUMNS)))
+    counts = np.zeros(num_labels + 1)
+    height, width = label_map.shape
+    for y0 in range(0, height, block_size):
+        for x0 in range(0, width, block_size):
+            y1, x1 = min(y0 + block_size, height), min(x0 + block_size, width)
+            labels = label_map[y0:y1, x0:x1]
+            foreground = labels > 0
+            if not foreground.any():
+                continue
+            rgb = np.asarray(read_rgb(y0, y1, x0, x1))
+            if rgb.shape != (y1 - y0, x1 - x0, 3):
+                raise ValueError(f"read_rgb({y0}, {y1}, {x0}, {x1}) returned shape {rgb.shape}, "
+                                 f"expected {(y1 - y0, x1 - x0, 3)}")
+            ids = labels[foreground].astype(np.intp)
+            pixels = rgb[foreground]
+            hed = rgb2hed(pixels[None])[0]  # (P, 3) haematoxylin, eosin, DAB
+            channels = [pixels[:, 0], pixels[:, 1], pixels[:, 2], hed[:, 0], hed[:, 1]]
+            for column, values in enumerate(channels):
+                sums[:, column] += np.bincount(ids, weights=values.astype(np.float64),
+                                               minlength=num_labels + 1)
+            counts += np.bincount(ids, minlength=num_labels + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts[:, None]
+
+
+def nucleus_table(result: PredictionResult, read_rgb: Callable, block_size: int = 2048,
+                  path="<table>") -> Dict[str, np.ndarray]:
+    """The columns of :func:`write_nucleus_table`, as {name: 1-D array}, one row per nucleus."""
+    label_map, scores, num_labels = _check_result(result, path)
+    geometry = regionprops_table(label_map, properties=_GEOMETRY_PROPERTIES)
+    ids = np.asarray(geometry["label"], np.int64)
+    downsample = float(result.downsample)
+    origin_x, origin_y = (float(v) for v in result.origin)
+    columns: Dict[str, np.ndarray] = {
+        "id": ids,
+        # regionprops centroids are in pixel-index units (pixel centres on integers): +0.5 to
+        # the edge convention of the outlines, then to level 0.
+        "centroid_x": _level0(geometry["centroid-1"] + 0.5, downsample, origin_x),
+        "centroid_y": _level0(geometry["centroid-0"] + 0.5, downsample, origin_y),
+        "area_px": np.asarray(geometry["area"], np.int64),
+        "perimeter_px": geometry["perimeter"],
+        "eccentricity": geometry["eccentricity"],
+        "solidity": geometry["solidity"],
+        "major_axis_px": geometry["axis_major_length"],
+        "minor_axis_px": geometry["axis_minor_length"],
+    }
+    if result.mpp is not None:
+        mpp = float(result.mpp)
+        columns["area_um2"] = columns["area_px"] * mpp**2
+        for name in ("perimeter", "major_axis", "minor_axis"):
+            columns[f"{name}_um"] = columns[f"{name}_px"] * mpp
+    columns["score"] = scores[ids - 1].astype(np.float64)
+    means = _intensity_means(label_map, num_labels, read_rgb, block_size)[ids]
+    for index, name in enumerate(_INTENSITY_COLUMNS):
+        columns[name] = means[:, index]
+    return columns
+
+
+def write_nucleus_table(path, result: PredictionResult, read_rgb: Callable,
+                        block_size: int = 2048) -> int:
+    """Per-nucleus morphology and stain table, CSV (or Parquet for a ``.parquet`` path).
+
+    Columns: ``id``; ``centroid_x``, ``centroid_y`` (level-0 coordinates, as the GeoJSON);
+    ``area_px``, ``perimeter_px``, ``eccentricity``, ``solidity``, ``major_axis_px``,
+    ``minor_axis_px`` (skimage regionprops at the analysed level), plus ``area_um2``,
+    ``perimeter_um``, ``major_axis_um``, ``minor_axis_um`` when ``result.mpp`` is known;
+    ``score``; ``mean_r``, ``mean_g``, ``mean_b`` (0-255) and ``mean_haematoxylin``,
+    ``mean_eosin`` (``skimage.color.rgb2hed`` stain concentrations).
+    ``read_rgb(y0, y1, x0, x1)`` returns the analysed-level RGB region; it is called once per
+    ``block_size`` block that holds nuclei. Returns the number of rows.
+    """
+    parquet = os.fspath(path).lower().endswith(".parquet")
+    if parquet:
+        try:
+            import pyarrow
+            import pyarrow.parquet
+        except ImportError as err:
+            raise ImportError(f"{path}: writing Parquet needs pyarrow (pip install pyarrow), "
+                              "or use a .csv path") from err
+    columns = nucleus_table(result, read_rgb, block_size, path)
+    num_rows = len(columns["id"])
+    with atomic_path(path) as temp_path:
+        if parquet:
+            pyarrow.parquet.write_table(pyarrow.table(columns), temp_path)
+        else:
+            with open(temp_path, "w", newline="", encoding="utf-8") as stream:
+                writer = csv.writer(stream)
+                writer.writerow(list(columns))
+                # tolist() gives Python ints/floats, whose str() is the shortest exact repr.
+                writer.writerows(zip(*(values.tolist() for values in columns.values())))
+    return num_rows
+
+
+# --------------------------------------------------------------------------- overlay PNG
+
+
+def _resize_nearest(label_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize by index sampling (memory of the output only)."""
+    rows = np.minimum(((np.arange(height) + 0.5) * label_map.shape[0] / height).astype(np.int64),
+                      label_map.shape[0] - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * label_map.shape[1] / width).astype(np.int64),
+                      label_map.shape[1] - 1)
+    return label_map[rows[:, None], cols[None, :]]
+
+
+def overlay_contours(thumbnail: np.ndarray, label_map: np.ndarray,
+                     color: Sequence[int] = OVERLAY_COLOR) -> np.ndarray:
+    """``thumbnail`` (RGB uint8) with the nuclei's inner boundaries painted in ``color``."""
+    thumbnail = np.asarray(thumbnail)
+    if thumbnail.ndim != 3 or thumbnail.shape[2] != 3:
+        raise ValueError(f"thumbnail must be an RGB image (H, W, 3), got shape {thumbnail.shape}")
+    small = _resize_nearest(np.asarray(label_map), *thumbnail.shape[:2])
+    picture = thumbnail.astype(np.uint8, copy=True)
+    picture[find_boundaries(small, mode="inner")] = color
+    return picture
+
+
+def write_overlay_png(path, result: PredictionResult, thumbnail: np.ndarray,
+                      color: Sequence[int] = OVERLAY_COLOR) -> None:
+    """PNG of nucleus contours over ``thumbnail``, an RGB image of the whole analysed region at
+    any size (the label map is resized to it with nearest neighbour)."""
+    label_map, _, _ = _check_result(result, path)
+    picture = overlay_contours(thumbnail, label_map, color)
+    with atomic_path(path) as temp_path:
+        Image.fromarray(picture).save(temp_path, format="PNG")

@@ -1,0 +1,334 @@
+"""NucleiPredictor: seamless stitching (with a stand-in model whose outputs are known), TTA,
+slides (synthetic pyramidal TIFFs: level, ROI, tissue mask), checkpoints, and the real model."""
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from scipy import ndimage
+
+from nucseg_d2.data.readers import read_label_map, read_rgb_image
+from nucseg_d2.data.synthetic import generate_tile
+from nucseg_d2.evaluation.metrics import aji
+from nucseg_d2.predict import CheckpointError, NucleiPredictor, PredictionResult, open_image
+from nucseg_d2.predict.predictor import build_predict_cfg
+from nucseg_d2.predict.slides import SlideSource, choose_level, write_pyramidal_tiff
+from nucseg_d2.predict.tiling import tile_grid
+
+KUMAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "kumar")
+
+
+# ------------------------------------------------------------------------ the stand-in model
+def encode_labels(label_map: np.ndarray) -> np.ndarray:
+    """An RGB image that carries the label map: R + 256 G = id where B is set."""
+    image = np.zeros(label_map.shape + (3,), np.uint8)
+    image[..., 0] = label_map % 256
+    image[..., 1] = (label_map // 256) % 256
+    image[..., 2] = np.where(label_map > 0, 255, 0)
+    return image
+
+
+def stand_in_score(label):
+    return 0.55 + 0.44 * ((label * 7919) % 1000) / 1000
+
+
+class LabelStandIn(torch.nn.Module):
+    """Detects exactly the nuclei encoded in the tile it is given, truncated ones included.
+
+    Like NucleiRCNN it returns box-relative ``pred_mask_probs`` (the nucleus' crop resized to
+    28x28), boxes and a score fixed per nucleus, so stitching is tested rather than learning.
+    """
+
+    def __init__(self, mask_size=28):
+        super().__init__()
+        self.mask_size = mask_size
+        self.tiles_seen = []
+
+    def forward(self, batched_inputs):
+        outputs = []
+        for inputs in batched_inputs:
+            pixels = inputs["image"].cpu().numpy().transpose(1, 2, 0).astype(np.int64)
+            self.tiles_seen.append(pixels.shape[:2])
+            ids = np.where(pixels[..., 2] > 127, pixels[..., 0] + 256 * pixels[..., 1], 0)
+            boxes, scores, probs = [], [], []
+            for label, box in enumerate(ndimage.find_objects(ids), start=1):
+                if box is None:
+                    continue
+                crop = torch.from_numpy((ids[box] == label).astype(np.float32))[None, None]
+                probs.append(torch.nn.functional.interpolate(
+                    crop, size=(self.mask_size,) * 2, mode="bilinear", align_corners=False)[0])
+                boxes.append([box[1].start, box[0].start, box[1].stop, box[0].stop])
+                scores.append(stand_in_score(label))
+            instances = Instances(ids.shape)
+            instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+            instances.scores = torch.tensor(scores, dtype=torch.float32)
+            instances.pred_classes = torch.zeros(len(scores), dtype=torch.int64)
+            instances.pred_mask_probs = (torch.stack(probs) if probs
+                                         else torch.zeros(0, 1, self.mask_size, self.mask_size))
+            outputs.append({"instances": instances})
+        return outputs
+
+
+def stand_in_predictor(**kwargs):
+    return NucleiPredictor(model=LabelStandIn(), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def synthetic_labels():
+    """A 600x700 label map of synthetic nuclei (up to ~40 px across) from 2x2 synthetic tiles."""
+    label_map = np.zeros((600, 700), np.int32)
+    for i, (y, x) in enumerate([(0, 0), (0, 350), (300, 0), (300, 350)]):
+        _, labels = generate_tile(np.random.default_rng(10 + i), (300, 350))
+        label_map[y : y + 300, x : x + 350] = np.where(labels > 0, labels + label_map.max(), 0)
+    return label_map
+
+
+# ------------------------------------------------------------------------ stitching
+def test_single_pass_reproduces_the_encoded_nuclei(synthetic_labels):
+    result = stand_in_predictor(tile_size=1024).predict(encode_labels(synthetic_labels))
+    assert isinstance(result, PredictionResult)
+    assert result.label_map.shape == synthetic_labels.shape and result.label_map.dtype == np.uint16
+    assert result.num_nuclei == len(np.unique(synthetic_labels)) - 1
+    assert aji(synthetic_labels, result.label_map) >= 0.9  # 28x28 masks pasted back
+    assert (np.diff(result.scores) <= 0).all()
+    assert set(np.unique(result.label_map)) == set(range(result.num_nuclei + 1))
+
+
+@pytest.mark.parametrize("tile_size,overlap", [(128, 48), (200, 64), (256, 100), (333, 128)])
+def test_tiled_prediction_equals_whole_image_prediction(synthetic_labels, tile_size, overlap):
+    image = encode_labels(synthetic_labels)
+    whole = stand_in_predictor(tile_size=1024).predict(image)
+    predictor = stand_in_predictor(tile_size=tile_size, overlap=overlap)
+    tiled = predictor.predict(image)
+    assert predictor.last_timing["tiles"] > 4
+    assert aji(whole.label_map, tiled.label_map) >= 0.98
+    assert tiled.num_nuclei == whole.num_nuclei
+
+
+def test_without_overlap_border_nuclei_are_split(synthetic_labels):
+    """The check above is sensitive: without overlap, nuclei on tile borders come out in pieces."""
+    image = encode_labels(synthetic_labels)
+    whole = stand_in_predictor(tile_size=1024).predict(image)
+    tiled = stand_in_predictor(tile_size=128, overlap=0).predict(image)
+    assert tiled.num_nuclei > whole.num_nuclei
+    assert aji(whole.label_map, tiled.label_map) < 0.98
+
+
+def test_nuclei_crossing_tile_borders_appear_once_and_whole(synthetic_labels):
+    tile_size, overlap = 160, 64
+    image = encode_labels(synthetic_labels)
+    whole = stand_in_predictor(tile_size=1024).predict(image).label_map
+    tiled = stand_in_predictor(tile_size=tile_size, overlap=overlap).predict(image).label_map
+    tiles = tile_grid(*synthetic_labels.shape, tile_size, overlap)
+    # Nuclei cut by some tile's edge (so at least one tile sees them truncated).
+    crossing = set()
+    for t in tiles:
+        for edge in (synthetic_labels[t.y0, t.x0 : t.x1], synthetic_labels[t.y1 - 1, t.x0 : t.x1],
+                     synthetic_labels[t.y0 : t.y1, t.x0], synthetic_labels[t.y0 : t.y1, t.x1 - 1]):
+            crossing.update(np.unique(edge[edge > 0]).tolist())
+    crossing -= set(np.unique(np.concatenate([synthetic_labels[[0, -1]].ravel(),
+                                               synthetic_labels[:, [0, -1]].ravel()])).tolist())
+    assert len(crossing) > 30
+    for label in crossing:
+        gt = synthetic_labels == label
+        ids, counts = np.unique(tiled[gt], return_counts=True)
+        assert ids[np.argmax(counts)] > 0
+        assert counts[ids > 0].max() >= 0.9 * counts.sum(), f"nucleus {label} is split"
+        pred = tiled == ids[np.argmax(counts)]
+        reference = whole == np.bincount(whole[gt]).argmax()
+        assert (pred & reference).sum() / (pred | reference).sum() >= 0.95, f"nucleus {label} differs"
+
+
+def test_tta_with_an_equivariant_model_gives_the_same_nuclei(synthetic_labels):
+    image = encode_labels(synthetic_labels[:300, :350])
+    plain = stand_in_predictor(tile_size=200, overlap=64).predict(image)
+    model = LabelStandIn()
+    tta = NucleiPredictor(model=model, tile_size=200, overlap=64, tta=True).predict(image)
+    assert len(model.tiles_seen) == 6 * 4  # 2x3 tiles x (identity, hflip, vflip, rot90)
+    assert (200, 200) in model.tiles_seen
+    assert tta.num_nuclei == plain.num_nuclei
+    assert aji(plain.label_map, tta.label_map) >= 0.98
+
+
+def test_small_and_all_background_images():
+    model = LabelStandIn()
+    predictor = NucleiPredictor(model=model, tile_size=256, overlap=64)
+    small = np.zeros((20, 30), np.int32)
+    small[5:12, 8:16] = 3
+    result = predictor.predict(encode_labels(small))
+    assert result.label_map.shape == (20, 30) and result.num_nuclei == 1
+    assert model.tiles_seen == [(20, 30)]
+    blank = predictor.predict(np.zeros((300, 500, 3), np.uint8))
+    assert blank.label_map.shape == (300, 500) and blank.label_map.max() == 0
+    assert blank.scores.shape == (0,) and blank.scores.dtype == np.float32
+
+
+def test_stitching_on_a_real_kumar_label_map():
+    labels = sorted(glob.glob(os.path.join(KUMAR, "labels", "*.png")))
+    if not labels:
+        pytest.skip(f"Kumar labels not found under {KUMAR}")
+    label_map = read_label_map(labels[0])
+    image = encode_labels(label_map)
+    whole = stand_in_predictor(tile_size=1024).predict(image)
+    tiled = stand_in_predictor(tile_size=384, overlap=128).predict(image)
+    assert aji(whole.label_map, tiled.label_map) >= 0.98
+    assert aji(label_map, tiled.label_map) >= 0.8
+
+
+# ------------------------------------------------------------------------ slides
+def _blank_right_half(tiles, width):
+    """read_level0 for a slide: synthetic H&E tiles on the left, glass (white) on the right."""
+
+    def read(y0, y1, x0, x1):
+        out = np.full((y1 - y0, x1 - x0, 3), 255, np.uint8)
+        for ty in range(y0 // 256, (y1 - 1) // 256 + 1):
+            for tx in range(x0 // 256, min((x1 - 1) // 256 + 1, width // 2 // 256)):
+                tile = tiles[(ty * 3 + tx) % len(tiles)]
+                ys = slice(max(y0, ty * 256), min(y1, ty * 256 + 256))
+                xs = slice(max(x0, tx * 256), min(x1, tx * 256 + 256))
+                out[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = \
+                    tile[ys.start - ty * 256 : ys.stop - ty * 256, xs.start - tx * 256 : xs.stop - tx * 256]
+        return out
+
+    return read
+
+
+@pytest.fixture(scope="module")
+def he_slide(tmp_path_factory):
+    """2048x2048 pyramidal TIFFs (3 levels, 0.25 µm/px): tissue left, glass right."""
+    tiles = [generate_tile(np.random.default_rng(i), 256)[0] for i in range(3)]
+    read = _blank_right_half(tiles, 2048)
+    folder = tmp_path_factory.mktemp("slides")
+    paths = {}
+    for layout in ("pages", "subifds"):
+        paths[layout] = str(folder / f"he_{layout}.tif")
+        write_pyramidal_tiff(paths[layout], read, 2048, 2048, num_levels=3, subifds=layout == "subifds")
+    return paths, read
+
+
+@pytest.mark.parametrize("layout", ["pages", "subifds"])
+def test_slide_level_and_roi(he_slide, layout):
+    paths, read = he_slide
+    roi = (300, 500, 900, 700)  # x, y, w, h in level-0 px
+    with open_image(paths[layout], roi=roi) as full:
+        assert isinstance(full, SlideSource) and (full.height, full.width) == (700, 900)
+        assert full.origin == (300, 500) and full.mpp == pytest.approx(0.25)
+        np.testing.assert_array_equal(full.read(100, 164, 200, 300), read(600, 664, 500, 600))
+    with open_image(paths[layout], level=1, roi=roi) as half:
+        assert (half.height, half.width, half.downsample) == (350, 450, 2.0)
+        assert half.mpp == pytest.approx(0.5)
+        block = half.read(10, 60, 20, 90)  # level-0 y 520..620, x 340..480
+        expected = read(520, 620, 340, 480).reshape(50, 2, 70, 2, 3).mean(axis=(1, 3))
+        assert np.abs(block.astype(float) - expected).max() <= 1.0
+        assert half.thumbnail(100).shape == (78, 100, 3)
+    with open_image(paths[layout], mpp=0.9) as chosen:  # levels at 0.25, 0.5, 1.0 µm/px
+        assert chosen.level == 1 and (chosen.height, chosen.width) == (1024, 1024)
+
+
+def test_choose_level_prefers_the_coarsest_level_not_coarser_than_the_target():
+    assert choose_level([0.25, 0.5, 1.0], 0.25) == 0
+    assert choose_level([0.2527, 0.5054, 1.0108], 0.5) == 1  # within 10%
+    assert choose_level([0.25, 0.5, 1.0], 0.7) == 1
+    assert choose_level([0.5, 1.0], 0.25) == 0  # nothing fine enough: the finest
+
+
+def test_openslide_reads_the_same_pixels_as_tiffslide(he_slide):
+    pytest.importorskip("openslide")
+    paths, _ = he_slide
+    with SlideSource(paths["pages"], level=1, roi=(0, 0, 1000, 800), backend="openslide") as a, \
+            SlideSource(paths["pages"], level=1, roi=(0, 0, 1000, 800), backend="tiffslide") as b:
+        assert (a.height, a.width, a.mpp) == (b.height, b.width, b.mpp)
+        np.testing.assert_array_equal(a.read(0, 128, 64, 256), b.read(0, 128, 64, 256))
+
+
+class _RecordingBlankModel(LabelStandIn):
+    """Finds nothing; remembers the tiles it was shown."""
+
+    def forward(self, batched_inputs):
+        for inputs in batched_inputs:
+            self.tiles_seen.append(inputs["image"].cpu().numpy().transpose(1, 2, 0))
+        return [{"instances": _empty_instances(*x["image"].shape[1:])} for x in batched_inputs]
+
+
+def _empty_instances(height, width):
+    instances = Instances((height, width))
+    instances.pred_boxes = Boxes(torch.zeros(0, 4))
+    instances.scores = torch.zeros(0)
+    instances.pred_mask_probs = torch.zeros(0, 1, 28, 28)
+    return instances
+
+
+def test_tissue_mask_skips_blank_tiles(he_slide):
+    paths, _ = he_slide
+    model = _RecordingBlankModel()
+    predictor = NucleiPredictor(model=model, tile_size=256, overlap=32)
+    with open_image(paths["pages"], level=1) as slide:  # 1024x1024, tissue in the left half
+        mask = slide.tissue_mask(margin=16)
+        assert 0.45 < mask.fraction < 0.6
+        result = predictor.predict_source(slide)
+    timing = predictor.last_timing
+    assert timing["tiles"] == 25 and 10 <= timing["tiles_run"] <= 15
+    assert len(model.tiles_seen) == timing["tiles_run"]
+    assert all((tile < 250).any() for tile in model.tiles_seen)  # no all-glass tile ran
+    assert result.label_map.shape == (1024, 1024) and result.num_nuclei == 0
+    assert (result.downsample, result.mpp, result.source) == (2.0, pytest.approx(0.5), paths["pages"])
+
+
+def test_slide_prediction_matches_the_in_memory_image(tmp_path, synthetic_labels):
+    """Reading the region tile by tile from a slide gives what the decoded array gives."""
+    image = encode_labels(synthetic_labels)
+    path = str(tmp_path / "labels.tif")
+    write_pyramidal_tiff(path, lambda y0, y1, x0, x1: image[y0:y1, x0:x1], *image.shape[:2], num_levels=2)
+    roi = (50, 40, 500, 400)
+    with open_image(path, roi=roi) as slide:
+        assert isinstance(slide, SlideSource)
+        from_slide = stand_in_predictor(tile_size=200, overlap=64).predict_source(slide, tissue_mask=False)
+    in_memory = stand_in_predictor(tile_size=200, overlap=64).predict(image[40:440, 50:550])
+    np.testing.assert_array_equal(from_slide.label_map, in_memory.label_map)
+    assert from_slide.origin == (50, 40) and from_slide.downsample == 1.0
+
+
+# ------------------------------------------------------------------------ checkpoints, real model
+FAST_DEMO = ["MODEL.DEVICE", "cpu", "MODEL.RPN.POST_NMS_TOPK_TEST", 100, "TEST.DETECTIONS_PER_IMAGE", 50]
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    missing = str(tmp_path / "nope.pth")
+    with pytest.raises(CheckpointError, match="nope.pth: checkpoint file not found"):
+        NucleiPredictor("configs/demo.yaml", weights=missing, opts=FAST_DEMO)
+
+
+def test_checkpoint_of_another_architecture_lists_the_keys(tmp_path):
+    baseline = build_model(build_predict_cfg("configs/demo_maskrcnn.yaml", ["MODEL.DEVICE", "cpu"]))
+    path = str(tmp_path / "maskrcnn.pth")
+    torch.save({"model": baseline.state_dict()}, path)
+    with pytest.raises(CheckpointError) as error:
+        NucleiPredictor("configs/demo.yaml", weights=path, opts=FAST_DEMO)
+    message = str(error.value)
+    assert path in message and "PanopticNucleiRCNN" in message
+    assert "missing keys" in message and "roi_heads.mask_head." in message
+    # A checkpoint of the same architecture loads.
+    proposed = NucleiPredictor("configs/demo.yaml", opts=FAST_DEMO, weights="")
+    same = str(tmp_path / "proposed.pth")
+    torch.save({"model": proposed.model.state_dict()}, same)
+    NucleiPredictor("configs/demo.yaml", weights=same, opts=FAST_DEMO)
+
+
+def test_real_demo_model_runs_tiled_on_a_kumar_image():
+    images = sorted(glob.glob(os.path.join(KUMAR, "images", "*.tif")))
+    if not images:
+        pytest.skip(f"Kumar images not found under {KUMAR}")
+    image = read_rgb_image(images[0])[:300, :400]
+    torch.manual_seed(0)
+    predictor = NucleiPredictor("configs/demo.yaml", weights="", opts=FAST_DEMO,
+                                tile_size=224, overlap=64, score_thresh=0.0)
+    result = predictor.predict(image)
+    assert predictor.last_timing["tiles"] == 6  # 2 rows x 3 columns
+    assert result.label_map.shape == (300, 400)
+    assert result.label_map.dtype == np.uint16 and result.scores.dtype == np.float32
+    ids = np.unique(result.label_map)
+    assert result.num_nuclei > 0 and set(ids) == set(range(result.num_nuclei + 1))
+    assert (np.diff(result.scores) <= 0).all()

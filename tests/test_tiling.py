@@ -1,0 +1,140 @@
+"""Tiling pieces by hand: the grid, core ownership, the bit-packed store, TTA inversion, merging."""
+import numpy as np
+import pytest
+import torch
+from detectron2.structures import Boxes, Instances
+
+from nucseg_d2.modeling.postprocess import instances_to_label_map
+from nucseg_d2.predict.tiling import (
+    TTA_TRANSFORMS,
+    DetectionStore,
+    TileDetections,
+    detections_from_instances,
+    invert_detections,
+    merge_by_mask_iou,
+    tile_grid,
+    tile_starts,
+    transform_image,
+)
+
+
+@pytest.mark.parametrize("length,tile,overlap", [(100, 256, 32), (256, 256, 32), (300, 256, 32),
+                                                 (1000, 256, 64), (1000, 300, 100), (517, 128, 0)])
+def test_tiles_cover_the_axis_at_full_size_with_at_least_the_overlap(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap)
+    ends = [min(s + tile, length) for s in starts]
+    assert starts[0] == 0 and ends[-1] == length
+    assert all(e - s == min(tile, length) for s, e in zip(starts, ends))
+    assert all(ends[i] - starts[i + 1] >= overlap for i in range(len(starts) - 1))
+
+
+@pytest.mark.parametrize("height,width,tile,overlap", [(700, 517, 256, 64), (300, 1000, 300, 100),
+                                                       (90, 120, 256, 32)])
+def test_cores_partition_the_image_and_keep_half_the_overlap_from_interior_borders(height, width,
+                                                                                    tile, overlap):
+    tiles = tile_grid(height, width, tile, overlap)
+    owners = np.zeros((height, width), int)
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5  # pixel centres
+    for t in tiles:
+        cy0, cy1, cx0, cx1 = t.core
+        owners += (ys >= cy0) & (ys < cy1) & (xs >= cx0) & (xs < cx1)
+        # An interior core edge is at least overlap / 2 inside the tile.
+        if np.isfinite(cy0):
+            assert cy0 - t.y0 >= overlap / 2
+        if np.isfinite(cy1):
+            assert t.y1 - cy1 >= overlap / 2
+        if np.isfinite(cx0):
+            assert cx0 - t.x0 >= overlap / 2
+        if np.isfinite(cx1):
+            assert t.x1 - cx1 >= overlap / 2
+    assert (owners == 1).all()
+
+
+def _instances(masks, scores, size):
+    """Full-image pred_masks instances with their tight boxes."""
+    inst = Instances(size)
+    masks = np.stack(masks)
+    boxes = []
+    for m in masks:
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        boxes.append([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1])
+    inst.pred_masks = torch.from_numpy(masks)
+    inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    inst.scores = torch.tensor(scores, dtype=torch.float32)
+    return inst
+
+
+def _disk(size, cy, cx, r):
+    ys, xs = np.mgrid[0 : size[0], 0 : size[1]]
+    return (ys - cy) ** 2 + (xs - cx) ** 2 <= r * r
+
+
+def test_store_of_one_whole_tile_paints_exactly_like_instances_to_label_map():
+    size = (60, 80)
+    rng = np.random.default_rng(0)
+    masks = [_disk(size, *rng.uniform(5, 55, 2), rng.uniform(3, 12)) for _ in range(25)]
+    scores = rng.uniform(0.3, 1.0, 25)
+    inst = _instances(masks, scores, size)
+    expected = instances_to_label_map(inst, score_thresh=0.5, max_overlap=0.7)
+    store = DetectionStore()
+    (tile,) = tile_grid(*size, tile_size=128, overlap=16)
+    dets = detections_from_instances(inst, *size, score_thresh=0.5, mask_thresh=0.5)
+    assert store.add(dets, tile) == int((scores > 0.5).sum())
+    label_map, kept_scores = store.paint(*size, max_overlap=0.7)
+    assert label_map.dtype == np.uint16
+    np.testing.assert_array_equal(label_map, expected)
+    # scores[i - 1] is the score of id i, descending.
+    assert len(kept_scores) == label_map.max()
+    assert (np.diff(kept_scores) <= 0).all()
+    assert np.isin(kept_scores, scores[scores > 0.5].astype(np.float32)).all()
+
+
+def test_store_keeps_a_detection_only_from_the_tile_whose_core_holds_its_box_centre():
+    tiles = tile_grid(100, 200, tile_size=120, overlap=40)
+    left, right = tiles  # cores split at x = 100
+    mask = np.ones((10, 10), bool)
+
+    def det(x0):  # a 10x10 detection at tile-local x0
+        return TileDetections(np.array([0.9], np.float32),
+                              np.array([[x0, 40, x0 + 10, 50]], np.float32), [(mask, 40, x0)])
+
+    store = DetectionStore()
+    assert store.add(det(85), left) == 1  # centre x = 90 < 100
+    assert store.add(det(95), left) == 0  # centre x = 100 belongs to the right core
+    assert store.add(det(95 - right.x0), right) == 1
+    assert store.add(det(85 - right.x0), right) == 0
+    label_map, scores = store.paint(100, 200, max_overlap=0.7)
+    assert label_map.max() == 2 and len(scores) == 2
+    assert (label_map[40:50, 85:95] == 1).all() and (label_map[40:50, 95:105] > 0).all()
+
+
+@pytest.mark.parametrize("name", TTA_TRANSFORMS)
+def test_tta_inversion_maps_boxes_and_masks_back_to_the_tile(name):
+    height, width = 40, 64
+    rng = np.random.default_rng(1)
+    masks = [_disk((height, width), 10, 15, 6), _disk((height, width), 28, 50, 4) & (rng.random((height, width)) > 0.3)]
+    original = detections_from_instances(_instances(masks, [0.9, 0.8], (height, width)),
+                                         height, width, 0.5, 0.5)
+    seen = [transform_image(m, name) for m in masks]
+    view = detections_from_instances(_instances(seen, [0.9, 0.8], seen[0].shape), *seen[0].shape, 0.5, 0.5)
+    back = invert_detections(view, name, height, width)
+    np.testing.assert_allclose(back.boxes, original.boxes)
+    for (m, y, x), (m0, y0, x0) in zip(back.masks, original.masks):
+        assert (y, x) == (y0, x0)
+        np.testing.assert_array_equal(m, m0)
+
+
+def test_merge_by_mask_iou_drops_duplicates_and_keeps_neighbours():
+    def square(y, x, side, score):
+        return TileDetections(np.array([score], np.float32),
+                              np.array([[x, y, x + side, y + side]], np.float32),
+                              [(np.ones((side, side), bool), y, x)])
+
+    dets = TileDetections.concatenate([
+        square(0, 0, 10, 0.7),  # duplicate of the next (IoU 81/119 = 0.68): dropped
+        square(1, 1, 10, 0.9),
+        square(0, 6, 10, 0.8),  # IoU with the 0.9 one 36/164 = 0.22: kept
+        square(30, 30, 5, 0.6),
+    ])
+    merged = merge_by_mask_iou(dets, 40, 40)
+    assert sorted(merged.scores.tolist()) == pytest.approx([0.6, 0.8, 0.9])
