@@ -66,19 +66,23 @@ def time_config(cfg, records, iters, infer_image, warmup=2):
     with torch.no_grad():
         model([test_input])
         start = time.perf_counter()
-        model([test_input])
+        detections = len(model([test_input])[0]["instances"])
         infer = time.perf_counter() - start
     if torch.cuda.is_available():
-        return float(np.median(times)), infer, torch.cuda.max_memory_allocated() / 2**20
-    return float(np.median(times)), infer, peak_rss_mib()
+        return float(np.median(times)), infer, detections, torch.cuda.max_memory_allocated() / 2**20
+    return float(np.median(times)), infer, detections, peak_rss_mib()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=[
         "configs/tnbc_maskrcnn.yaml", "configs/tnbc_ab1.yaml", "configs/tnbc_ab3.yaml",
-        "configs/tnbc_ab2.yaml", "configs/tnbc.yaml"])
+        "configs/tnbc_ab2.yaml", "configs/tnbc.yaml", "configs/tnbc_light_head.yaml"])
     parser.add_argument("--infer-size", type=int, default=1000, help="side of the inference image")
+    parser.add_argument("--detections", type=int, default=1000,
+                        help="untrained models detect arbitrarily many nuclei: force this many "
+                             "detections per image (score threshold 0) so every config does the "
+                             "same work, as on a crowded Kumar tile; 0 keeps the config's rule")
     parser.add_argument("--iters", type=int, default=4)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every config")
     args = parser.parse_args()
@@ -88,20 +92,25 @@ def main():
     rows = []
     for path in args.configs:
         cfg = load_cfg(path, args.opts)
+        if args.detections:
+            cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+            cfg.TEST.DETECTIONS_PER_IMAGE = args.detections
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        s_iter, s_infer, peak = time_config(cfg, records, args.iters, infer_image)
-        rows.append((path, cfg.SOLVER.IMS_PER_BATCH, list(cfg.INPUT.CROP.SIZE), s_iter, s_infer, peak))
+        s_iter, s_infer, detections, peak = time_config(cfg, records, args.iters, infer_image)
+        rows.append((path, cfg.SOLVER.IMS_PER_BATCH, list(cfg.INPUT.CROP.SIZE), s_iter, s_infer,
+                     detections, peak))
     print(f"\nTraining speed, {args.iters} timed iterations each, device {rows and load_cfg(args.configs[0], args.opts).MODEL.DEVICE}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     # Peak memory: CUDA max allocated, or on the CPU the process's peak RSS so far (monotonic:
     # read it as "at most", in the order the configs ran).
     infer_col = f"infer s/{args.infer_size}²"
-    print(f"{'config':30s} {'batch':>5s} {'crop':>10s} {'s/iter':>7s} {'ratio':>6s} {infer_col:>14s} {'ratio':>6s} {'peak MiB':>9s}")
+    print(f"{'config':30s} {'batch':>5s} {'crop':>10s} {'s/iter':>7s} {'ratio':>6s} {infer_col:>14s} "
+          f"{'ratio':>6s} {'dets':>5s} {'peak MiB':>9s}")
     base_iter, base_infer = rows[0][3], rows[0][4]
-    for path, batch, crop, s_iter, s_infer, peak in rows:
+    for path, batch, crop, s_iter, s_infer, detections, peak in rows:
         print(f"{path:30s} {batch:5d} {str(crop):>10s} {s_iter:7.2f} {s_iter / base_iter:6.2f} "
-              f"{s_infer:14.2f} {s_infer / base_infer:6.2f} {peak:9.0f}")
+              f"{s_infer:14.2f} {s_infer / base_infer:6.2f} {detections:5d} {peak:9.0f}")
 
 
 if __name__ == "__main__":
