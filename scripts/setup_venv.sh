@@ -15,6 +15,8 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$REQ_HASH" ]]; then
   exit 0
 fi
 PYTHON=${PYTHON:-python3}
+# pip on this machine lists every local wheel folder it skips; keep the log to what matters.
+exec 2> >(grep -v "^WARNING: Location '" >&2)
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade 'pip<26'
