@@ -1,5 +1,6 @@
 """End to end through train_net.py on the synthetic data: loss falls, eval is repeatable, resume works."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -48,6 +49,11 @@ def test_training_loss_falls_and_checkpoints_are_written(trained_demo):
     assert len(records) >= 2
     first, last = records[0]["total_loss"], records[-1]["total_loss"]
     assert last < first, f"total loss did not fall: {first} -> {last}"
+    # The demo trains the proposed model: all seven terms of the paper's Eq. 4, each finite.
+    seven = ["loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask",
+             "loss_sem_seg", "loss_fusion"]
+    for record in records:
+        assert all(math.isfinite(record[name]) for name in seven), record
     assert (trained_demo / "model_final.pth").is_file()
     assert (trained_demo / "model_0000011.pth").is_file()
     assert (trained_demo / "inference" / "nuclei_synthetic_val" / "per_image.csv").is_file()
