@@ -1,0 +1,103 @@
+"""Markdown results tables generated from per-image CSVs, with the paper's significance stars.
+
+Each run is a folder holding, per data set, ``<dataset>/per_image.csv`` (the layout of
+``OUTPUT_DIR/inference`` and of ``results/<run>/``). The first run named is the baseline: every
+other run is compared with it per image by a one-tailed paired t-test ("run better than
+baseline"), as in the paper's Tables 2-4.
+
+    python -m nucseg_d2.evaluation.results_table --dataset tnbc_test \
+        --run Baseline=results/tnbc_maskrcnn --run Proposed=results/tnbc_proposed [--per-image]
+"""
+import argparse
+import csv
+import os
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .reporting import PER_IMAGE_CSV
+from .significance import compare_per_image_csv
+
+__all__ = ["results_table", "per_image_table", "main"]
+
+DEFAULT_METRICS = ("aji", "aji_plus", "paper_aji", "dice1", "pq")
+
+
+def _per_image_csv(run_dir: str, dataset: str) -> str:
+    path = os.path.join(run_dir, dataset, PER_IMAGE_CSV)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no per-image results for data set {dataset!r}")
+    return path
+
+
+def _read_rows(path: str) -> List[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def results_table(runs: Sequence[Tuple[str, str]], dataset: str,
+                  metrics: Sequence[str] = DEFAULT_METRICS) -> str:
+    """Mean ± sample std per run and metric; stars compare each run with the first (baseline)."""
+    baseline_name, baseline_dir = runs[0]
+    baseline_csv = _per_image_csv(baseline_dir, dataset)
+    header = ["run", "images"] + list(metrics)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, run_dir in runs:
+        path = _per_image_csv(run_dir, dataset)
+        rows = _read_rows(path)
+        stars = {}
+        if run_dir != baseline_dir:
+            stars = {r["metric"]: r["stars"] for r in compare_per_image_csv(path, baseline_csv, metrics)}
+        cells = [name, str(len(rows))]
+        for metric in metrics:
+            values = np.array([float(r[metric]) for r in rows])
+            std = values.std(ddof=1) if len(values) > 1 else float("nan")
+            mark = f" {stars[metric]}" if metric in stars else ""
+            cells.append(f"{values.mean():.4f} ± {std:.4f}{mark}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Stars: one-tailed paired t-test of each run against {baseline_name} over the "
+                 f"images of {dataset} (*** p < 0.01, ** p < 0.05, * p < 0.1, x p >= 0.1).")
+    return "\n".join(lines)
+
+
+def per_image_table(runs: Sequence[Tuple[str, str]], dataset: str, metric: str = "aji") -> str:
+    """One row per image (with its organ when recorded), one column per run, as the paper's Table 2."""
+    tables = [(name, {r["image_id"]: r for r in _read_rows(_per_image_csv(d, dataset))}) for name, d in runs]
+    image_ids = sorted(tables[0][1], key=lambda i: (tables[0][1][i].get("organ", ""), i))
+    has_organ = "organ" in next(iter(tables[0][1].values()), {})
+    header = (["organ"] if has_organ else []) + ["image"] + [f"{name} {metric}" for name, _ in tables]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for image_id in image_ids:
+        cells = [tables[0][1][image_id]["organ"]] if has_organ else []
+        cells.append(image_id)
+        cells += [f"{float(rows[image_id][metric]):.4f}" if image_id in rows else "-" for _, rows in tables]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True, help="data set folder inside each run")
+    parser.add_argument("--run", action="append", required=True, metavar="NAME=DIR",
+                        help="a run (the first is the baseline); repeat")
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
+    parser.add_argument("--per-image", action="store_true", help="also print the per-image AJI table")
+    args = parser.parse_args(argv)
+    try:
+        runs = [tuple(item.split("=", 1)) for item in args.run]
+        if any(len(run) != 2 for run in runs):
+            raise ValueError(f"--run takes NAME=DIR, got {args.run}")
+        print(results_table(runs, args.dataset, args.metrics.split(",")))
+        if args.per_image:
+            print()
+            print(per_image_table(runs, args.dataset))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
