@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Keep what a training run produced, minus checkpoints, under results/<run-name>/ so anyone can
+# regenerate the tables (python -m nucseg_d2.evaluation.results_table) and re-score the predicted
+# label maps (nucseg-eval --dataset <set> --pred results/<run>/<set>/label_maps -o ...).
+#
+#   bash scripts/collect_results.sh OUTPUT_DIR RUN_NAME      # a train_net.py OUTPUT_DIR
+#   bash scripts/collect_results.sh OUT_FOLDER RUN_NAME      # what gpu_train_eval.sh left in $OUT
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SRC=$1; RUN=$2
+DEST=results/$RUN
+mkdir -p "$DEST"
+if [[ -f "$SRC/inference.tar" ]]; then
+  tar -C "$DEST" -xf "$SRC/inference.tar" && cp -r "$DEST"/inference/. "$DEST"/ && rm -r "$DEST/inference"
+  cp "$SRC/training_metrics.json" "$DEST/training_metrics.json"
+else
+  cp -r "$SRC"/inference/. "$DEST"/
+  cp "$SRC/metrics.json" "$DEST/training_metrics.json"
+fi
+cp "$SRC/config.yaml" "$DEST/config.yaml"
+find "$DEST" -name '*.pth' -delete
+du -sh "$DEST"
