@@ -15,7 +15,10 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/data_loading.py
+	$(PY) benchmarks/metrics_speed.py
+	$(PY) benchmarks/mask_head_speed.py
 	$(PY) benchmarks/train_speed.py
+	$(PY) benchmarks/predict_speed.py
 
 clean:
 	rm -rf output .pytest_cache

@@ -16,7 +16,7 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 
 from nucseg_d2 import add_nucseg_config
 from nucseg_d2.config import NucleiConfigError, merge_config_file, validate_nucseg_config
-from nucseg_d2.data import NucleiDataError, NucleiDatasetMapper
+from nucseg_d2.data import NucleiDataError, NucleiDatasetMapper, register_tnbc_cross_validation
 from nucseg_d2.evaluation import NucleiEvaluator
 
 
@@ -36,7 +36,9 @@ class Trainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluators = [NucleiEvaluator.from_cfg(cfg, dataset_name, output_folder, save_label_maps=True)]
         if cfg.TEST.NUCLEI.COCO_AP:
-            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+            # COCOeval keeps 100 detections per image by default; a Kumar tile holds ~1,900 nuclei.
+            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder,
+                                            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE))
         return DatasetEvaluators(evaluators)
 
 
@@ -51,6 +53,8 @@ def setup(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     validate_nucseg_config(cfg)
+    # tnbc_cv5_* are registered on import; other fold counts when a config asks for them.
+    register_tnbc_cross_validation(cfg.DATASETS.TNBC_NUM_FOLDS)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

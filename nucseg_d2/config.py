@@ -28,7 +28,8 @@ def add_nucseg_config(cfg):
     _C.INPUT.AUG.STAIN_JITTER_SHIFT = 0.01  # HED channel shift ~ U(-s, s)
 
     # ---------------------------------------------------------------- data sets
-    # Number of folds for the k-fold-by-patient TNBC data sets (tnbc_cv{K}_fold{i}_train/_test).
+    # Number of folds for the k-fold-by-patient TNBC data sets (tnbc_cv{K}_fold{i}_train/_test);
+    # train_net.py registers them for this K (K = 5 is registered on import).
     _C.DATASETS.TNBC_NUM_FOLDS = 5
 
     # ---------------------------------------------------------------- post-processing

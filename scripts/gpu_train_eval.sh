@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_train_eval.sh CONFIG RUN_NAME [KEY VALUE ...]
 #
-# Expects (see docs/REPRODUCING.md): .device/kit (copy of shared/device-kit) and .device/data
+# Expects (docs/REPRODUCING.md): .device/kit (copy of shared/device-kit) and .device/data
 # (tnbc/, kumar/ as in shared/data) carried beside the working tree. On a machine that already has
 # detectron2 (this project's .venv) the kit is skipped, so the same script is tried on the CPU first:
 #   OUT=/tmp/out PYTHON=.venv/bin/python NUCSEG_DATASETS=../shared/data \

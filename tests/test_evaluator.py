@@ -347,3 +347,20 @@ def test_coco_evaluator_runs_beside_the_nuclei_evaluator(tiny_dataset, tmp_path)
     compact = run_evaluator(COCOEvaluator(tiny_dataset, output_dir=str(tmp_path / "compact")),
                             mask_form="compact", hand_worked=False)
     assert "segm" not in compact and "bbox" in compact
+
+
+def test_label_maps_past_uint16_are_written_as_tiff(tmp_path):
+    """PNG holds no 32-bit ids: a map with ids past 65,535 goes to TIFF, not a crash."""
+    import tifffile
+
+    evaluator = NucleiEvaluator.__new__(NucleiEvaluator)  # only the writer is under test
+    evaluator.output_dir = str(tmp_path)
+    small = np.array([[0, 1], [2, 65535]], dtype=np.int32)
+    large = np.array([[0, 1], [2, 70000]], dtype=np.int32)
+    evaluator._write_label_map("small", small)
+    evaluator._write_label_map("large", large)
+    png = np.asarray(Image.open(tmp_path / "label_maps" / "small.png"))
+    assert png.dtype == np.uint16 and (png == small).all()
+    tif = tifffile.imread(tmp_path / "label_maps" / "large.tif")
+    assert tif.dtype == np.uint32 and (tif == large).all()
+    assert sorted(os.listdir(tmp_path / "label_maps")) == ["large.tif", "small.png"]

@@ -91,16 +91,54 @@ def test_table1_shapes_layer_by_layer():
     assert (logits < 0).any()  # logits, not ReLU outputs
 
 
-def test_conv_path_starts_from_shared_features_not_conv1():
-    """Both paths fork after Conv x 3: changing Conv1 leaves the conv path untouched."""
+def test_paths_fork_after_conv1():
+    """Issue wiring: Conv x 3 -> Conv1 is shared; the FC path starts at Conv2, the conv path at Conv3.
+
+    Changing Conv1 changes both paths; changing Conv2 leaves the conv path unchanged; changing
+    Conv3 leaves the FC path unchanged.
+    """
     head = _build_head()
+    _make_predictors_visible(head)
     x = torch.randn(2, 256, 14, 14)
-    shared = head.shared_features(x)
-    conv_before, fc_before = head.conv_path(shared), head.fc_path(shared)
+
+    def paths():
+        with torch.no_grad():
+            shared = head.shared_features(x)
+            return head.fc_path(shared), head.conv_path(shared)
+
+    fc_before, conv_before = paths()
+    saved = {name: p.clone() for name, p in head.state_dict().items()}
+
     with torch.no_grad():
         head.conv1.weight.mul_(-1.0)
-    torch.testing.assert_close(head.conv_path(shared), conv_before)
-    assert not torch.allclose(head.fc_path(shared), fc_before)
+    fc_after, conv_after = paths()
+    assert not torch.allclose(fc_after, fc_before)
+    assert not torch.allclose(conv_after, conv_before)
+    head.load_state_dict(saved)
+
+    with torch.no_grad():
+        head.conv2.weight.mul_(-1.0)
+    fc_after, conv_after = paths()
+    assert not torch.allclose(fc_after, fc_before)
+    torch.testing.assert_close(conv_after, conv_before)
+    head.load_state_dict(saved)
+
+    with torch.no_grad():
+        head.conv3.weight.mul_(-1.0)
+    fc_after, conv_after = paths()
+    torch.testing.assert_close(fc_after, fc_before)
+    assert not torch.allclose(conv_after, conv_before)
+
+    # shared_features ends at Conv1, whose input is the third shared conv's output.
+    inputs = {}
+    head.conv1.register_forward_hook(lambda module, args, output: inputs.__setitem__("conv1", args[0]))
+    with torch.no_grad():
+        shared = head.shared_features(x)
+        expected = x
+        for conv in head.shared_convs:
+            expected = conv(expected)
+    torch.testing.assert_close(inputs["conv1"], expected)
+    torch.testing.assert_close(shared, head.conv1(expected))
 
 
 def test_each_path_alone_changes_output():

@@ -7,7 +7,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.color import rgb2hed
 
-from nucseg_d2.data.synthetic import MIN_NUCLEUS_AREA, ensure_synthetic_split, generate_tile
+from nucseg_d2.data.synthetic import GENERATOR_VERSION, MIN_NUCLEUS_AREA, ensure_synthetic_split, generate_tile
 
 
 def _tile(seed, index, size=(256, 256)):
@@ -100,7 +100,7 @@ def test_some_nuclei_touch(tiles):
 def test_split_is_written_once_and_reused(tmp_path):
     pairs = ensure_synthetic_split(tmp_path, "train", 3, (64, 80), seed=5)
     assert len(pairs) == 3
-    split_dir = tmp_path / "train_s5_64x80"
+    split_dir = tmp_path / f"train_v{GENERATOR_VERSION}_s5_64x80"
     for index, (image_path, label_path) in enumerate(pairs):
         assert image_path == str(split_dir / f"img_{index:04d}.png")
         assert label_path == str(split_dir / f"lab_{index:04d}.png")
@@ -136,7 +136,7 @@ def test_interrupted_write_leaves_no_file_that_looks_complete(tmp_path, monkeypa
     monkeypatch.setattr(Image.Image, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         synthetic.ensure_synthetic_split(tmp_path, "train", 1, 32, seed=0)
-    split_dir = tmp_path / "train_s0_32x32"
+    split_dir = tmp_path / f"train_v{synthetic.GENERATOR_VERSION}_s0_32x32"
     assert os.listdir(split_dir) == []
 
     monkeypatch.setattr(Image.Image, "save", real_save)

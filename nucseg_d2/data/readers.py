@@ -135,6 +135,8 @@ def _as_label_map(values, path):
             raise NucleiDataError(f"{path}: float label map contains NaN or infinite values")
         if not (values == np.round(values)).all():
             raise NucleiDataError(f"{path}: float label map has non-integral ids")
+        # Accepted, but loudly: a binary 0.0/1.0 mask saved as float would read as one nucleus.
+        warnings.warn(f"{path}: float label map read as integer ids; save label maps as integers")
     elif values.dtype.kind not in "ui":
         raise NucleiDataError(f"{path}: unsupported label map dtype {values.dtype}")
     if values.size and values.min() < 0:

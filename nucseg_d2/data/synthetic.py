@@ -27,6 +27,8 @@ __all__ = ["MIN_NUCLEUS_AREA", "generate_tile", "ensure_synthetic_split"]
 
 # Nuclei whose visible (unoccluded, clipped) area falls below this many pixels are dropped.
 MIN_NUCLEUS_AREA = 15
+# Bump when generate_tile's output changes (it names the cache folders).
+GENERATOR_VERSION = 1
 
 # Reference H&E stain vectors in OD space (Macenko et al. reference, as used by common stain
 # normalisers). skimage's default eosin vector gives magenta rather than H&E pink, hence not it.
@@ -373,7 +375,8 @@ def ensure_synthetic_split(
     Existing files are reused; missing ones (e.g. after an interrupted run) are generated.
     """
     height, width = _as_hw(size)
-    split_dir = Path(cache_dir) / f"{split}_s{seed}_{height}x{width}"
+    # The generator's version is part of the name, so a changed generator never reuses old tiles.
+    split_dir = Path(cache_dir) / f"{split}_v{GENERATOR_VERSION}_s{seed}_{height}x{width}"
     split_dir.mkdir(parents=True, exist_ok=True)
     pairs = []
     for index in range(num_images):

@@ -4,6 +4,8 @@ import os
 from collections import OrderedDict
 from typing import Iterable, Optional
 
+import numpy as np
+
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
@@ -11,6 +13,7 @@ from PIL import Image
 
 from ..data.readers import load_label_map
 from ..modeling.postprocess import instances_to_label_map, label_map_dtype
+from ..predict.writers import atomic_path, write_label_tiff
 from .metrics import metric_keys
 from .reporting import score_image, summarize_scores, write_reports
 
@@ -86,12 +89,13 @@ class NucleiEvaluator(DatasetEvaluator):
                 self._write_label_map(record["image_id"], pred)
 
     def _write_label_map(self, image_id, label_map):
-        folder = os.path.join(self.output_dir, "label_maps")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{os.path.basename(str(image_id))}.png")
-        tmp = path + ".tmp.png"
-        Image.fromarray(label_map.astype(label_map_dtype(int(label_map.max())))).save(tmp)
-        os.replace(tmp, path)
+        """``label_maps/<image id>.png`` (uint16); PNG holds no 32-bit ids, so past 65,535 a TIFF."""
+        stem = os.path.join(self.output_dir, "label_maps", os.path.basename(str(image_id)))
+        if label_map_dtype(int(label_map.max())) != np.uint16:
+            write_label_tiff(stem + ".tif", label_map)
+            return
+        with atomic_path(stem + ".png") as tmp:
+            Image.fromarray(label_map.astype(np.uint16)).save(tmp, format="PNG")
 
     def evaluate(self):
         scores = self._scores

@@ -632,10 +632,11 @@ def metric_keys(names: Optional[Iterable[str]] = None) -> List[str]:
 def compute_metrics(gt, pred, names: Optional[Iterable[str]] = None) -> Dict[str, float]:
     """Metrics ``names`` (default: all of :data:`ALL_METRICS`) for one image, as {key: float}.
 
-    The intersection table is computed once and shared. "pq" gives the keys "dq", "sq", "pq".
+    The intersection table is computed once and shared (``gt`` may also be a precomputed
+    :class:`PairwiseOverlap`, with ``pred`` None). "pq" gives the keys "dq", "sq", "pq".
     """
     names = _check_names(ALL_METRICS if names is None else names)
-    ov = pairwise_overlap(gt, pred)
+    ov = _as_overlap(gt, pred)
     results: Dict[str, float] = {}
     for name in names:
         value = _FROM_OVERLAP[name](ov)

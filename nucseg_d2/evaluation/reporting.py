@@ -65,7 +65,7 @@ def score_image(image_id, gt, pred, metrics: Sequence[str],
     row.update(groups or {})
     row["num_gt"] = overlap.num_gt
     row["num_pred"] = overlap.num_pred
-    row.update(compute_metrics(gt, pred, metrics))
+    row.update(compute_metrics(overlap, None, metrics))
     intersection, union = aji_counts(overlap, variant="aji")
     return ImageScore(row, int(intersection), int(union))
 

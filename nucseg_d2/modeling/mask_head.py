@@ -2,8 +2,8 @@
 
 Wiring, on RoIAligned features of C_in x R x R (normally 256 x 14 x 14), with S = 2R::
 
-    input -> Conv x 3 (3x3, 256)                                   = shared features
-    FC path:   Conv1 (3x3, 256) -> Conv2 (3x3, 128) -> FC (-> S*S)
+    input -> Conv x 3 (3x3, 256) -> Conv1 (3x3, 256)              = shared features
+    FC path:   Conv2 (3x3, 128) -> FC (-> S*S)
                -> Reshape1: 1 x S x S, duplicated to the K mask channels
     conv path: Conv3 (3x3, 256) -> Conv4 (3x3, 1024) -> Reshape2: pixel shuffle x2 (256 x S x S)
                -> Conv5 (1x1, -> K)
@@ -11,14 +11,16 @@ Wiring, on RoIAligned features of C_in x R x R (normally 256 x 14 x 14), with S 
 
 Choices and differences, all deliberate:
 
-* Both paths start from the output of the three shared convs, as in PANet's fused mask head
-  [Liu et al. 2018b], which the paper builds on: conv1-3 shared, then an FC path of two convs
-  (256, then halved to 128) + FC, and a conv path of one conv + upsampling (here Conv4 + pixel
-  shuffle, the dense upsampling convolution of [Wang et al. 2018], instead of a deconv).
-  Table 1 lists Conv1 right after Conv x 3 without saying where the paths fork; this reading
-  gives each path two of the five *different* convs of Fig. 4.
-* The authors' released code shared a fourth conv (4 shared convs) and reused one conv in
-  the conv path instead of a separate Conv3; we follow Table 1.
+* Both paths start from Conv1's output: the shared trunk is Conv x 3 -> Conv1, the FC path
+  begins at Conv2 and the conv path at Conv3. Table 1 lists Conv1 right after Conv x 3 without
+  saying where the paths fork; we follow the issue's specification ("conv x 3 -> Conv1; FC
+  path: Conv2 ...; conv path: Conv3 ..."). The other reading, as in PANet's fused mask head
+  [Liu et al. 2018b], forks after Conv x 3 and puts Conv1 at the start of the FC path; it is not
+  implemented. Conv4 + pixel shuffle is the dense upsampling convolution of
+  [Wang et al. 2018], in place of a deconv.
+* The authors' released code used 4 shared convs and reused one conv in the conv path instead
+  of a separate Conv3. Our trunk (Conv x 3 -> Conv1) is also four convs deep, but the conv path
+  has its own Conv3, as in Table 1.
 * The released code put a ReLU after the FC; we do not: FC and Conv5 both produce logits that
   are summed, and with one logit per class a ReLU would let the FC path only ever raise it.
 * K = Detectron2's mask channels (one logit per foreground class, or 1 if class-agnostic)
@@ -88,7 +90,8 @@ class DualModalMaskHead(BaseMaskRCNNHead):
             input_shape: channels, height and width of the RoI features (height == width).
             num_classes: mask channels K: foreground classes, or 1 for class-agnostic masks.
             conv_dim: width of the shared convs, Conv1 and Conv3 (Table 1: 256).
-            num_shared_conv: number of shared 3x3 convs (Table 1: 3).
+            num_shared_conv: number of 3x3 convs before Conv1 (Table 1: 3); Conv1 is always
+                added after them and is shared as well.
             fc_conv_dim: width of Conv2, the conv before the FC (Table 1: 128).
             shuffle_conv_dim: width of Conv4, pixel-shuffled to shuffle_conv_dim / 4 channels
                 (Table 1: 1024).
@@ -119,8 +122,9 @@ class DualModalMaskHead(BaseMaskRCNNHead):
                 activation=nn.ReLU(),
             )
 
-        # Named like MaskRCNNConvUpsampleHead's convs, so that a baseline checkpoint initialises
-        # the shared trunk (its mask_fcn4, deconv and predictor are left unused).
+        # Shared trunk: Conv x 3, named like MaskRCNNConvUpsampleHead's convs so that a baseline
+        # checkpoint initialises them (its mask_fcn4, deconv and predictor are left unused), then
+        # Conv1, whose output both paths start from.
         self.shared_convs = []
         channels = input_shape.channels
         for k in range(num_shared_conv):
@@ -128,15 +132,14 @@ class DualModalMaskHead(BaseMaskRCNNHead):
             self.add_module(f"mask_fcn{k + 1}", conv)
             self.shared_convs.append(conv)
             channels = conv_dim
-        shared_channels = channels
+        self.conv1 = conv_block(channels, conv_dim)
 
         # FC path: global view of the whole RoI, one S x S map.
-        self.conv1 = conv_block(shared_channels, conv_dim)
         self.conv2 = conv_block(conv_dim, fc_conv_dim)
         self.fc = nn.Linear(fc_conv_dim * input_shape.height * input_shape.width, self.mask_side**2)
 
         # Conv path: local detail, upsampled by rearranging channels rather than a deconv.
-        self.conv3 = conv_block(shared_channels, conv_dim)
+        self.conv3 = conv_block(conv_dim, conv_dim)
         self.conv4 = conv_block(conv_dim, shuffle_conv_dim)
         self.pixel_shuffle = ZeroBatchSafePixelShuffle(UPSCALE)
         self.conv5 = Conv2d(shuffle_conv_dim // (UPSCALE * UPSCALE), num_classes, kernel_size=1)
@@ -169,14 +172,14 @@ class DualModalMaskHead(BaseMaskRCNNHead):
         return ret
 
     def shared_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Conv x 3: features both paths start from."""
+        """Conv x 3 -> Conv1: features both paths start from."""
         for conv in self.shared_convs:
             x = conv(x)
-        return x
+        return self.conv1(x)
 
     def fc_path(self, shared: torch.Tensor) -> torch.Tensor:
-        """Conv1 -> Conv2 -> FC -> Reshape1; (N, K, S, S) logits, equal in all K channels."""
-        x = self.conv2(self.conv1(shared))
+        """Conv2 -> FC -> Reshape1; (N, K, S, S) logits, equal in all K channels."""
+        x = self.conv2(shared)
         x = self.fc(x.flatten(start_dim=1))
         x = x.view(-1, 1, self.mask_side, self.mask_side)
         return x.expand(-1, self.num_mask_channels, -1, -1)
