@@ -13,6 +13,7 @@ from scipy import ndimage
 from nucseg_d2.data.readers import read_label_map, read_rgb_image
 from nucseg_d2.data.synthetic import generate_tile
 from nucseg_d2.evaluation.metrics import aji
+from nucseg_d2.modeling.postprocess import instances_to_label_map
 from nucseg_d2.predict import CheckpointError, NucleiPredictor, PredictionResult, open_image
 from nucseg_d2.predict.predictor import build_predict_cfg
 from nucseg_d2.predict.slides import SlideSource, choose_level, write_pyramidal_tiff
@@ -140,6 +141,88 @@ def test_nuclei_crossing_tile_borders_appear_once_and_whole(synthetic_labels):
         pred = tiled == ids[np.argmax(counts)]
         reference = whole == np.bincount(whole[gt]).argmax()
         assert (pred & reference).sum() / (pred | reference).sum() >= 0.95, f"nucleus {label} differs"
+
+
+class JitteredStandIn(LabelStandIn):
+    """Exact masks, but every box shifted by (dx, dy) = sign * (2, 1) px with the sign
+    alternating like a checkerboard over the tile grid (row-major calls, ``columns`` per row):
+    two neighbouring tiles disagree about the box centre of a nucleus on their cut, which may
+    land on the other side of the cut in both."""
+
+    def __init__(self, columns=None):
+        super().__init__()
+        self.columns = columns
+
+    def forward(self, batched_inputs):
+        outputs = []
+        for inputs in batched_inputs:
+            call = len(self.tiles_seen)
+            self.tiles_seen.append(tuple(inputs["image"].shape[1:]))
+            pixels = inputs["image"].cpu().numpy().transpose(1, 2, 0).astype(np.int64)
+            ids = np.where(pixels[..., 2] > 127, pixels[..., 0] + 256 * pixels[..., 1], 0)
+            sign = 0 if self.columns is None else (1 if (call // self.columns + call % self.columns) % 2 else -1)
+            masks, boxes, scores = [], [], []
+            for label, box in enumerate(ndimage.find_objects(ids), start=1):
+                if box is None:
+                    continue
+                masks.append(ids == label)
+                boxes.append([box[1].start + 2 * sign, box[0].start + sign,
+                              box[1].stop + 2 * sign, box[0].stop + sign])
+                scores.append(stand_in_score(label))
+            instances = Instances(ids.shape)
+            instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+            instances.scores = torch.tensor(scores, dtype=torch.float32)
+            instances.pred_masks = torch.from_numpy(np.stack(masks) if masks
+                                                    else np.zeros((0,) + ids.shape, bool))
+            outputs.append({"instances": instances})
+        return outputs
+
+
+def test_tiles_that_disagree_slightly_still_give_each_nucleus_once_and_whole(synthetic_labels):
+    labels = synthetic_labels[:400, :450]
+    image = encode_labels(labels)
+    tile_size, overlap = 160, 64
+    tiles = tile_grid(*labels.shape, tile_size, overlap)
+    columns = len({t.x0 for t in tiles})
+    whole = NucleiPredictor(model=JitteredStandIn(), tile_size=1024).predict(image)
+    assert whole.num_nuclei == len(np.unique(labels)) - 1
+    # Nuclei whose box centre is within 2 px of a cut: with the old rule (own centre in own
+    # core) each of these was dropped or kept twice.
+    cuts_x = {t.core[3] for t in tiles if np.isfinite(t.core[3])}
+    cuts_y = {t.core[1] for t in tiles if np.isfinite(t.core[1])}
+    box = whole.instances.pred_boxes.tensor.numpy()
+    cx, cy = (box[:, 0] + box[:, 2]) / 2, (box[:, 1] + box[:, 3]) / 2
+    on_cut = [any(abs(x - cut) < 2 for cut in cuts_x) or any(abs(y - cut) < 1 for cut in cuts_y)
+              for x, y in zip(cx, cy)]
+    assert sum(on_cut) >= 3
+    predictor = NucleiPredictor(model=JitteredStandIn(columns), tile_size=tile_size, overlap=overlap)
+    tiled = predictor.predict(image)
+    assert predictor.last_timing["tiles"] == len(tiles) and predictor.last_timing["duplicates_removed"] > 0
+    assert tiled.num_nuclei == whole.num_nuclei
+    assert aji(whole.label_map, tiled.label_map) >= 0.98
+    for label in np.unique(labels)[1:]:  # every nucleus exactly once, whole
+        gt = labels == label
+        ids, counts = np.unique(tiled.label_map[gt], return_counts=True)
+        assert ids[0] != 0 or counts[0] < 0.05 * gt.sum(), f"nucleus {label} lost"
+        assert counts.max() >= 0.95 * gt.sum(), f"nucleus {label} split"
+
+
+def test_predict_returns_instances_matching_the_label_map(synthetic_labels):
+    image = encode_labels(synthetic_labels[:300, :350])
+    result = stand_in_predictor(tile_size=200, overlap=64).predict(image)
+    instances = result.instances
+    assert instances is not None and instances.image_size == (300, 350)
+    assert len(instances) == result.num_nuclei > 0
+    np.testing.assert_array_equal(instances.scores.numpy(), result.scores)
+    assert instances.pred_classes.dtype == torch.int64 and (instances.pred_classes == 0).all()
+    assert instances.pred_mask_probs.shape == (len(instances), 1, 28, 28)
+    boxes = instances.pred_boxes.tensor.numpy()
+    for label in range(1, result.num_nuclei + 1):  # each id's pixels lie in its box
+        ys, xs = np.nonzero(result.label_map == label)
+        x0, y0, x1, y1 = boxes[label - 1]
+        assert x0 - 1 <= xs.min() and xs.max() < x1 + 1 and y0 - 1 <= ys.min() and ys.max() < y1 + 1
+    repainted = instances_to_label_map(instances, score_thresh=0.0, max_overlap=0.7)
+    assert aji(result.label_map, repainted) >= 0.9  # 28x28 box-relative masks
 
 
 def test_tta_with_an_equivariant_model_gives_the_same_nuclei(synthetic_labels):
@@ -317,18 +400,49 @@ def test_checkpoint_of_another_architecture_lists_the_keys(tmp_path):
     NucleiPredictor("configs/demo.yaml", weights=same, opts=FAST_DEMO)
 
 
-def test_real_demo_model_runs_tiled_on_a_kumar_image():
+def _kumar_crop_or_skip():
     images = sorted(glob.glob(os.path.join(KUMAR, "images", "*.tif")))
     if not images:
         pytest.skip(f"Kumar images not found under {KUMAR}")
-    image = read_rgb_image(images[0])[:300, :400]
+    return read_rgb_image(images[0])[:384, :384]
+
+
+@pytest.mark.parametrize("source", ["kumar", "synthetic"])
+def test_real_demo_model_tiled_keeps_exactly_the_tiles_own_detections(source):
+    """The real (seeded, untrained) demo model on a 384x384 crop, tiles 256 / overlap 96.
+
+    Comparing with the whole-image prediction (AJI >= 0.98) is not possible here: an untrained
+    model's detections are noise that depends on the context it sees (measured on a 512x512
+    Kumar crop: 50 capped detections whole vs ~260 tiled, AJI < 0.1, and < 5% of the whole-image
+    nuclei inside a tile core found again), so that comparison is made with the stand-in model
+    above and on real outputs only after training. What must hold for any model is checked
+    instead: every stitched nucleus is a detection the model made on one tile (same score,
+    same box moved by the tile's origin), taken from a tile whose grown core holds its centre,
+    ids are 1..N by descending score and the Instances agree with the label map.
+    """
+    image = _kumar_crop_or_skip() if source == "kumar" else generate_tile(np.random.default_rng(0), 384)[0]
     torch.manual_seed(0)
     predictor = NucleiPredictor("configs/demo.yaml", weights="", opts=FAST_DEMO,
-                                tile_size=224, overlap=64, score_thresh=0.0)
+                                tile_size=256, overlap=96, score_thresh=0.05)
     result = predictor.predict(image)
-    assert predictor.last_timing["tiles"] == 6  # 2 rows x 3 columns
-    assert result.label_map.shape == (300, 400)
+    tiles = tile_grid(384, 384, 256, 96)
+    assert predictor.last_timing["tiles"] == len(tiles) == 4
+    assert result.label_map.shape == (384, 384)
     assert result.label_map.dtype == np.uint16 and result.scores.dtype == np.float32
     ids = np.unique(result.label_map)
     assert result.num_nuclei > 0 and set(ids) == set(range(result.num_nuclei + 1))
     assert (np.diff(result.scores) <= 0).all()
+    assert len(result.instances) == result.num_nuclei
+    # The same model on each tile alone: every stitched detection is one of these.
+    per_tile = []
+    for tile in tiles:
+        (instances,) = predictor.run_model([image[tile.y0 : tile.y1, tile.x0 : tile.x1]])
+        boxes = instances.pred_boxes.tensor.numpy() + [tile.x0, tile.y0, tile.x0, tile.y0]
+        per_tile.append((tile, boxes, instances.scores.numpy()))
+    for box, score in zip(result.instances.pred_boxes.tensor.numpy(), result.instances.scores.numpy()):
+        sources = [tile for tile, boxes, scores in per_tile
+                   if (np.isclose(scores, score, atol=1e-6) & np.abs(boxes - box).max(1).__le__(1e-3)).any()]
+        assert sources, f"stitched box {box} (score {score}) is no tile's detection"
+        assert any(t.expanded_core()[0] <= (box[1] + box[3]) / 2 < t.expanded_core()[1]
+                   and t.expanded_core()[2] <= (box[0] + box[2]) / 2 < t.expanded_core()[3]
+                   for t in sources)

@@ -89,23 +89,81 @@ def test_store_of_one_whole_tile_paints_exactly_like_instances_to_label_map():
     assert np.isin(kept_scores, scores[scores > 0.5].astype(np.float32)).all()
 
 
-def test_store_keeps_a_detection_only_from_the_tile_whose_core_holds_its_box_centre():
+def _square_det(x0, y0=40, side=10, score=0.9):
+    """One side x side square detection at tile-local (x0, y0)."""
+    return TileDetections(np.array([score], np.float32),
+                          np.array([[x0, y0, x0 + side, y0 + side]], np.float32),
+                          [(np.ones((side, side), bool), y0, x0)])
+
+
+def test_store_keeps_detections_centred_in_the_expanded_core_only():
     tiles = tile_grid(100, 200, tile_size=120, overlap=40)
-    left, right = tiles  # cores split at x = 100
-    mask = np.ones((10, 10), bool)
-
-    def det(x0):  # a 10x10 detection at tile-local x0
-        return TileDetections(np.array([0.9], np.float32),
-                              np.array([[x0, 40, x0 + 10, 50]], np.float32), [(mask, 40, x0)])
-
+    left, right = tiles  # cores split at x = 100, grown by overlap / 4 = 10 px
+    assert left.expanded_core()[3] == 110 and right.expanded_core()[2] == 90
+    assert left.private_area() == (0, 100, 0, 80) and right.private_area() == (0, 100, 120, 200)
     store = DetectionStore()
-    assert store.add(det(85), left) == 1  # centre x = 90 < 100
-    assert store.add(det(95), left) == 0  # centre x = 100 belongs to the right core
-    assert store.add(det(95 - right.x0), right) == 1
-    assert store.add(det(85 - right.x0), right) == 0
+    assert store.add(_square_det(20), left) == 1  # centre x = 25
+    assert store.add(_square_det(106), left) == 0  # centre x = 111: beyond the expanded core
+    assert store.add(_square_det(83 - right.x0), right) == 0  # centre x = 88
+    assert store.add(_square_det(150 - right.x0), right) == 1
     label_map, scores = store.paint(100, 200, max_overlap=0.7)
-    assert label_map.max() == 2 and len(scores) == 2
-    assert (label_map[40:50, 85:95] == 1).all() and (label_map[40:50, 95:105] > 0).all()
+    assert label_map.max() == 2 and len(scores) == 2 and len(store) == 2
+
+
+@pytest.mark.parametrize("left_x0,right_x0,winner", [
+    (96, 93, "left"),  # centres 101 (right core) and 98 (left core): the old rule lost it
+    (93, 96, "left"),  # centres 98 and 101: the old rule kept it twice
+    (97, 97, "right"), (95, 95, "right"), (98, 99, "right")])  # 95: a tie, higher score
+def test_a_nucleus_on_the_cut_is_kept_once_from_the_tile_that_sees_it_farthest_from_its_border(
+        left_x0, right_x0, winner):
+    """Both tiles see the nucleus, with boxes up to 2 px apart (each centre may lie on the
+    other side of the cut): exactly one detection survives, from the tile where its box lies
+    farther from that tile's interior edge (ties: the higher score)."""
+    left, right = tile_grid(100, 200, tile_size=120, overlap=40)
+    store = DetectionStore()
+    assert store.add(_square_det(left_x0, score=0.6), left) == 1
+    kept_right = store.add(_square_det(right_x0 - right.x0, score=0.9), right)
+    assert kept_right == (winner == "right")
+    assert len(store) == 1 and store.duplicates_removed == (winner == "right")
+    label_map, scores = store.paint(100, 200, max_overlap=0.7)
+    x0 = left_x0 if winner == "left" else right_x0
+    assert label_map.max() == 1 and (label_map[40:50, x0 : x0 + 10] == 1).all()
+    assert label_map.sum() == 100 and scores.tolist() == pytest.approx([0.6 if winner == "left" else 0.9])
+
+
+def test_a_truncated_piece_loses_to_the_whole_nucleus_and_neighbours_survive():
+    left, right = tile_grid(100, 200, tile_size=120, overlap=40)
+    store = DetectionStore()
+    # Left tile: a nucleus at x 104..124 cut by its edge at 120 (piece 104..120, centre 112: out
+    # of the expanded core) and one at 92..108 seen whole (centre 100).
+    truncated = TileDetections(np.array([0.99], np.float32), np.array([[104, 10, 120, 30]], np.float32),
+                               [(np.ones((20, 16), bool), 10, 104)])
+    whole_left = _square_det(92, side=16, score=0.5)
+    assert store.add(TileDetections.concatenate([truncated, whole_left]), left) == 1
+    # Right tile: the first nucleus whole; the second 2 px off (x 90..106), nearer the right
+    # tile's edge (10 px from x = 80 vs 12 px from x = 120): the left copy stays.
+    first = TileDetections(np.array([0.7], np.float32), np.array([[24, 10, 44, 30]], np.float32),
+                           [(np.ones((20, 20), bool), 10, 24)])
+    assert store.add(TileDetections.concatenate([first, _square_det(10, side=16, score=0.95)]), right) == 1
+    label_map, scores = store.paint(100, 200, max_overlap=0.7)
+    assert label_map.max() == 2 and sorted(scores.tolist()) == pytest.approx([0.5, 0.7])
+
+
+def test_store_returns_instances_of_the_painted_nuclei():
+    (tile,) = tile_grid(60, 80, tile_size=128, overlap=16)
+    store = DetectionStore()
+    dets = TileDetections.concatenate([_square_det(10, 10, 12, 0.6), _square_det(40, 30, 20, 0.9)])
+    dets.classes[:] = [0, 1]
+    store.add(dets, tile)
+    label_map, scores, instances = store.paint(60, 80, max_overlap=0.7, return_instances=True)
+    assert len(instances) == 2 and instances.image_size == (60, 80)
+    np.testing.assert_array_equal(instances.scores.numpy(), scores)
+    assert scores.tolist() == pytest.approx([0.9, 0.6])
+    assert instances.pred_classes.tolist() == [1, 0]
+    assert instances.pred_boxes.tensor[0].tolist() == [40, 30, 60, 50]
+    assert instances.pred_mask_probs.shape == (2, 1, 28, 28) and (instances.pred_mask_probs == 1).all()
+    repainted = instances_to_label_map(instances, score_thresh=0.0)
+    np.testing.assert_array_equal(repainted, label_map)
 
 
 @pytest.mark.parametrize("name", TTA_TRANSFORMS)

@@ -218,12 +218,16 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
         weights = args.weights or cfg.MODEL.WEIGHTS
         if not weights:
             raise CheckpointError("no weights: give --weights or set MODEL.WEIGHTS in the config")
-        predictor = NucleiPredictor(
-            args.config_file, opts=args.opts, weights=weights, device=device, tile_size=args.tile_size, overlap=args.overlap,
+        predictor = NucleiPredictor(  # the built cfg: the YAML and overrides are not read again
+            cfg, weights=weights, device=device, tile_size=args.tile_size, overlap=args.overlap,
             batch_size=args.batch_size, tta=args.tta, progress=not args.quiet and rank == 0,
         )
-    except (CheckpointError, NucleiConfigError, ValueError, KeyError, AssertionError) as err:
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # any failure here is one line and exit 2, never a traceback that
+        # would end this rank before its all_gather and so take its sibling ranks down with it
         summary["setup_error"] = _error_line(err) if not isinstance(err, KeyError) else f"config: {err}"
+        logger.debug("%s", traceback.format_exc())
         return summary
 
     tissue = {"auto": "auto", "on": True, "off": False}[args.tissue_mask]

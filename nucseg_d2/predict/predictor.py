@@ -120,7 +120,7 @@ class NucleiPredictor:
 
     Images up to ``tile_size`` run in one pass; larger ones are cut into ``tile_size`` tiles
     overlapping by ``overlap`` px, run in batches of ``batch_size``, and stitched: each
-    detection is kept from the tile whose core holds its box centre (see
+    nucleus is kept once, from the tile in which it lies farthest from the border (see
     :mod:`nucseg_d2.predict.tiling`), then all kept detections are painted by descending score
     with the rules of :func:`~nucseg_d2.modeling.postprocess.instances_to_label_map`. Memory is
     that of one batch of tiles plus the output label map and bit-packed masks, never a
@@ -207,28 +207,34 @@ class NucleiPredictor:
 
     # ---------------------------------------------------------------- public API
     def predict(self, image: np.ndarray) -> PredictionResult:
-        """Nuclei of an (H, W, 3) uint8 RGB image of any size."""
-        return self.predict_source(ArraySource(image), tissue_mask=None)
+        """Nuclei of an (H, W, 3) uint8 RGB image of any size: the label map and, in
+        ``result.instances``, the painted detections as Detectron2 Instances."""
+        return self.predict_source(ArraySource(image), tissue_mask=None, return_instances=True)
 
-    def predict_source(self, source: ImageSource, tissue_mask="auto", desc: Optional[str] = None
-                       ) -> PredictionResult:
+    def predict_source(self, source: ImageSource, tissue_mask="auto", desc: Optional[str] = None,
+                       return_instances: Optional[bool] = None) -> PredictionResult:
         """Nuclei of the analysed region of an :class:`ImageSource`.
 
         ``tissue_mask``: "auto" (slides only), True, False/None, or a ready TissueMask; tiles
         without tissue are skipped (they would hold no nuclei).
+        ``return_instances``: fill ``result.instances`` (~3 KB per nucleus); default: not for
+        slides, where millions of nuclei would make that gigabytes.
         """
+        if return_instances is None:
+            return_instances = not source.is_slide
         if tissue_mask == "auto":
             tissue_mask = source.is_slide
         if tissue_mask is True:
             tissue_mask = source.tissue_mask(margin=self.overlap // 2)
-        label_map, scores = self._predict_region(source.read, source.height, source.width,
-                                                 tissue_mask or None, desc or source.path)
+        label_map, scores, instances = self._predict_region(
+            source.read, source.height, source.width, tissue_mask or None, desc or source.path,
+            return_instances)
         return PredictionResult(label_map=label_map, scores=scores, downsample=float(source.downsample),
                                 origin=tuple(int(v) for v in source.origin), mpp=source.mpp,
-                                source=source.path)
+                                source=source.path, instances=instances)
 
     # ---------------------------------------------------------------- tiling loop
-    def _predict_region(self, read, height, width, tissue_mask, desc):
+    def _predict_region(self, read, height, width, tissue_mask, desc, return_instances=False):
         timing = {"read": 0.0, "inference": 0.0, "stitch": 0.0, "paint": 0.0}
         tiles = tile_grid(height, width, self.tile_size, self.overlap)
         todo = [t for t in tiles if tissue_mask is None or tissue_mask.has_tissue(t)]
@@ -260,11 +266,14 @@ class NucleiPredictor:
                     timing["stitch"] += time.perf_counter() - start
                 bar.update(len(batch))
         start = time.perf_counter()
-        label_map, scores = store.paint(height, width, self.max_overlap)
+        painted = store.paint(height, width, self.max_overlap, return_instances=return_instances)
+        label_map, scores = painted[:2]
+        instances = painted[2] if return_instances else None
         timing["paint"] = time.perf_counter() - start
-        timing.update(tiles=len(tiles), tiles_run=len(todo), detections_kept=len(store))
+        timing.update(tiles=len(tiles), tiles_run=len(todo), detections_kept=len(store),
+                      duplicates_removed=store.duplicates_removed)
         self.last_timing = timing
-        return label_map, scores
+        return label_map, scores, instances
 
     def _detect(self, images: List[np.ndarray], timing) -> List[TileDetections]:
         """Detections of each tile in its own frame (TTA views merged)."""

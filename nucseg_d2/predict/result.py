@@ -3,6 +3,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
+from detectron2.structures import Instances
 
 __all__ = ["PredictionResult"]
 
@@ -19,6 +20,14 @@ class PredictionResult:
         origin: (x0, y0) level-0 offset of the analysed region.
         mpp: µm per pixel at the analysed level, or None when the file does not say.
         source: the input path, or None for an in-memory image.
+        instances: Detectron2 ``Instances`` of the painted nuclei in analysed-image coordinates,
+            ``instances[i]`` being id i + 1: ``pred_boxes`` (the model's boxes), ``scores``,
+            ``pred_classes`` and ``pred_mask_probs`` (N, 1, 28, 28) float32, the stitched binary
+            mask sampled at 28 x 28 points of its box (the format NucleiRCNN returns, so
+            :func:`~nucseg_d2.modeling.postprocess.instances_to_label_map` re-pastes it; the
+            label map is the exact mask, and holds only the part left uncovered by higher ids).
+            Filled by ``NucleiPredictor.predict``; None for slides read through
+            ``predict_source`` (unless asked for), where it would cost ~3 KB per nucleus.
     """
 
     label_map: np.ndarray
@@ -27,6 +36,7 @@ class PredictionResult:
     origin: Tuple[int, int] = (0, 0)
     mpp: Optional[float] = None
     source: Optional[str] = None
+    instances: Optional[Instances] = None
 
     def __post_init__(self):
         if self.label_map.ndim != 2:
