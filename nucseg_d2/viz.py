@@ -29,7 +29,7 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from .evaluation.metrics import pairwise_overlap
-from .predict.writers import atomic_path
+from .utils import atomic_path
 
 __all__ = [
     "TRUE_POSITIVE",

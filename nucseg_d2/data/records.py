@@ -4,7 +4,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import warnings
 
 import numpy as np
@@ -12,6 +11,7 @@ import pycocotools.mask as mask_util
 import scipy.ndimage
 from detectron2.structures import BoxMode
 
+from ..utils import atomic_path
 from .readers import NucleiDataError, load_label_map, read_rgb_image
 
 __all__ = ["label_map_to_annotations", "build_records", "get_nuclei_cache_dir"]
@@ -134,16 +134,9 @@ def build_records(specs, cache_key):
             logger.warning("Ignoring unreadable records cache %s (%s)", cache_path, err)
     records = [_build_record(spec) for spec in specs]
     try:
-        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
         # Atomic write: readers (other processes) see either no entry or a complete one.
-        handle, temp_path = tempfile.mkstemp(dir=os.path.dirname(cache_path), suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as temp_file:
-                pickle.dump(records, temp_file, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(temp_path, cache_path)
-        except BaseException:
-            os.unlink(temp_path)
-            raise
+        with atomic_path(cache_path) as temp_path, open(temp_path, "wb") as temp_file:
+            pickle.dump(records, temp_file, protocol=pickle.HIGHEST_PROTOCOL)
     except OSError as err:
         warnings.warn(f"Could not write records cache {cache_path}: {err}")
     return records

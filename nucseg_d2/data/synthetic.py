@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -22,6 +21,8 @@ from PIL import Image
 from scipy import ndimage
 from skimage.draw import polygon as draw_polygon
 from skimage.segmentation import find_boundaries
+
+from ..utils import atomic_path
 
 __all__ = ["MIN_NUCLEUS_AREA", "generate_tile", "ensure_synthetic_split"]
 
@@ -343,15 +344,8 @@ def generate_tile(
 
 def _save_png_atomically(array: np.ndarray, path: Path) -> None:
     """Write ``path`` via a temp file and os.replace, so it is never seen half-written."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            Image.fromarray(array).save(stream, format="PNG", compress_level=1)
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
+    with atomic_path(path) as temp_name:
+        Image.fromarray(array).save(temp_name, format="PNG", compress_level=1)
 
 
 def _write_pair(image: np.ndarray, labels: np.ndarray, image_path: Path, label_path: Path) -> None:

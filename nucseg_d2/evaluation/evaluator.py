@@ -13,7 +13,8 @@ from PIL import Image
 
 from ..data.readers import load_label_map
 from ..modeling.postprocess import instances_to_label_map, label_map_dtype
-from ..predict.writers import atomic_path, write_label_tiff
+from ..predict.writers import write_label_tiff
+from ..utils import atomic_path
 from .metrics import metric_keys
 from .reporting import score_image, summarize_scores, write_reports
 

@@ -10,12 +10,12 @@ import csv
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..utils import atomic_path
 from .metrics import aji_counts, compute_metrics, pairwise_overlap, summarize
 
 __all__ = [
@@ -117,21 +117,9 @@ def json_safe(obj):
 
 
 def _replace_atomically(path: str, write) -> None:
-    """Write through ``write(file)`` to a temporary file beside ``path``, then rename it.
-
-    Readers (and a run interrupted mid-write) never see a half-written report; the temporary
-    name is unique, so two processes writing the same report do not clobber each other's file.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    descriptor, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(descriptor, "w", newline="") as tmp_file:
-            write(tmp_file)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    """Write text through ``write(file)`` to a temporary file beside ``path``, then rename it."""
+    with atomic_path(path) as tmp_path, open(tmp_path, "w", newline="") as tmp_file:
+        write(tmp_file)
 
 
 def write_json_atomic(path: str, obj) -> None:

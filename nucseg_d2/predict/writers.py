@@ -13,12 +13,11 @@ origin (x0, y0). Scaling edges (not centres) keeps outlines and centroids aligne
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
 import uuid
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -31,6 +30,7 @@ from skimage.measure import regionprops_table
 from skimage.segmentation import find_boundaries
 
 from ..modeling.postprocess import label_map_dtype
+from ..utils import atomic_path
 from .result import PredictionResult
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "rle_from_crop",
     "nucleus_table",
     "overlay_contours",
-    "atomic_path",
 ]
 
 NUCLEUS_CLASS_NAME = "Nucleus"
@@ -61,39 +60,6 @@ _TILED_TIFF_MIN_SIDE = 2048
 _TIFF_TILE = (256, 256)
 # Fixed namespace so a nucleus gets the same UUID each time the same input is predicted.
 _GEOJSON_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/nucseg-d2/geojson")
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-@contextlib.contextmanager
-def atomic_path(path) -> Iterator[str]:
-    """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``.
-
-    On any error the temp file is removed and ``path`` is left as it was. OSErrors are re-raised
-    naming ``path`` (the temp name would mean nothing to the user).
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    temp_path = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        os.makedirs(directory, exist_ok=True)
-        # Reserve the name with mode "x" (not mkstemp: that creates 0600 files; this one follows
-        # the umask like any other output).
-        open(temp_path, "xb").close()
-        yield temp_path
-        fd = os.open(temp_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp_path, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_path)
-        if isinstance(err, OSError) and path not in str(err):
-            raise OSError(f"cannot write {path}: {err}") from err
-        raise
 
 
 def _check_result(result: PredictionResult, path) -> Tuple[np.ndarray, np.ndarray, int]:
