@@ -1,6 +1,9 @@
 """Config keys added by nucseg-d2. Call ``add_nucseg_config(cfg)`` on a fresh ``get_cfg()``."""
 from detectron2.config import CfgNode as CN
 
+# The nuclei metrics reported unless told otherwise (names from nucseg_d2.evaluation.metrics).
+DEFAULT_METRICS = ("aji", "aji_plus", "paper_aji", "dice1", "pq")
+
 
 def add_nucseg_config(cfg):
     """Add every nucseg-d2 key, with its default, to ``cfg`` (a copy of Detectron2's defaults)."""
@@ -40,7 +43,7 @@ def add_nucseg_config(cfg):
     # Drop a mask more than this fraction covered by higher-scoring masks; else keep its free part.
     _C.TEST.NUCLEI.MAX_OVERLAP = 0.7
     # Metrics the NucleiEvaluator reports (names from nucseg_d2.evaluation.metrics).
-    _C.TEST.NUCLEI.METRICS = ["aji", "aji_plus", "paper_aji", "dice1", "pq"]
+    _C.TEST.NUCLEI.METRICS = list(DEFAULT_METRICS)
     # Also run Detectron2's COCOEvaluator (mask AP) beside the nuclei metrics.
     _C.TEST.NUCLEI.COCO_AP = False
 

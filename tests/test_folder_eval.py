@@ -150,7 +150,10 @@ def test_groups_csv_gives_means_per_group(folders, tmp_path):
         "mean": {key: 0.0 for key in ("aji", "aji_plus", "paper_aji", "dice1", "dq", "sq", "pq")},
         "std": {key: None for key in ("aji", "aji_plus", "paper_aji", "dice1", "dq", "sq", "pq")},
         "count": 1,
+        "pooled_aji": 0.0,
     }
+    # Pooled per organ: Breast sums image a (8/11) with a perfect image, so it lies strictly between.
+    assert 8 / 11 < summary["groups"]["Breast"]["pooled_aji"] < 1.0
     assert _rows(out)["a"]["organ"] == "Breast"
 
 

@@ -16,14 +16,13 @@ from ..modeling.postprocess import instances_to_label_map, label_map_dtype
 from ..predict.writers import write_label_tiff
 from ..utils import atomic_path
 from .metrics import metric_keys
-from .reporting import score_image, summarize_scores, write_reports
+from .reporting import DEFAULT_METRICS, GROUP_FIELDS, score_image, summarize_scores, write_reports
 
 __all__ = ["NucleiEvaluator"]
 
 logger = logging.getLogger(__name__)
 
 # Record fields copied into each per-image row so results can be grouped (per organ, patient).
-_GROUP_FIELDS = ("organ", "patient")
 
 
 class NucleiEvaluator(DatasetEvaluator):
@@ -40,7 +39,7 @@ class NucleiEvaluator(DatasetEvaluator):
         self,
         dataset_name: str,
         output_dir: Optional[str] = None,
-        metrics: Iterable[str] = ("aji", "aji_plus", "paper_aji", "dice1", "pq"),
+        metrics: Iterable[str] = DEFAULT_METRICS,
         score_thresh: float = 0.5,
         mask_thresh: float = 0.5,
         max_overlap: float = 0.7,
@@ -84,7 +83,7 @@ class NucleiEvaluator(DatasetEvaluator):
                 max_overlap=self.max_overlap,
                 image_size=gt.shape,
             )
-            groups = {key: record[key] for key in _GROUP_FIELDS if key in record}
+            groups = {key: record[key] for key in GROUP_FIELDS if key in record}
             self._scores.append(score_image(record["image_id"], gt, pred, self.metrics, groups))
             if self.save_label_maps and self.output_dir:
                 self._write_label_map(record["image_id"], pred)
@@ -110,7 +109,7 @@ class NucleiEvaluator(DatasetEvaluator):
             logger.warning(f"NucleiEvaluator on {self.dataset_name}: no predictions to score")
             return {}
         metric_names = metric_keys(self.metrics)
-        group_key = next((key for key in _GROUP_FIELDS if key in scores[0].row), None)
+        group_key = next((key for key in GROUP_FIELDS if key in scores[0].row), None)
         rows, summary = summarize_scores(scores, metric_names, group_key=group_key)
         summary["dataset"] = self.dataset_name
         summary["postprocess"] = {

@@ -29,6 +29,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from ..data.readers import NucleiDataError, load_label_map, read_label_map
 from .metrics import ALL_METRICS, metric_keys
 from .reporting import (
+    DEFAULT_METRICS,
+    GROUP_FIELDS,
     ID_AND_COUNT_COLUMNS,
     METRICS_JSON,
     PER_IMAGE_CSV,
@@ -51,9 +53,7 @@ __all__ = [
 
 LABEL_MAP_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".mat")
 # The evaluator's default (TEST.NUCLEI.METRICS), so both tools report the same columns by default.
-DEFAULT_METRICS = ("aji", "aji_plus", "paper_aji", "dice1", "pq")
 # Record fields used as groups with --dataset, in the evaluator's order of preference.
-_DATASET_GROUP_FIELDS = ("organ", "patient")
 # Error messages list at most this many file names, then say how many more there are.
 _MAX_LISTED = 20
 
@@ -184,7 +184,7 @@ def _dataset_ground_truth(dataset: str) -> Tuple[Dict[str, dict], Optional[str]]
     if not records:
         raise FolderEvalError(f"data set {dataset} has no images")
     first = next(iter(records.values()))
-    group_key = next((key for key in _DATASET_GROUP_FIELDS if key in first), None)
+    group_key = next((key for key in GROUP_FIELDS if key in first), None)
     return records, group_key
 
 

@@ -15,6 +15,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..config import DEFAULT_METRICS  # noqa: F401  (one list, re-exported for the evaluation tools)
 from ..utils import atomic_path
 from .metrics import aji_counts, compute_metrics, pairwise_overlap, summarize
 
@@ -34,6 +35,8 @@ __all__ = [
 
 METRICS_JSON = "metrics.json"
 PER_IMAGE_CSV = "per_image.csv"
+# Record fields copied into each per-image row so results can be grouped (per organ, patient).
+GROUP_FIELDS = ("organ", "patient")
 
 # Per-image columns that are neither metrics nor group labels.
 ID_AND_COUNT_COLUMNS = ("image_id", "num_gt", "num_pred")
@@ -98,6 +101,10 @@ def summarize_scores(scores: Sequence[ImageScore], metric_names: Sequence[str],
         summary = summarize(rows, list(metric_names), group_key=group_key)
     summary["num_images"] = len(rows)
     summary["pooled_aji"] = pooled_aji_from_scores(scores)
+    if group_key is not None:
+        for group, group_summary in summary["groups"].items():
+            members = [score for score in scores if score.row.get(group_key) == group]
+            group_summary["pooled_aji"] = pooled_aji_from_scores(members)
     return rows, summary
 
 

@@ -16,12 +16,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .reporting import PER_IMAGE_CSV
+from .reporting import DEFAULT_METRICS, PER_IMAGE_CSV
 from .significance import compare_per_image_csv
 
 __all__ = ["results_table", "per_image_table", "main"]
-
-DEFAULT_METRICS = ("aji", "aji_plus", "paper_aji", "dice1", "pq")
 
 
 def _per_image_csv(run_dir: str, dataset: str) -> str:
