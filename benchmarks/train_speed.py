@@ -57,6 +57,8 @@ def time_config(cfg, records, iters, infer_image, warmup=2):
             optimizer.zero_grad()
             sum(losses.values()).backward()
             optimizer.step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # kernels run asynchronously; time them, not their launch
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     model.eval()
@@ -67,6 +69,8 @@ def time_config(cfg, records, iters, infer_image, warmup=2):
         model([test_input])
         start = time.perf_counter()
         detections = len(model([test_input])[0]["instances"])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         infer = time.perf_counter() - start
     if torch.cuda.is_available():
         return float(np.median(times)), infer, detections, torch.cuda.max_memory_allocated() / 2**20
