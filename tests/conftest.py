@@ -1,11 +1,10 @@
 """Shared fixtures: an isolated cache, and the real data sets when this machine has them."""
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from real_data import REAL_DATA_ROOT
 
-REAL_DATA_ROOT = Path(os.environ.get("NUCSEG_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -25,10 +25,9 @@ from nucseg_d2.data import datasets, records
 from nucseg_d2.data.readers import NucleiDataError
 from nucseg_d2.data.records import build_records, label_map_to_annotations
 
-# The shared real data (the project sees it as ../shared/data); tests using it skip without it.
-REAL_ROOT = Path(
-    os.environ.get("NUCSEG_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "data"
-)
+from real_data import REAL_DATA_ROOT  # noqa: E402  (tests/ helper)
+
+REAL_ROOT = REAL_DATA_ROOT
 SPLITS_DIR = Path(datasets.__file__).parent / "splits"
 TNBC_SIZES = {"tnbc_train": 30, "tnbc_val": 7, "tnbc_test": 13}
 KUMAR_SIZES = {

@@ -40,7 +40,9 @@ from nucseg_d2.evaluation.metrics import (
     summarize,
 )
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+from real_data import REAL_DATA_ROOT  # noqa: E402  (tests/ helper)
+
+DATA = str(REAL_DATA_ROOT)
 KUMAR_LABELS = sorted(glob.glob(os.path.join(DATA, "kumar", "labels", "*.png")))
 TNBC_GT = sorted(glob.glob(os.path.join(DATA, "tnbc", "GT_*", "*.png")))
 SCORE_KEYS = [k for k in metric_keys() if k != "object_hausdorff"]

@@ -1,7 +1,5 @@
 """Readers: each file format on hand-made files, and on the real data when it is present."""
-import os
 import warnings
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,10 +18,9 @@ from nucseg_d2.data.readers import (
     read_tnbc_gt,
 )
 
-# The shared real data (the project sees it as ../shared/data); tests using it skip without it.
-REAL_ROOT = Path(
-    os.environ.get("NUCSEG_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "data"
-)
+from real_data import REAL_DATA_ROOT  # noqa: E402  (tests/ helper)
+
+REAL_ROOT = REAL_DATA_ROOT
 needs_tnbc = pytest.mark.skipif(not (REAL_ROOT / "tnbc").is_dir(), reason="real TNBC data absent")
 needs_kumar = pytest.mark.skipif(
     not (REAL_ROOT / "kumar").is_dir(), reason="real Kumar data absent"
