@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 DATA_ROOT_ENV = "NUCSEG_DATASETS"
 _SPLITS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits")
-_IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+_IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".webp", ".jpg", ".jpeg", ".bmp")
 _LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".mat")
 
 TNBC_SPLITS = ("train", "val", "test")
@@ -209,6 +209,22 @@ def _kumar_ids(split):
     return [(image_id, organ_of[image_id]) for image_id in ids]
 
 
+def _kumar_image_file(root, image_id):
+    """The original ``images/<id>.tif``, else a losslessly re-encoded copy of it (e.g. ``.webp``).
+
+    The re-encoded copies exist because the 30 LZW TIFFs (67 MB) do not fit the 64 MiB a GPU
+    device command carries, while lossless WebP (41 MB) does; see scripts/prepare_device_data.sh.
+    """
+    original = os.path.join(root, "images", f"{image_id}.tif")
+    if os.path.isfile(original):
+        return original
+    for suffix in _IMAGE_SUFFIXES:
+        candidate = os.path.join(root, "images", image_id + suffix)
+        if os.path.isfile(candidate):
+            return candidate
+    return original  # reported as missing by _check_files_exist
+
+
 def _load_kumar(dataset_name, split):
     root = get_nuclei_data_root("kumar")
     _update_metadata(dataset_name, dataset_root=root)
@@ -223,7 +239,7 @@ def _load_kumar(dataset_name, split):
             label_file, label_format = label_xml, "monuseg_xml"
         specs.append(
             {
-                "file_name": os.path.join(root, "images", f"{image_id}.tif"),
+                "file_name": _kumar_image_file(root, image_id),
                 "label_file": label_file,
                 "label_format": label_format,
                 "image_id": image_id,

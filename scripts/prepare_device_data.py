@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Fill the ignored ``.device/`` folder that a GPU device command carries: the detectron2 kit and
+the data sets a run needs, in a form that fits the device's 64 MiB carry limit.
+
+    python scripts/prepare_device_data.py tnbc            # kit + TNBC       (~33 MiB)
+    python scripts/prepare_device_data.py kumar           # kit + Kumar     (~50 MiB)
+
+TNBC is copied as is. Kumar's LZW TIFFs (67 MB) are re-encoded as lossless WebP (about 41 MB),
+and every re-encoded image is decoded again and compared with the original pixel by pixel, so a
+run on the copy sees exactly the pixels of the original. Both data sets together do not fit one
+command: train and evaluate them in separate device commands.
+Then: ``run`` with ``carry: [".device"]`` and ``bash scripts/gpu_train_eval.sh ...``.
+"""
+import argparse
+import os
+import shutil
+import sys
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+CARRY_LIMIT_BYTES = 64 * 2**20
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA_ROOT = os.environ.get("NUCSEG_DATASETS") or os.path.join(REPO_ROOT, "..", "shared", "data")
+DEFAULT_KIT = os.path.join(REPO_ROOT, "..", "shared", "device-kit")
+
+
+class DevicePrepError(RuntimeError):
+    pass
+
+
+def folder_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _read_tiff_pixels(path):
+    try:
+        return tifffile.imread(path)
+    except Exception as e:  # tifffile raises many types for a corrupt file
+        raise DevicePrepError(f"{path}: cannot read the TIFF ({e})") from e
+
+
+def reencode_lossless_webp(tiff_path, webp_path):
+    """Write ``tiff_path`` as lossless WebP and prove, by decoding it again, that no pixel changed."""
+    pixels = _read_tiff_pixels(tiff_path)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+        raise DevicePrepError(f"{tiff_path}: expected 8-bit RGB(A), got {pixels.dtype} {pixels.shape}; "
+                              "WebP cannot hold it losslessly")
+    mode = "RGB" if pixels.shape[2] == 3 else "RGBA"
+    Image.fromarray(pixels, mode).save(webp_path, format="WEBP", lossless=True, quality=100, method=4)
+    with Image.open(webp_path) as decoded:
+        if not np.array_equal(np.asarray(decoded.convert(mode)), pixels):
+            raise DevicePrepError(f"{webp_path}: the re-encoded pixels differ from {tiff_path}")
+
+
+def _copy_tnbc(source, dest):
+    shutil.copytree(source, dest)
+
+
+def _copy_kumar(source, dest):
+    os.makedirs(os.path.join(dest, "images"))
+    images = sorted(f for f in os.listdir(os.path.join(source, "images")) if f.lower().endswith((".tif", ".tiff")))
+    if not images:
+        raise DevicePrepError(f"{os.path.join(source, 'images')}: no .tif images to re-encode")
+    for name in images:
+        stem = os.path.splitext(name)[0]
+        reencode_lossless_webp(os.path.join(source, "images", name), os.path.join(dest, "images", stem + ".webp"))
+    shutil.copytree(os.path.join(source, "labels"), os.path.join(dest, "labels"))
+    # The XML polygons are only the fallback for images without a label map: carry just those.
+    for name in images:
+        stem = os.path.splitext(name)[0]
+        xml = os.path.join(source, "xml", stem + ".xml")
+        if not os.path.isfile(os.path.join(source, "labels", stem + ".png")) and os.path.isfile(xml):
+            os.makedirs(os.path.join(dest, "xml"), exist_ok=True)
+            shutil.copy2(xml, os.path.join(dest, "xml", stem + ".xml"))
+    return len(images)
+
+
+COPIERS = {"tnbc": _copy_tnbc, "kumar": _copy_kumar}
+
+
+def _exclude_from_git(dest):
+    """Keep ``dest`` out of git (the data may not be redistributed) without touching .gitignore."""
+    exclude = os.path.join(REPO_ROOT, ".git", "info", "exclude")
+    if not os.path.isdir(os.path.dirname(exclude)):
+        return
+    rel = os.path.relpath(os.path.abspath(dest), REPO_ROOT)
+    if rel.startswith(".."):
+        return
+    entry = f"/{rel}/"
+    existing = open(exclude).read().splitlines() if os.path.isfile(exclude) else []
+    if entry not in existing:
+        with open(exclude, "a") as f:
+            f.write(("\n" if existing and existing[-1] else "") + entry + "\n")
+
+
+def prepare(datasets, data_root, kit, dest):
+    """Build ``dest/kit`` and ``dest/data/<set>`` (replacing earlier sets); returns total bytes."""
+    unknown = [name for name in datasets if name not in COPIERS]
+    if unknown:
+        raise DevicePrepError(f"unknown data set(s) {unknown}; choose from {sorted(COPIERS)}")
+    for name in datasets:
+        if not os.path.isdir(os.path.join(data_root, name)):
+            raise DevicePrepError(f"{os.path.join(data_root, name)}: data set folder not found "
+                                  "(set NUCSEG_DATASETS or --data-root)")
+    if not os.path.isfile(os.path.join(kit, "install.sh")):
+        raise DevicePrepError(f"{kit}: no install.sh; not a device kit (see ../shared/device-kit)")
+    os.makedirs(dest, exist_ok=True)
+    _exclude_from_git(dest)
+    kit_dest = os.path.join(dest, "kit")
+    if not os.path.isdir(kit_dest):
+        shutil.copytree(kit, kit_dest, ignore=shutil.ignore_patterns("site"))
+    data_dest = os.path.join(dest, "data")
+    # A carry holds what the next command needs and nothing more: drop sets from earlier runs.
+    if os.path.isdir(data_dest):
+        shutil.rmtree(data_dest)
+    os.makedirs(data_dest)
+    for name in datasets:
+        staging = os.path.join(data_dest, name + ".partial")
+        COPIERS[name](os.path.join(data_root, name), staging)
+        os.replace(staging, os.path.join(data_dest, name))
+    return folder_bytes(dest)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("datasets", nargs="+", metavar="SET", help="tnbc and/or kumar")
+    parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
+    parser.add_argument("--kit", default=DEFAULT_KIT)
+    parser.add_argument("--dest", default=os.path.join(REPO_ROOT, ".device"))
+    args = parser.parse_args(argv)
+    try:
+        total = prepare(args.datasets, args.data_root, args.kit, args.dest)
+    except (DevicePrepError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.dest}: {total / 2**20:.1f} MiB to carry (limit {CARRY_LIMIT_BYTES / 2**20:.0f} MiB)")
+    if total > CARRY_LIMIT_BYTES:
+        print(f"error: {args.dest} is over the device's carry limit; prepare fewer data sets per run",
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

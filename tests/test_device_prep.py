@@ -1,0 +1,103 @@
+"""scripts/prepare_device_data.py: the GPU carry folder holds pixel-identical data that fits."""
+import csv
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from detectron2.data import DatasetCatalog
+from PIL import Image
+
+from nucseg_d2.data.readers import read_rgb_image
+
+REPO = Path(__file__).resolve().parents[1]
+SPLIT_CSV = REPO / "nucseg_d2" / "data" / "splits" / "kumar2017_split.csv"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("prepare_device_data", REPO / "scripts" / "prepare_device_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+prep = _load_script()
+RECTANGLE_XML = (
+    "<Annotations><Annotation><Regions><Region><Vertices>"
+    '<Vertex X="1" Y="1"/><Vertex X="4" Y="1"/><Vertex X="4" Y="3"/><Vertex X="1" Y="3"/>'
+    "</Vertices></Region></Regions></Annotation></Annotations>"
+)
+
+
+@pytest.fixture()
+def kumar_root(tmp_path):
+    """Kumar layout with noisy 16x16 TIFFs (noise defeats any lossy codec that sneaks in)."""
+    root = tmp_path / "data"
+    for folder in ("images", "labels", "xml"):
+        (root / "kumar" / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(SPLIT_CSV, newline="") as f:
+        for index, row in enumerate(csv.DictReader(f)):
+            image_id = row["image_id"]
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            tifffile.imwrite(root / "kumar" / "images" / f"{image_id}.tif", pixels, compression="lzw")
+            if index < 2:  # image 0 has polygons only; image 1 has both (its label map wins)
+                (root / "kumar" / "xml" / f"{image_id}.xml").write_text(RECTANGLE_XML)
+            if index != 0:
+                labels = np.zeros((16, 16), np.uint16)
+                labels[2:6, 3:9] = 1
+                Image.fromarray(labels).save(root / "kumar" / "labels" / f"{image_id}.png")
+    return root
+
+
+@pytest.fixture()
+def kit(tmp_path):
+    kit = tmp_path / "kit"
+    (kit / "wheels").mkdir(parents=True)
+    (kit / "install.sh").write_text("#!/bin/sh\n")
+    return kit
+
+
+def test_kumar_copy_is_webp_with_identical_pixels_and_loads(kumar_root, kit, tmp_path, monkeypatch):
+    dest = tmp_path / "device"
+    assert prep.main(["kumar", "--data-root", str(kumar_root), "--kit", str(kit), "--dest", str(dest)]) == 0
+    copies = sorted((dest / "data" / "kumar" / "images").iterdir())
+    assert len(copies) == 30 and all(p.suffix == ".webp" for p in copies)
+    assert (dest / "kit" / "install.sh").is_file()
+    assert len(list((dest / "data" / "kumar" / "labels").iterdir())) == 29
+    with open(SPLIT_CSV, newline="") as f:
+        polygons_only = next(csv.DictReader(f))["image_id"]
+    assert [p.name for p in (dest / "data" / "kumar" / "xml").iterdir()] == [f"{polygons_only}.xml"]
+    assert not list((dest / "data").glob("*.partial"))
+
+    monkeypatch.setenv("NUCSEG_DATASETS", str(dest / "data"))
+    records = DatasetCatalog.get("kumar_val")
+    assert len(records) == 4 and all(r["file_name"].endswith(".webp") for r in records)
+    for record in records:
+        original = kumar_root / "kumar" / "images" / f"{record['image_id']}.tif"
+        assert np.array_equal(read_rgb_image(record["file_name"]), read_rgb_image(str(original)))
+
+
+def test_original_tiff_is_preferred_over_a_copy(kumar_root, monkeypatch):
+    images = kumar_root / "kumar" / "images"
+    stem = next(images.iterdir()).stem
+    prep.reencode_lossless_webp(images / f"{stem}.tif", images / f"{stem}.webp")
+    monkeypatch.setenv("NUCSEG_DATASETS", str(kumar_root))
+    records = DatasetCatalog.get("kumar_train") + DatasetCatalog.get("kumar_test")
+    assert all(r["file_name"].endswith(".tif") for r in records)
+
+
+def test_refuses_a_lossy_target_and_unknown_sets(tmp_path, kumar_root, kit):
+    sixteen_bit = tmp_path / "deep.tif"
+    tifffile.imwrite(sixteen_bit, np.zeros((4, 4, 3), np.uint16))
+    with pytest.raises(prep.DevicePrepError, match=r"deep\.tif.*8-bit RGB"):
+        prep.reencode_lossless_webp(sixteen_bit, tmp_path / "deep.webp")
+    assert prep.main(["cpm17", "--data-root", str(kumar_root), "--kit", str(kit), "--dest", str(tmp_path / "d")]) == 2
+    assert prep.main(["tnbc", "--data-root", str(kumar_root), "--kit", str(kit), "--dest", str(tmp_path / "d")]) == 2
+
+
+def test_over_the_carry_limit_is_an_error(kumar_root, kit, tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "CARRY_LIMIT_BYTES", 1000)
+    dest = tmp_path / "device"
+    assert prep.main(["kumar", "--data-root", str(kumar_root), "--kit", str(kit), "--dest", str(dest)]) == 3
