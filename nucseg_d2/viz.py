@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
@@ -29,6 +28,7 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from .evaluation.metrics import pairwise_overlap
+from .evaluation.reporting import read_training_metrics
 from .utils import atomic_path
 
 __all__ = [
@@ -300,37 +300,6 @@ def plot_per_image_metrics(per_image_csv, out_png, metrics: Optional[Sequence[st
     return list(metrics)
 
 
-def _read_metrics_json(metrics_json) -> Dict[str, Dict[int, float]]:
-    """{key: {iteration: value}} from Detectron2's metrics.json (one JSON object per line).
-
-    Detectron2 appends to the file when a run is resumed or started again in the same folder, so
-    an iteration lower than the previous line's starts a new run: earlier lines from that
-    iteration on are dropped (resume: the rerun replaces them; fresh start: the old run goes).
-    A line that does not parse (a run killed mid-write) is skipped.
-    """
-    entries: List[dict] = []
-    with open(metrics_json, encoding="utf-8") as stream:
-        for line in stream:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(entry, dict) or not isinstance(entry.get("iteration"), (int, float)):
-                continue
-            if entries and entry["iteration"] < entries[-1]["iteration"]:
-                entries = [e for e in entries if e["iteration"] < entry["iteration"]]
-            entries.append(entry)
-    series: Dict[str, Dict[int, float]] = {}
-    for entry in entries:
-        for key, value in entry.items():
-            if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                series.setdefault(key, {})[int(entry["iteration"])] = float(value)
-    if not series:
-        raise ValueError(f"{metrics_json}: no metrics entries (expected Detectron2's metrics.json, "
-                         "one JSON object with an 'iteration' per line)")
-    return series
-
-
 def _xy(points: Mapping[int, float]):
     iterations = sorted(points)
     return np.array(iterations), np.array([points[i] for i in iterations])
@@ -343,7 +312,7 @@ def plot_training_curves(metrics_json, out_png) -> Dict[str, List[str]]:
     evaluation key whose last part is ``aji`` (e.g. ``nuclei/aji``). Returns the keys drawn
     per panel ({"losses": [...], "lr": [...], "aji": [...]}).
     """
-    series = _read_metrics_json(metrics_json)
+    series = read_training_metrics(metrics_json)
     loss_keys = sorted(k for k in series if k.startswith("loss_"))
     if "total_loss" in series:
         loss_keys.append("total_loss")

@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-from nucseg_d2.evaluation.results_table import main, per_image_table, results_table
+from nucseg_d2.evaluation.results_table import accuracy_curve_table, main, per_image_table, results_table
 
 
 def _write_run(folder, dataset, aji_values, organ=None):
@@ -42,3 +42,21 @@ def test_per_image_table_and_missing_dataset(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="per_image.csv"):
         results_table([("B", base)], "tnbc_test")
+
+
+def test_accuracy_curve_table_from_training_metrics(tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [
+        {"iteration": 9, "total_loss": 2.0},
+        {"iteration": 19, "tnbc_val/nuclei/aji": 0.41, "tnbc_val/nuclei/pq": 0.3},
+        {"iteration": 29, "tnbc_val/nuclei/aji": 0.52, "tnbc_val/nuclei/pq": 0.45, "tnbc_val/nuclei/dice1": 0.7},
+    ]
+    (run / "training_metrics.json").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    rows = accuracy_curve_table([("P", str(run))], "tnbc_val").splitlines()
+    assert rows[0] == "| iteration | P aji | P dice1 | P pq |"
+    assert rows[2:] == ["| 19 | 0.4100 | - | 0.3000 |", "| 29 | 0.5200 | 0.7000 | 0.4500 |"]
+    assert main(["--dataset", "tnbc_test", "--curve", "--run", f"P={run}"]) == 2
+    assert "no tnbc_test evaluation" in capsys.readouterr().err

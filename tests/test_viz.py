@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from nucseg_d2 import viz
+from nucseg_d2.evaluation.reporting import read_training_metrics
 from nucseg_d2.predict.writers import write_label_tiff
 from nucseg_d2.viz import (
     CATEGORY_COLORS,
@@ -165,7 +166,7 @@ def _write_metrics_json(path):
 def test_metrics_json_resumed_run_replaces_the_old_tail(tmp_path):
     path = tmp_path / "metrics.json"
     _write_metrics_json(path)
-    series = viz._read_metrics_json(path)
+    series = read_training_metrics(path)
     assert series["total_loss"] == {19: 2.0, 39: 2.0, 59: 2.0, 79: 1.5, 99: 1.4}
     assert series["nuclei/aji"] == {49: 0.5, 99: 0.6}
     assert series["lr"][99] == 0.001

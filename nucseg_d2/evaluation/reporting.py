@@ -31,6 +31,7 @@ __all__ = [
     "write_csv_atomic",
     "write_reports",
     "format_summary_table",
+    "read_training_metrics",
 ]
 
 METRICS_JSON = "metrics.json"
@@ -188,3 +189,34 @@ def format_summary_table(summary: Mapping[str, object], metric_names: Sequence[s
                         for group, stats in sorted(groups.items(), key=lambda item: str(item[0]))]
         text.extend(_render(group_lines))
     return "\n".join(text)
+
+
+def read_training_metrics(metrics_json) -> Dict[str, Dict[int, float]]:
+    """{key: {iteration: value}} from Detectron2's metrics.json (one JSON object per line).
+
+    Detectron2 appends to the file when a run is resumed or started again in the same folder, so
+    an iteration lower than the previous line's starts a new run: earlier lines from that
+    iteration on are dropped (resume: the rerun replaces them; fresh start: the old run goes).
+    A line that does not parse (a run killed mid-write) is skipped.
+    """
+    entries: List[dict] = []
+    with open(metrics_json, encoding="utf-8") as stream:
+        for line in stream:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(entry, dict) or not isinstance(entry.get("iteration"), (int, float)):
+                continue
+            if entries and entry["iteration"] < entries[-1]["iteration"]:
+                entries = [e for e in entries if e["iteration"] < entry["iteration"]]
+            entries.append(entry)
+    series: Dict[str, Dict[int, float]] = {}
+    for entry in entries:
+        for key, value in entry.items():
+            if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                series.setdefault(key, {})[int(entry["iteration"])] = float(value)
+    if not series:
+        raise ValueError(f"{metrics_json}: no metrics entries (expected Detectron2's metrics.json, "
+                         "one JSON object with an 'iteration' per line)")
+    return series

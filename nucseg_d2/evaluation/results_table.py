@@ -7,6 +7,8 @@ baseline"), as in the paper's Tables 2-4.
 
     python -m nucseg_d2.evaluation.results_table --dataset tnbc_test \
         --run Baseline=results/tnbc_maskrcnn --run Proposed=results/tnbc_proposed [--per-image]
+    python -m nucseg_d2.evaluation.results_table --dataset tnbc_val --curve \
+        --run Proposed=results/tnbc_proposed          # metric against iteration (training evals)
 """
 import argparse
 import csv
@@ -16,10 +18,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .reporting import DEFAULT_METRICS, PER_IMAGE_CSV
+from .reporting import DEFAULT_METRICS, PER_IMAGE_CSV, read_training_metrics
 from .significance import compare_per_image_csv
 
-__all__ = ["results_table", "per_image_table", "main"]
+__all__ = ["results_table", "per_image_table", "accuracy_curve_table", "main"]
+
+TRAINING_METRICS_JSON = "training_metrics.json"
 
 
 def _per_image_csv(run_dir: str, dataset: str) -> str:
@@ -75,6 +79,30 @@ def per_image_table(runs: Sequence[Tuple[str, str]], dataset: str, metric: str =
     return "\n".join(lines)
 
 
+def accuracy_curve_table(runs: Sequence[Tuple[str, str]], dataset: str,
+                         metrics: Sequence[str] = ("aji", "dice1", "pq")) -> str:
+    """Each metric on ``dataset`` at every iteration a run was evaluated during training.
+
+    Reads ``<run>/training_metrics.json`` (Detectron2's metrics.json, where the evaluations of
+    ``TEST.EVAL_PERIOD`` land as ``<dataset>/nuclei/<metric>``); "-" where a run has no value.
+    """
+    curves = []
+    for name, run_dir in runs:
+        series = read_training_metrics(os.path.join(run_dir, TRAINING_METRICS_JSON))
+        curves.append({m: series.get(f"{dataset}/nuclei/{m}", {}) for m in metrics})
+        if not any(curves[-1].values()):
+            raise ValueError(f"{run_dir}: no {dataset} evaluation in {TRAINING_METRICS_JSON}")
+    iterations = sorted({i for curve in curves for points in curve.values() for i in points})
+    header = ["iteration"] + [f"{name} {m}" for name, _ in runs for m in metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for iteration in iterations:
+        cells = [str(iteration)]
+        for curve in curves:
+            cells += [f"{curve[m][iteration]:.4f}" if iteration in curve[m] else "-" for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help="data set folder inside each run")
@@ -82,11 +110,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="a run (the first is the baseline); repeat")
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
     parser.add_argument("--per-image", action="store_true", help="also print the per-image AJI table")
+    parser.add_argument("--curve", action="store_true",
+                        help="instead: the metrics at each evaluation during training")
     args = parser.parse_args(argv)
     try:
         runs = [tuple(item.split("=", 1)) for item in args.run]
         if any(len(run) != 2 for run in runs):
             raise ValueError(f"--run takes NAME=DIR, got {args.run}")
+        if args.curve:
+            print(accuracy_curve_table(runs, args.dataset))
+            return 0
         print(results_table(runs, args.dataset, args.metrics.split(",")))
         if args.per_image:
             print()
