@@ -127,6 +127,11 @@ def validate_nucseg_config(cfg):
             "COCOEvaluator reads full-image pred_masks, which the model returns only when pasting "
             "is on); set MODEL.NUCSEG.PASTE_FULL_MASKS True or TEST.NUCLEI.COCO_AP False"
         )
+    if cfg.INPUT.MIN_SIZE_TEST < 0 or cfg.INPUT.MAX_SIZE_TEST <= 0:
+        raise NucleiConfigError(
+            f"INPUT.MIN_SIZE_TEST must be >= 0 (0 = native resolution) and INPUT.MAX_SIZE_TEST > 0, "
+            f"got {cfg.INPUT.MIN_SIZE_TEST} and {cfg.INPUT.MAX_SIZE_TEST}"
+        )
     if cfg.INPUT.CROP.ENABLED and min(cfg.INPUT.CROP.SIZE) <= 0:
         raise NucleiConfigError(f"INPUT.CROP.SIZE must be positive, got {cfg.INPUT.CROP.SIZE}")
     from .evaluation.metrics import ALL_METRICS

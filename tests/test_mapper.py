@@ -7,7 +7,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks
 from PIL import Image
 
-from nucseg_d2.config import add_nucseg_config
+from nucseg_d2.config import NucleiConfigError, add_nucseg_config, validate_nucseg_config
 from nucseg_d2.data.augment import RandomRotation90, Rot90Transform
 from nucseg_d2.data.mapper import (
     NucleiDatasetMapper,
@@ -65,6 +65,7 @@ def _cfg(**aug):
     add_nucseg_config(cfg)
     cfg.INPUT.FORMAT = "RGB"  # Detectron2's default is BGR
     cfg.INPUT.MIN_FRAGMENT_AREA = 4
+    cfg.INPUT.MIN_SIZE_TEST = 0  # native resolution, as Base-Nuclei-RCNN-FPN.yaml (Detectron2: 800)
     for key, value in aug.items():
         cfg.INPUT.AUG[key] = value
     return cfg
@@ -262,6 +263,21 @@ def test_test_mode_has_no_instances_no_resize_and_reads_no_labels(tmp_path):
     output = mapper(raw)
     assert "sem_seg" not in output and "instances" not in output
     assert (output["height"], output["width"]) == label_map.shape
+
+
+def test_test_mode_resizes_like_the_predictor_when_min_size_test_is_set(tmp_path):
+    label_map = _layout_label_map()
+    record = _write_record(tmp_path, label_map)
+    cfg = _cfg()
+    cfg.INPUT.MIN_SIZE_TEST = 2 * min(label_map.shape)
+    output = NucleiDatasetMapper(cfg, is_train=False)(record)
+    # The network sees the doubled image; height/width stay the original's, so the model's
+    # post-processing maps its detections back onto the ground truth's pixels.
+    assert tuple(output["image"].shape[1:]) == (2 * label_map.shape[0], 2 * label_map.shape[1])
+    assert (output["height"], output["width"]) == label_map.shape
+    cfg.INPUT.MIN_SIZE_TEST = -1
+    with pytest.raises(NucleiConfigError, match="MIN_SIZE_TEST"):
+        validate_nucseg_config(cfg)
 
 
 def test_reader_errors_propagate_with_the_file_name(tmp_path):

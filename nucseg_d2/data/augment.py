@@ -326,14 +326,19 @@ class RandomStainJitter(T.Augmentation):
 
 
 def build_nuclei_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
-    """Augmentations for ``NucleiDatasetMapper``; none at test time (native resolution).
+    """Augmentations for ``NucleiDatasetMapper``.
 
     Training order: random crop (``cfg.INPUT.CROP``), H/V flips, rot90, then photometric ones,
     each applied with its ``cfg.INPUT.AUG.*_PROB``. The image must be RGB (stain jitter).
-    There is no resize: nuclei images are used at their native magnification.
+    There is no resize in training: nuclei images are used at their native magnification.
+    At test time: native resolution when ``INPUT.MIN_SIZE_TEST`` is 0 (the default), else the
+    shortest edge resized to it (capped by ``INPUT.MAX_SIZE_TEST``), exactly as NucleiPredictor
+    does, so that evaluation and prediction see the same pixels; outputs come back at the
+    original size (the model's post-processing rescales them to the record's height/width).
     """
     if not is_train:
-        return []
+        min_size = cfg.INPUT.MIN_SIZE_TEST
+        return [T.ResizeShortestEdge([min_size, min_size], cfg.INPUT.MAX_SIZE_TEST)] if min_size else []
     aug_cfg = cfg.INPUT.AUG
     augs: List[T.Augmentation] = []
     if cfg.INPUT.CROP.ENABLED:
