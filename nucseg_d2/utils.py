@@ -2,9 +2,9 @@
 import contextlib
 import os
 import uuid
-from typing import Iterator
+from typing import Dict, Iterable, Iterator, Sequence
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "first_few", "files_by_stem"]
 
 
 @contextlib.contextmanager
@@ -35,3 +35,35 @@ def atomic_path(path) -> Iterator[str]:
         if isinstance(err, OSError) and path not in str(err):
             raise OSError(f"cannot write {path}: {err}") from err
         raise
+
+
+def first_few(items: Sequence[str], limit: int) -> str:
+    """``"a, b, c and 7 more"``: enough of a long list of names for an error message."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def files_by_stem(folder: str, suffixes: Iterable[str], strip_suffix: str = "",
+                  what: str = "files") -> Dict[str, str]:
+    """{stem: path} of the files in ``folder`` (not recursive) whose extension is in ``suffixes``.
+
+    With ``strip_suffix``, only stems ending with it count and it is removed from the key
+    ("img1_pred.png" with "_pred" -> "img1"). Two files with one key (img1.png and img1.tif) are
+    ambiguous: ValueError naming both. The caller checks that ``folder`` exists.
+    """
+    suffixes = tuple(s.lower() for s in suffixes)
+    by_stem: Dict[str, str] = {}
+    for file_name in sorted(os.listdir(folder)):
+        stem, extension = os.path.splitext(file_name)
+        path = os.path.join(folder, file_name)
+        if extension.lower() not in suffixes or not os.path.isfile(path):
+            continue
+        if strip_suffix:
+            if not stem.endswith(strip_suffix) or stem == strip_suffix:
+                continue
+            stem = stem[: -len(strip_suffix)]
+        if stem in by_stem:
+            raise ValueError(f"{folder}: two {what} for image {stem!r} "
+                             f"({os.path.basename(by_stem[stem])} and {file_name}); keep one")
+        by_stem[stem] = path
+    return by_stem

@@ -13,6 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .readers import LABEL_FORMATS, NucleiDataError
 from .records import build_records, get_nuclei_cache_dir
+from ..utils import files_by_stem, first_few
 
 __all__ = [
     "get_nuclei_data_root",
@@ -96,16 +97,11 @@ def _default_root(dataset_folder):
     return os.path.join(os.environ.get(DATA_ROOT_ENV) or "datasets", dataset_folder)
 
 
-def _first_few(items, limit):
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
 def _check_files_exist(specs, dataset_name):
     paths = [spec["file_name"] for spec in specs] + [spec["label_file"] for spec in specs]
     missing = [path for path in paths if not os.path.isfile(path)]
     if missing:
-        shown = _first_few(missing, 5)
+        shown = first_few(missing, 5)
         raise NucleiDataError(f"{dataset_name}: {len(missing)} file(s) not found: {shown}")
 
 
@@ -253,24 +249,16 @@ def _load_kumar(dataset_name, split):
 # ------------------------------------------------------------------------------- user folders
 def _pair_by_stem(image_dir, label_dir, label_suffixes, dataset_name):
     """[(image path, label path)] matched by file stem, sorted by stem."""
-    def files_by_stem(folder, suffixes):
+    def by_stem(folder, suffixes):
         if not os.path.isdir(folder):
             raise NucleiDataError(f"{folder}: folder not found (data set {dataset_name})")
-        by_stem = {}
-        for file_name in sorted(os.listdir(folder)):
-            stem, suffix = os.path.splitext(file_name)
-            if suffix.lower() not in suffixes:
-                continue
-            if stem in by_stem:
-                raise NucleiDataError(
-                    f"{folder}: two files with stem {stem!r} "
-                    f"({by_stem[stem]} and {file_name}); keep one"
-                )
-            by_stem[stem] = file_name
-        return by_stem
+        try:
+            return {stem: os.path.basename(path) for stem, path in files_by_stem(folder, suffixes).items()}
+        except ValueError as e:
+            raise NucleiDataError(str(e)) from None
 
-    images = files_by_stem(image_dir, _IMAGE_SUFFIXES)
-    labels = files_by_stem(label_dir, label_suffixes)
+    images = by_stem(image_dir, _IMAGE_SUFFIXES)
+    labels = by_stem(label_dir, label_suffixes)
     if not images:
         suffixes = ", ".join(_IMAGE_SUFFIXES)
         raise NucleiDataError(f"{image_dir}: no images ({suffixes}) for data set {dataset_name}")
@@ -278,7 +266,7 @@ def _pair_by_stem(image_dir, label_dir, label_suffixes, dataset_name):
     if unlabelled:
         raise NucleiDataError(
             f"{image_dir}: {len(unlabelled)} image(s) without a label in {label_dir}: "
-            f"{_first_few(unlabelled, 10)}"
+            f"{first_few(unlabelled, 10)}"
         )
     return [
         (os.path.join(image_dir, images[stem]), os.path.join(label_dir, labels[stem]))

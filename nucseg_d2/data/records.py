@@ -14,7 +14,7 @@ from detectron2.structures import BoxMode
 from ..utils import atomic_path
 from .readers import NucleiDataError, load_label_map, read_rgb_image
 
-__all__ = ["label_map_to_annotations", "build_records", "get_nuclei_cache_dir"]
+__all__ = ["label_map_to_annotations", "rle_from_crop", "build_records", "get_nuclei_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,24 +28,28 @@ def get_nuclei_cache_dir():
     return os.path.expanduser(cache_dir)
 
 
-def _column_major_rle_counts(nucleus_crop, top, left, height, width):
-    """Uncompressed COCO RLE counts of a mask given as a boolean crop placed at (top, left).
+def rle_from_crop(crop_mask: np.ndarray, top: int, left: int, height: int, width: int) -> dict:
+    """COCO compressed RLE of a full (height, width) mask that is ``crop_mask`` at (top, left).
 
-    Equivalent to ``mask_util.encode`` on the full image, but only touches a full-height strip of
-    the crop's columns instead of a full image per nucleus.
+    Byte-identical to ``pycocotools.mask.encode`` on the full image, at the cost of the crop:
+    runs go down columns, so the foreground pixels' column-major flat indices give the runs.
     """
-    crop_height, crop_width = nucleus_crop.shape
-    strip = np.zeros((height, crop_width), dtype=np.int8)
-    strip[top : top + crop_height] = nucleus_crop
-    flat = strip.ravel(order="F")  # COCO RLE runs go down columns
-    # Indices where the value flips, in strip coordinates; the strip is padded with zeros both
-    # sides so a nucleus touching the strip border still produces a start and an end.
-    flips = np.flatnonzero(np.diff(flat, prepend=0, append=0))
-    run_starts = np.concatenate(([0], flips + left * height, [height * width]))
-    counts = np.diff(run_starts)
-    if counts[-1] == 0:  # pycocotools omits a trailing empty background run
-        counts = counts[:-1]
-    return counts
+    crop_cols, crop_rows = np.nonzero(np.asarray(crop_mask).T)  # column-major order
+    flat = (crop_cols.astype(np.int64) + left) * height + (crop_rows + top)
+    if flat.size == 0:
+        counts = [height * width]
+    else:
+        breaks = np.flatnonzero(np.diff(flat) != 1)
+        starts = np.concatenate(([flat[0]], flat[breaks + 1]))
+        ends = np.concatenate((flat[breaks] + 1, [flat[-1] + 1]))
+        boundaries = np.column_stack([starts, ends]).ravel()
+        counts = np.diff(np.concatenate(([0], boundaries, [height * width])))
+        if counts[-1] == 0:  # pycocotools writes no empty trailing background run
+            counts = counts[:-1]
+        counts = counts.tolist()
+    rle = mask_util.frPyObjects({"counts": counts, "size": [height, width]}, height, width)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
 
 
 def label_map_to_annotations(label_map):
@@ -66,10 +70,7 @@ def label_map_to_annotations(label_map):
     for nucleus_id in ids:
         rows, cols = boxes[nucleus_id - 1]
         nucleus_crop = label_map[rows, cols] == nucleus_id
-        counts = _column_major_rle_counts(nucleus_crop, rows.start, cols.start, height, width)
-        uncompressed = {"counts": counts.tolist(), "size": [height, width]}
-        rle = mask_util.frPyObjects(uncompressed, height, width)
-        rle["counts"] = rle["counts"].decode("ascii")  # str counts are JSON-serialisable
+        rle = rle_from_crop(nucleus_crop, rows.start, cols.start, height, width)
         annotations.append(
             {
                 "bbox": [

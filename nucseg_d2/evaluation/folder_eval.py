@@ -27,6 +27,7 @@ import sys
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..data.readers import NucleiDataError, load_label_map, read_label_map
+from ..utils import files_by_stem, first_few
 from .metrics import ALL_METRICS, metric_keys
 from .reporting import (
     DEFAULT_METRICS,
@@ -63,8 +64,7 @@ class FolderEvalError(ValueError):
 
 
 def _listing(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    return shown + (f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
+    return first_few(items, _MAX_LISTED)
 
 
 def label_maps_by_stem(folder: str, strip_suffix: str = "", role: str = "label") -> Dict[str, str]:
@@ -77,22 +77,10 @@ def label_maps_by_stem(folder: str, strip_suffix: str = "", role: str = "label")
     """
     if not os.path.isdir(folder):
         raise FolderEvalError(f"{folder}: {role} folder not found")
-    by_stem: Dict[str, str] = {}
-    for file_name in sorted(os.listdir(folder)):
-        stem, extension = os.path.splitext(file_name)
-        path = os.path.join(folder, file_name)
-        if extension.lower() not in LABEL_MAP_SUFFIXES or not os.path.isfile(path):
-            continue
-        if strip_suffix:
-            if not stem.endswith(strip_suffix) or stem == strip_suffix:
-                continue
-            stem = stem[: -len(strip_suffix)]
-        if stem in by_stem:
-            raise FolderEvalError(
-                f"{folder}: two {role} files for image {stem!r} "
-                f"({os.path.basename(by_stem[stem])} and {file_name}); keep one"
-            )
-        by_stem[stem] = path
+    try:
+        by_stem = files_by_stem(folder, LABEL_MAP_SUFFIXES, strip_suffix, what=f"{role} files")
+    except ValueError as e:
+        raise FolderEvalError(str(e)) from None
     if not by_stem:
         ending = f" with a stem ending in {strip_suffix!r}" if strip_suffix else ""
         raise FolderEvalError(

@@ -15,6 +15,7 @@ from detectron2.modeling import build_model
 from tqdm import tqdm
 
 from ..config import NucleiConfigError, add_nucseg_config, merge_config_file, validate_nucseg_config
+from ..utils import first_few
 from .result import PredictionResult
 from .slides import ArraySource, ImageSource
 from .tiling import (
@@ -52,10 +53,7 @@ class _RecordingCheckpointer(DetectionCheckpointer):
 
 
 def _key_list(keys: Sequence[str]) -> str:
-    keys = sorted(keys)
-    listed = ", ".join(keys[:_MAX_KEYS_LISTED])
-    more = len(keys) - _MAX_KEYS_LISTED
-    return listed + (f", ... and {more} more" if more > 0 else "")
+    return first_few(sorted(keys), _MAX_KEYS_LISTED)
 
 
 def load_checkpoint(model: torch.nn.Module, path: str, what: str = "the model") -> None:

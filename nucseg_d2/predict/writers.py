@@ -21,7 +21,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-import pycocotools.mask as mask_util
 import tifffile
 from PIL import Image
 from scipy import ndimage
@@ -29,6 +28,7 @@ from skimage.color import rgb2hed
 from skimage.measure import regionprops_table
 from skimage.segmentation import find_boundaries
 
+from ..data.records import rle_from_crop
 from ..modeling.postprocess import label_map_dtype
 from ..utils import atomic_path
 from .result import PredictionResult
@@ -240,30 +240,6 @@ def write_geojson(path, result: PredictionResult, simplify_tolerance: float = 0.
 
 
 # --------------------------------------------------------------------------- COCO results
-
-
-def rle_from_crop(crop_mask: np.ndarray, top: int, left: int, height: int, width: int) -> dict:
-    """COCO compressed RLE of a full (height, width) mask that is ``crop_mask`` at (top, left).
-
-    Byte-identical to ``pycocotools.mask.encode`` on the full image, at the cost of the crop:
-    runs go down columns, so the foreground pixels' column-major flat indices give the runs.
-    """
-    crop_cols, crop_rows = np.nonzero(np.asarray(crop_mask).T)  # column-major order
-    flat = (crop_cols.astype(np.int64) + left) * height + (crop_rows + top)
-    if flat.size == 0:
-        counts = [height * width]
-    else:
-        breaks = np.flatnonzero(np.diff(flat) != 1)
-        starts = np.concatenate(([flat[0]], flat[breaks + 1]))
-        ends = np.concatenate((flat[breaks] + 1, [flat[-1] + 1]))
-        boundaries = np.column_stack([starts, ends]).ravel()
-        counts = np.diff(np.concatenate(([0], boundaries, [height * width])))
-        if counts[-1] == 0:  # pycocotools writes no empty trailing background run
-            counts = counts[:-1]
-        counts = counts.tolist()
-    rle = mask_util.frPyObjects({"counts": counts, "size": [height, width]}, height, width)
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
 
 
 def write_coco_json(path, result: PredictionResult, image_id, file_name: str) -> dict:

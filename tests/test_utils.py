@@ -1,0 +1,57 @@
+"""Shared helpers: atomic writes, name listings, pairing files by stem."""
+import os
+
+import pytest
+from detectron2.data import DatasetCatalog
+
+from nucseg_d2.data.datasets import register_nuclei_folder
+from nucseg_d2.data.readers import NucleiDataError
+from nucseg_d2.evaluation.folder_eval import FolderEvalError, label_maps_by_stem
+from nucseg_d2.utils import atomic_path, files_by_stem, first_few
+
+
+def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path):
+    target = tmp_path / "out" / "result.txt"
+    with atomic_path(target) as temp:
+        with open(temp, "w") as f:
+            f.write("first")
+    assert target.read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temp:
+            with open(temp, "w") as f:
+                f.write("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "first"
+    assert os.listdir(target.parent) == ["result.txt"]  # no temp file left behind
+
+
+def test_first_few():
+    assert first_few(["a", "b"], 3) == "a, b"
+    assert first_few(["a", "b", "c", "d", "e"], 2) == "a, b and 3 more"
+
+
+def test_files_by_stem_filters_strips_and_rejects_ambiguous_names(tmp_path):
+    for name in ("img1_pred.png", "img2_pred.TIF", "img3.png", "_pred.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "img4_pred.png").mkdir()  # a folder is not a file
+    found = files_by_stem(str(tmp_path), (".png", ".tif"), strip_suffix="_pred")
+    assert found == {"img1": str(tmp_path / "img1_pred.png"), "img2": str(tmp_path / "img2_pred.TIF")}
+    assert set(files_by_stem(str(tmp_path), (".png",))) == {"img1_pred", "img3", "_pred"}
+    (tmp_path / "img1_pred.tif").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"two files for image 'img1' \(img1_pred.png and img1_pred.tif\)"):
+        files_by_stem(str(tmp_path), (".png", ".tif"), strip_suffix="_pred")
+
+
+def test_callers_turn_ambiguous_names_into_their_own_errors(tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for name in ("a.png", "a.jpg"):
+        (images / name).write_bytes(b"")
+    (labels / "a.png").write_bytes(b"")
+    register_nuclei_folder("ambiguous_folder_for_test", str(images), str(labels))
+    with pytest.raises(NucleiDataError, match=r"two files for image 'a' \(a.jpg and a.png\)"):
+        DatasetCatalog.get("ambiguous_folder_for_test")
+    (labels / "a.npy").write_bytes(b"")
+    with pytest.raises(FolderEvalError, match=r"two prediction files for image 'a'"):
+        label_maps_by_stem(str(labels), role="prediction")
