@@ -18,7 +18,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from . import readers
 from .augment import build_nuclei_augmentations
 
-__all__ = ["NucleiDatasetMapper", "instances_from_label_map", "remove_small_fragments"]
+__all__ = ["NucleiDatasetMapper", "instances_from_label_map", "remove_small_fragments", "compact_label_ids"]
 
 _SUPPORTED_FORMATS = ("RGB", "BGR")
 
@@ -30,7 +30,7 @@ def _object_areas(label_map: np.ndarray) -> np.ndarray:
     return np.bincount(label_map.ravel())
 
 
-def _compact_ids(label_map: np.ndarray) -> np.ndarray:
+def compact_label_ids(label_map: np.ndarray) -> np.ndarray:
     """Relabel to 0..N when ids are sparse, so per-id tables stay small (ids may exceed 2^31)."""
     if label_map.size == 0 or label_map.max() <= label_map.size:
         return label_map
@@ -46,7 +46,7 @@ def remove_small_fragments(label_map: np.ndarray, min_area: int) -> np.ndarray:
     label_map = np.array(label_map, copy=True)
     if min_area <= 0 or label_map.size == 0:
         return label_map
-    compact = _compact_ids(label_map)
+    compact = compact_label_ids(label_map)
     too_small = _object_areas(compact) < min_area
     too_small[0] = False
     label_map[too_small[compact]] = 0
@@ -71,7 +71,7 @@ def instances_from_label_map(label_map: np.ndarray, min_area: int = 0) -> Tuple[
     if not np.issubdtype(label_map.dtype, np.integer):
         raise ValueError(f"label map must have an integer dtype, got {label_map.dtype}")
     height, width = label_map.shape
-    compact = _compact_ids(label_map)
+    compact = compact_label_ids(label_map)
     areas = _object_areas(compact)
     slices = ndimage.find_objects(compact) if compact.size else []
 

@@ -12,6 +12,7 @@ import scipy.ndimage
 from detectron2.structures import BoxMode
 
 from ..utils import atomic_path
+from .mapper import compact_label_ids
 from .readers import NucleiDataError, load_label_map, read_rgb_image
 
 __all__ = ["label_map_to_annotations", "rle_from_crop", "build_records", "get_nuclei_cache_dir"]
@@ -56,15 +57,12 @@ def label_map_to_annotations(label_map):
     """One Detectron2 annotation dict per nucleus (positive id) of ``label_map``, in id order."""
     label_map = np.asarray(label_map)
     height, width = label_map.shape
+    # find_objects allocates one entry per id up to the maximum; compact sparse ids first.
+    label_map = compact_label_ids(label_map)
     ids = np.unique(label_map)
     ids = ids[ids > 0]
     if len(ids) == 0:
         return []
-    # find_objects allocates one entry per id up to the maximum; compact sparse ids first.
-    if ids[-1] > 2 * len(ids) + 1024:
-        compact = np.searchsorted(ids, label_map).astype(np.int32)
-        compact[label_map == 0] = -1
-        label_map, ids = compact + 1, np.arange(1, len(ids) + 1)
     boxes = scipy.ndimage.find_objects(label_map)
     annotations = []
     for nucleus_id in ids:
