@@ -156,6 +156,20 @@ def _open_backend(path: str, backend: str):
     raise NucleiDataError(f"{path}: cannot open as a slide ({'; '.join(errors)})")
 
 
+def _clip_roi(roi, width: int, height: int, path, what: str) -> Tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of ``roi`` = (x, y, w, h) clipped to a width x height picture (the whole
+    picture when ``roi`` is None); NucleiDataError naming ``path`` when nothing is left."""
+    x, y, w, h = (0, 0, width, height) if roi is None else (int(v) for v in roi)
+    x0, y0 = max(0, x), max(0, y)
+    x1, y1 = min(width, x + w), min(height, y + h)
+    if x1 <= x0 or y1 <= y0:
+        raise NucleiDataError(
+            f"{path}: region of interest {tuple(roi)} (x, y, w, h) lies outside the "
+            f"{width}x{height} {what}"
+        )
+    return x0, y0, x1, y1
+
+
 class SlideSource(ImageSource):
     """One pyramid level of a whole-slide image, optionally cropped to a region of interest.
 
@@ -212,14 +226,7 @@ class SlideSource(ImageSource):
         self.downsample = downsamples[level]
         self.mpp = base_mpp * self.downsample if base_mpp is not None else None
         full_w, full_h = slide.dimensions
-        x, y, w, h = (0, 0, full_w, full_h) if roi is None else (int(v) for v in roi)
-        x0, y0 = max(0, x), max(0, y)
-        x1, y1 = min(full_w, x + w), min(full_h, y + h)
-        if x1 <= x0 or y1 <= y0:
-            raise NucleiDataError(
-                f"{self.path}: region of interest {tuple(roi)} (x, y, w, h) lies outside the "
-                f"{full_w}x{full_h} slide"
-            )
+        x0, y0, x1, y1 = _clip_roi(roi, full_w, full_h, self.path, "slide")
         self.origin = (x0, y0)
         level_w, level_h = slide.level_dimensions[level]
         # The region at this level: never past the level's own edge (downsamples are rounded).
@@ -388,14 +395,7 @@ def open_image(path, level: Optional[int] = None, mpp: Optional[float] = None,
     image = read_rgb_image(path)
     origin = (0, 0)
     if roi is not None:
-        x, y, w, h = (int(v) for v in roi)
-        x0, y0 = max(0, x), max(0, y)
-        x1, y1 = min(image.shape[1], x + w), min(image.shape[0], y + h)
-        if x1 <= x0 or y1 <= y0:
-            raise NucleiDataError(
-                f"{path}: region of interest {tuple(roi)} (x, y, w, h) lies outside the "
-                f"{image.shape[1]}x{image.shape[0]} image"
-            )
+        x0, y0, x1, y1 = _clip_roi(roi, image.shape[1], image.shape[0], path, "image")
         image, origin = image[y0:y1, x0:x1], (x0, y0)
     return ArraySource(image, path=path, origin=origin)
 
