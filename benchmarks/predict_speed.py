@@ -40,6 +40,7 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from nucseg_d2.data.synthetic import generate_tile  # noqa: E402
 from nucseg_d2.predict import NucleiPredictor, open_image  # noqa: E402
 from nucseg_d2.predict.slides import write_pyramidal_tiff  # noqa: E402
+from rss import current_rss_mib, peak_rss_mib, reset_peak_rss  # noqa: E402  (benchmarks/rss.py)
 
 CONFIG = os.path.join(REPO, "configs", "demo.yaml")
 
@@ -82,29 +83,6 @@ class DenseStandIn(torch.nn.Module):
             instances.pred_mask_probs = disk.expand(count, 1, 28, 28)
             outputs.append({"instances": instances})
         return outputs
-
-
-def _status_mib(field):
-    with open("/proc/self/status") as stream:
-        for line in stream:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def current_rss_mib():
-    return _status_mib("VmRSS")
-
-
-def reset_peak_rss():
-    """Reset VmHWM (Linux >= 4.0), so the peak covers only what follows. ru_maxrss cannot be
-    used: a subprocess inherits its parent's peak through fork + exec."""
-    with open("/proc/self/clear_refs", "w") as stream:
-        stream.write("5")
-
-
-def peak_rss_mib():
-    return _status_mib("VmHWM")
 
 
 # ------------------------------------------------------------------------ speed

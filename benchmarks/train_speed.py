@@ -22,6 +22,7 @@ from nucseg_d2 import add_nucseg_config
 from nucseg_d2.config import merge_config_file
 from nucseg_d2.data import NucleiDatasetMapper
 from nucseg_d2.data.synthetic import generate_tile
+from rss import peak_rss_mib, reset_peak_rss  # benchmarks/rss.py, beside this script
 
 
 def load_cfg(path, opts):
@@ -31,12 +32,6 @@ def load_cfg(path, opts):
     cfg.merge_from_list(opts)
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg
-
-
-def peak_rss_mib():
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def time_config(cfg, records, iters, infer_image, warmup=2):
@@ -101,13 +96,14 @@ def main():
             cfg.TEST.DETECTIONS_PER_IMAGE = args.detections
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        reset_peak_rss()
         s_iter, s_infer, detections, peak = time_config(cfg, records, args.iters, infer_image)
         rows.append((path, cfg.SOLVER.IMS_PER_BATCH, list(cfg.INPUT.CROP.SIZE), s_iter, s_infer,
                      detections, peak))
     print(f"\nTraining speed, {args.iters} timed iterations each, device {rows and load_cfg(args.configs[0], args.opts).MODEL.DEVICE}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    # Peak memory: CUDA max allocated, or on the CPU the process's peak RSS so far (monotonic:
-    # read it as "at most", in the order the configs ran).
+    # Peak memory: CUDA max allocated, or on the CPU the peak RSS while this config ran (reset
+    # before each; memory an earlier config left with the allocator can still count in it).
     infer_col = f"infer s/{args.infer_size}²"
     print(f"{'config':30s} {'batch':>5s} {'crop':>10s} {'s/iter':>7s} {'ratio':>6s} {infer_col:>14s} "
           f"{'ratio':>6s} {'dets':>5s} {'peak MiB':>9s}")
