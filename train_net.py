@@ -9,13 +9,11 @@ import sys
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 
-from nucseg_d2 import add_nucseg_config
-from nucseg_d2.config import NucleiConfigError, merge_config_file, validate_nucseg_config
+from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg
 from nucseg_d2.data import NucleiDataError, NucleiDatasetMapper, register_tnbc_cross_validation
 from nucseg_d2.evaluation import NucleiEvaluator
 
@@ -43,16 +41,9 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_nucseg_config(cfg)
-    merge_config_file(cfg, args.config_file)
-    try:
-        cfg.merge_from_list(args.opts)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise NucleiConfigError(f"command-line overrides {args.opts}: {e}") from e
+    cfg = build_nuclei_cfg(args.config_file, args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
-    validate_nucseg_config(cfg)
     # tnbc_cv5_* are registered on import; other fold counts when a config asks for them.
     register_tnbc_cross_validation(cfg.DATASETS.TNBC_NUM_FOLDS)
     cfg.freeze()

@@ -139,3 +139,25 @@ def validate_nucseg_config(cfg):
     unknown = [m for m in nuclei.METRICS if m not in ALL_METRICS]
     if unknown:
         raise NucleiConfigError(f"TEST.NUCLEI.METRICS: unknown metrics {unknown}; known: {sorted(ALL_METRICS)}")
+
+
+def build_nuclei_cfg(config, opts=()):
+    """An unfrozen, validated config: a YAML path merged onto Detectron2's and nucseg-d2's
+    defaults, or a copy of a CfgNode; then ``opts`` ("KEY", "VALUE", ...) overrides on top."""
+    if isinstance(config, CN):
+        cfg = config.clone()
+        cfg.defrost()
+    else:
+        from detectron2.config import get_cfg
+        import os
+
+        cfg = get_cfg()
+        add_nucseg_config(cfg)
+        merge_config_file(cfg, os.fspath(config))
+    if opts:
+        try:
+            cfg.merge_from_list(list(opts))
+        except (KeyError, ValueError, AssertionError) as e:
+            raise NucleiConfigError(f"config overrides {list(opts)}: {e}") from e
+    validate_nucseg_config(cfg)
+    return cfg

@@ -8,7 +8,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from nucseg_d2 import add_nucseg_config
-from nucseg_d2.config import merge_config_file, validate_nucseg_config
+from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg, merge_config_file, validate_nucseg_config
 from model_inputs import synthetic_training_input
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -44,6 +44,21 @@ def test_ablation_configs_switch_exactly_their_component():
         assert components(f"{dataset}_ab3.yaml") == (False, True, False)
         assert components(f"{dataset}_ab2.yaml") == (True, True, False)
         assert components(f"{dataset}.yaml") == (True, True, True)
+
+
+def test_build_nuclei_cfg_from_file_or_node_with_overrides():
+    demo = CONFIGS[0].parent / "demo.yaml"
+    cfg = build_nuclei_cfg(demo, ["SOLVER.MAX_ITER", "7"])
+    assert cfg.SOLVER.MAX_ITER == 7 and cfg.MODEL.META_ARCHITECTURE == _load(demo).MODEL.META_ARCHITECTURE
+    cfg.freeze()
+    copy = build_nuclei_cfg(cfg, ["SOLVER.MAX_ITER", "9"])
+    assert copy.SOLVER.MAX_ITER == 9 and cfg.SOLVER.MAX_ITER == 7  # the given node is not changed
+    with pytest.raises(NucleiConfigError, match="overrides.*NOT_A_KEY"):
+        build_nuclei_cfg(demo, ["SOLVER.NOT_A_KEY", "1"])
+    with pytest.raises(NucleiConfigError, match="TEST.NUCLEI.SCORE_THRESH"):
+        build_nuclei_cfg(demo, ["TEST.NUCLEI.SCORE_THRESH", "2.0"])
+    with pytest.raises(NucleiConfigError, match="not found.*nope.yaml"):
+        build_nuclei_cfg("nope.yaml")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

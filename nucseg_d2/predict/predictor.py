@@ -9,12 +9,12 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from tqdm import tqdm
 
-from ..config import NucleiConfigError, add_nucseg_config, merge_config_file, validate_nucseg_config
+from ..config import build_nuclei_cfg
 from ..utils import first_few
 from .result import PredictionResult
 from .slides import ArraySource, ImageSource
@@ -96,19 +96,7 @@ def load_checkpoint(model: torch.nn.Module, path: str, what: str = "the model") 
 
 def build_predict_cfg(cfg_or_config_file: Union[str, CfgNode], opts: Sequence[str] = ()) -> CfgNode:
     """A frozen config from a YAML path (with ``opts`` overrides) or a copy of a CfgNode."""
-    if isinstance(cfg_or_config_file, CfgNode):
-        cfg = cfg_or_config_file.clone()
-        cfg.defrost()
-    else:
-        cfg = get_cfg()
-        add_nucseg_config(cfg)
-        merge_config_file(cfg, os.fspath(cfg_or_config_file))
-    if opts:
-        try:
-            cfg.merge_from_list(list(opts))
-        except (KeyError, ValueError, AssertionError) as err:
-            raise NucleiConfigError(f"config overrides {list(opts)}: {err}") from err
-    validate_nucseg_config(cfg)
+    cfg = build_nuclei_cfg(cfg_or_config_file, opts)
     cfg.freeze()
     return cfg
 
