@@ -2,10 +2,13 @@
 
 
 def _status_mib(field):
-    with open("/proc/self/status") as stream:
-        for line in stream:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
+    try:
+        with open("/proc/self/status") as stream:
+            for line in stream:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return float("nan")
 
 
@@ -14,12 +17,22 @@ def current_rss_mib():
 
 
 def reset_peak_rss():
-    """Reset VmHWM (Linux >= 4.0), so the peak covers only what follows. ru_maxrss cannot be
-    used: it never goes down, and a subprocess inherits its parent's peak through fork + exec."""
-    with open("/proc/self/clear_refs", "w") as stream:
-        stream.write("5")
+    """Reset VmHWM (Linux >= 4.0), so the peak covers only what follows; False where /proc
+    does not allow it (the peak then runs from the process start). ru_maxrss is no substitute:
+    it never goes down, and a subprocess inherits its parent's peak through fork + exec."""
+    try:
+        with open("/proc/self/clear_refs", "w") as stream:
+            stream.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_rss_mib():
-    """Highest RSS since the last :func:`reset_peak_rss` (or since the process started)."""
-    return _status_mib("VmHWM")
+    """Highest RSS since the last successful :func:`reset_peak_rss` (or since the process started)."""
+    peak = _status_mib("VmHWM")
+    if peak != peak:  # no /proc: the running maximum of the resource module
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak

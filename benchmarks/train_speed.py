@@ -13,23 +13,18 @@ import time
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from nucseg_d2 import add_nucseg_config
-from nucseg_d2.config import merge_config_file
+from nucseg_d2.config import build_nuclei_cfg
 from nucseg_d2.data import NucleiDatasetMapper
 from nucseg_d2.data.synthetic import generate_tile
 from rss import peak_rss_mib, reset_peak_rss  # benchmarks/rss.py, beside this script
 
 
 def load_cfg(path, opts):
-    cfg = get_cfg()
-    add_nucseg_config(cfg)
-    merge_config_file(cfg, path)
-    cfg.merge_from_list(opts)
+    cfg = build_nuclei_cfg(path, opts)
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg
 

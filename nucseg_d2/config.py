@@ -13,6 +13,10 @@ def add_nucseg_config(cfg):
     # Nuclei fragments (cut by a crop) smaller than this many pixels are dropped from both the
     # instance masks and sem_seg, so the two targets never disagree.
     _C.INPUT.MIN_FRAGMENT_AREA = 8
+    # Nuclei images are analysed at their native magnification: no test-time resize (Detectron2's
+    # default, 800, would rescale every image). A positive value resizes the shortest edge to it
+    # in evaluation and prediction alike.
+    _C.INPUT.MIN_SIZE_TEST = 0
     _C.INPUT.AUG = CN()
     _C.INPUT.AUG.HFLIP = True  # random horizontal flip (p = 0.5)
     _C.INPUT.AUG.VFLIP = True  # random vertical flip (p = 0.5)

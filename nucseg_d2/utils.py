@@ -51,6 +51,7 @@ def files_by_stem(folder: str, suffixes: Iterable[str], strip_suffix: str = "",
     ("img1_pred.png" with "_pred" -> "img1"). Two files with one key (img1.png and img1.tif) are
     ambiguous: ValueError naming both. The caller checks that ``folder`` exists.
     """
+    suffixes = (suffixes,) if isinstance(suffixes, str) else suffixes
     suffixes = tuple(s.lower() for s in suffixes)
     by_stem: Dict[str, str] = {}
     for file_name in sorted(os.listdir(folder)):

@@ -21,13 +21,19 @@ CONFIG=$1; RUN=$2; shift 2
 PYTHON=${PYTHON:-.venv/bin/python}
 ITERS=${ITERS:-1100}; VAL=${VAL:-tnbc_val}; TEST=${TEST:-tnbc_test}
 OUT=output/$RUN
+if ! [[ $ITERS =~ ^[0-9]+$ ]] || (( ITERS < 12 )); then
+  echo "ITERS must be a whole number >= 12 (the schedule needs warm-up, two lr steps and 4 evaluations), got '$ITERS'" >&2
+  exit 2
+fi
 # The anchor run's schedule, scaled: warm-up 1/11, lr steps at 3/4 and 10/11, eval every 1/4.
 WARMUP=$((ITERS / 11)); STEP1=$((ITERS * 3 / 4)); STEP2=$((ITERS * 10 / 11)); PERIOD=$((ITERS / 4))
 
 SECONDS=0
-if [[ ! -f $OUT/model_final.pth ]]; then
+if [[ -f $OUT/model_final.pth ]]; then
+  echo "$OUT/model_final.pth exists: training is done (delete $OUT to train again)"
+else
   RESUME=(); [[ -f $OUT/last_checkpoint ]] && RESUME=(--resume)
-  "$PYTHON" train_net.py --config-file "$CONFIG" "${RESUME[@]}" \
+  "$PYTHON" train_net.py --config-file "$CONFIG" ${RESUME[@]+"${RESUME[@]}"} \
     SOLVER.MAX_ITER "$ITERS" SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.STEPS "($STEP1, $STEP2)" \
     SOLVER.CHECKPOINT_PERIOD "$PERIOD" TEST.EVAL_PERIOD "$PERIOD" DATASETS.TEST "(\"$VAL\",)" \
     DATALOADER.NUM_WORKERS 1 OUTPUT_DIR "$OUT" "$@"

@@ -48,7 +48,8 @@ def reencode_lossless_webp(tiff_path, webp_path):
         raise DevicePrepError(f"{tiff_path}: expected 8-bit RGB(A), got {pixels.dtype} {pixels.shape}; "
                               "WebP cannot hold it losslessly")
     mode = "RGB" if pixels.shape[2] == 3 else "RGBA"
-    Image.fromarray(pixels, mode).save(webp_path, format="WEBP", lossless=True, quality=100, method=4)
+    # exact=True keeps the colour of fully transparent pixels, which WebP may otherwise drop.
+    Image.fromarray(pixels, mode).save(webp_path, format="WEBP", lossless=True, exact=True, quality=100, method=4)
     with Image.open(webp_path) as decoded:
         if not np.array_equal(np.asarray(decoded.convert(mode)), pixels):
             raise DevicePrepError(f"{webp_path}: the re-encoded pixels differ from {tiff_path}")
@@ -108,18 +109,25 @@ def prepare(datasets, data_root, kit, dest):
         raise DevicePrepError(f"{kit}: no install.sh; not a device kit (see ../shared/device-kit)")
     os.makedirs(dest, exist_ok=True)
     _exclude_from_git(dest)
-    kit_dest = os.path.join(dest, "kit")
-    if not os.path.isdir(kit_dest):
-        shutil.copytree(kit, kit_dest, ignore=shutil.ignore_patterns("site"))
-    data_dest = os.path.join(dest, "data")
-    # A carry holds what the next command needs and nothing more: drop sets from earlier runs.
-    if os.path.isdir(data_dest):
-        shutil.rmtree(data_dest)
-    os.makedirs(data_dest)
-    for name in datasets:
-        staging = os.path.join(data_dest, name + ".partial")
-        COPIERS[name](os.path.join(data_root, name), staging)
-        os.replace(staging, os.path.join(data_dest, name))
+    # Build the new kit and data beside the old ones and swap them in only when all succeeded,
+    # so a corrupt image leaves the previous, working carry folder as it was.
+    staging = os.path.join(dest, ".partial")
+    if os.path.isdir(staging):
+        shutil.rmtree(staging)
+    os.makedirs(os.path.join(staging, "data"))
+    try:
+        shutil.copytree(kit, os.path.join(staging, "kit"), ignore=shutil.ignore_patterns("site"))
+        for name in datasets:
+            COPIERS[name](os.path.join(data_root, name), os.path.join(staging, "data", name))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    # A carry holds what the next command needs and nothing more: sets from earlier runs go.
+    for part in ("kit", "data"):
+        if os.path.isdir(os.path.join(dest, part)):
+            shutil.rmtree(os.path.join(dest, part))
+        os.replace(os.path.join(staging, part), os.path.join(dest, part))
+    os.rmdir(staging)
     return folder_bytes(dest)
 
 

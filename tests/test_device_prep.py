@@ -9,7 +9,7 @@ import tifffile
 from detectron2.data import DatasetCatalog
 from PIL import Image
 
-from nucseg_d2.data.readers import read_rgb_image
+from nucseg_d2.data.readers import NucleiDataError, read_rgb_image
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT_CSV = REPO / "nucseg_d2" / "data" / "splits" / "kumar2017_split.csv"
@@ -79,13 +79,27 @@ def test_kumar_copy_is_webp_with_identical_pixels_and_loads(kumar_root, kit, tmp
         assert np.array_equal(read_rgb_image(record["file_name"]), read_rgb_image(str(original)))
 
 
-def test_original_tiff_is_preferred_over_a_copy(kumar_root, monkeypatch):
+def test_original_tiff_is_preferred_and_a_lossy_copy_is_never_used(kumar_root, monkeypatch):
     images = kumar_root / "kumar" / "images"
-    stem = next(images.iterdir()).stem
-    prep.reencode_lossless_webp(images / f"{stem}.tif", images / f"{stem}.webp")
     monkeypatch.setenv("NUCSEG_DATASETS", str(kumar_root))
-    records = DatasetCatalog.get("kumar_train") + DatasetCatalog.get("kumar_test")
-    assert all(r["file_name"].endswith(".tif") for r in records)
+    first_test_id = DatasetCatalog.get("kumar_test")[0]["image_id"]
+    prep.reencode_lossless_webp(images / f"{first_test_id}.tif", images / f"{first_test_id}.webp")
+    assert DatasetCatalog.get("kumar_test")[0]["file_name"].endswith(f"{first_test_id}.tif")
+    (images / f"{first_test_id}.tif").rename(images / f"{first_test_id}.jpg")
+    (images / f"{first_test_id}.webp").unlink()
+    with pytest.raises(NucleiDataError, match=rf"{first_test_id}\.tif"):
+        DatasetCatalog.get("kumar_test")
+
+
+def test_a_corrupt_image_leaves_the_previous_carry_folder_intact(kumar_root, kit, tmp_path):
+    dest = tmp_path / "device"
+    args = ["kumar", "--data-root", str(kumar_root), "--kit", str(kit), "--dest", str(dest)]
+    assert prep.main(args) == 0
+    before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
+    victim = sorted((kumar_root / "kumar" / "images").iterdir())[5]
+    victim.write_bytes(b"not a tiff")
+    assert prep.main(args) == 2
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
 
 
 def test_refuses_a_lossy_target_and_unknown_sets(tmp_path, kumar_root, kit):

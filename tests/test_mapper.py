@@ -65,7 +65,6 @@ def _cfg(**aug):
     add_nucseg_config(cfg)
     cfg.INPUT.FORMAT = "RGB"  # Detectron2's default is BGR
     cfg.INPUT.MIN_FRAGMENT_AREA = 4
-    cfg.INPUT.MIN_SIZE_TEST = 0  # native resolution, as Base-Nuclei-RCNN-FPN.yaml (Detectron2: 800)
     for key, value in aug.items():
         cfg.INPUT.AUG[key] = value
     return cfg
@@ -278,6 +277,15 @@ def test_test_mode_resizes_like_the_predictor_when_min_size_test_is_set(tmp_path
     cfg.INPUT.MIN_SIZE_TEST = -1
     with pytest.raises(NucleiConfigError, match="MIN_SIZE_TEST"):
         validate_nucseg_config(cfg)
+    with pytest.raises(ValueError, match="MIN_SIZE_TEST"):  # an unvalidated config, too
+        NucleiDatasetMapper(cfg, is_train=False)
+
+
+def test_add_nucseg_config_analyses_at_native_resolution():
+    cfg = get_cfg()
+    assert cfg.INPUT.MIN_SIZE_TEST == 800  # Detectron2's default: every image rescaled
+    add_nucseg_config(cfg)
+    assert cfg.INPUT.MIN_SIZE_TEST == 0 and NucleiDatasetMapper(cfg, is_train=False).augmentations.augs == []
 
 
 def test_reader_errors_propagate_with_the_file_name(tmp_path):

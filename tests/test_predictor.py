@@ -446,3 +446,18 @@ def test_real_demo_model_tiled_keeps_exactly_the_tiles_own_detections(source):
         assert any(t.expanded_core()[0] <= (box[1] + box[3]) / 2 < t.expanded_core()[1]
                    and t.expanded_core()[2] <= (box[0] + box[2]) / 2 < t.expanded_core()[3]
                    for t in sources)
+
+
+def test_region_of_interest_outside_or_malformed_names_the_file(tmp_path):
+    from PIL import Image
+
+    from nucseg_d2.data.readers import NucleiDataError
+
+    path = tmp_path / "tile.png"
+    Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(path)
+    source = open_image(str(path), roi=(15, 5, 100, 100))  # clipped to the image
+    assert source.origin == (15, 5) and (source.height, source.width) == (5, 5)
+    with pytest.raises(NucleiDataError, match=r"tile\.png: region of interest \(25, 0, 5, 5\).*20x10 image"):
+        open_image(str(path), roi=(25, 0, 5, 5))
+    with pytest.raises(NucleiDataError, match=r"tile\.png: a region of interest is \(x, y, w, h\)"):
+        open_image(str(path), roi=(1, 2, 3))

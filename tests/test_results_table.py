@@ -44,19 +44,32 @@ def test_per_image_table_and_missing_dataset(tmp_path, capsys):
         results_table([("B", base)], "tnbc_test")
 
 
-def test_accuracy_curve_table_from_training_metrics(tmp_path, capsys):
+def _write_training_metrics(run, test_sets, lines):
     import json
 
-    run = tmp_path / "run"
     run.mkdir()
-    lines = [
-        {"iteration": 9, "total_loss": 2.0},
-        {"iteration": 19, "tnbc_val/nuclei/aji": 0.41, "tnbc_val/nuclei/pq": 0.3},
-        {"iteration": 29, "tnbc_val/nuclei/aji": 0.52, "tnbc_val/nuclei/pq": 0.45, "tnbc_val/nuclei/dice1": 0.7},
-    ]
+    (run / "config.yaml").write_text("DATASETS:\n  TEST: [%s]\n" % ", ".join(test_sets))
     (run / "training_metrics.json").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    rows = accuracy_curve_table([("P", str(run))], "tnbc_val").splitlines()
-    assert rows[0] == "| iteration | P aji | P dice1 | P pq |"
-    assert rows[2:] == ["| 19 | 0.4100 | - | 0.3000 |", "| 29 | 0.5200 | 0.7000 | 0.4500 |"]
-    assert main(["--dataset", "tnbc_test", "--curve", "--run", f"P={run}"]) == 2
-    assert "no tnbc_test evaluation" in capsys.readouterr().err
+    return str(run)
+
+
+def test_accuracy_curve_table_from_training_metrics(tmp_path, capsys):
+    # One data set evaluated: Detectron2 drops the "<dataset>/" prefix from the keys.
+    alone = _write_training_metrics(tmp_path / "alone", ["tnbc_val"], [
+        {"iteration": 9, "total_loss": 2.0},
+        {"iteration": 19, "nuclei/aji": 0.41, "nuclei/pq": 0.3},
+        {"iteration": 29, "nuclei/aji": 0.52, "nuclei/pq": 0.45, "nuclei/dice1": 0.7},
+    ])
+    # Two evaluated: the keys keep the prefix, and the other data set's values must not leak in.
+    both = _write_training_metrics(tmp_path / "both", ["tnbc_val", "tnbc_test"], [
+        {"iteration": 29, "tnbc_val/nuclei/aji": 0.6, "tnbc_test/nuclei/aji": 0.1},
+    ])
+    rows = accuracy_curve_table([("P", alone), ("Q", both)], "tnbc_val", ["aji", "dice1", "pq"]).splitlines()
+    assert rows[0] == "| iteration | P aji | P dice1 | P pq | Q aji | Q dice1 | Q pq |"
+    assert rows[2:] == ["| 19 | 0.4100 | - | 0.3000 | - | - | - |",
+                        "| 29 | 0.5200 | 0.7000 | 0.4500 | 0.6000 | - | - |"]
+    assert main(["--dataset", "tnbc_test", "--curve", "--run", f"P={alone}"]) == 2
+    assert "tnbc_test was not evaluated during training" in capsys.readouterr().err
+    assert main(["--dataset", "tnbc_val", "--curve", "--metrics", "pq", "--run", f"P={alone}"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "| 29 | 0.4500 |"
+    assert main(["--dataset", "tnbc_val", "--curve", "--per-image", "--run", f"P={alone}"]) == 2

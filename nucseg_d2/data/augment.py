@@ -331,13 +331,15 @@ def build_nuclei_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     Training order: random crop (``cfg.INPUT.CROP``), H/V flips, rot90, then photometric ones,
     each applied with its ``cfg.INPUT.AUG.*_PROB``. The image must be RGB (stain jitter).
     There is no resize in training: nuclei images are used at their native magnification.
-    At test time: native resolution when ``INPUT.MIN_SIZE_TEST`` is 0 (the default), else the
+    At test time: native resolution when ``INPUT.MIN_SIZE_TEST`` is 0 (nucseg-d2's default), else the
     shortest edge resized to it (capped by ``INPUT.MAX_SIZE_TEST``), exactly as NucleiPredictor
     does, so that evaluation and prediction see the same pixels; outputs come back at the
     original size (the model's post-processing rescales them to the record's height/width).
     """
     if not is_train:
         min_size = cfg.INPUT.MIN_SIZE_TEST
+        if min_size < 0:
+            raise ValueError(f"INPUT.MIN_SIZE_TEST must be >= 0 (0 = native resolution), got {min_size}")
         return [T.ResizeShortestEdge([min_size, min_size], cfg.INPUT.MAX_SIZE_TEST)] if min_size else []
     aug_cfg = cfg.INPUT.AUG
     augs: List[T.Augmentation] = []

@@ -205,16 +205,20 @@ def _kumar_ids(split):
     return [(image_id, organ_of[image_id]) for image_id in ids]
 
 
+# Lossless stand-ins for the TIFFs, in order of preference (never a lossy JPEG).
+_KUMAR_LOSSLESS_COPIES = (".tiff", ".webp", ".png")
+
+
 def _kumar_image_file(root, image_id):
     """The original ``images/<id>.tif``, else a losslessly re-encoded copy of it (e.g. ``.webp``).
 
-    The re-encoded copies exist because the 30 LZW TIFFs (67 MB) do not fit the 64 MiB a GPU
-    device command carries, while lossless WebP (41 MB) does; see scripts/prepare_device_data.sh.
+    The copies exist because the 30 LZW TIFFs (67 MB) do not fit the 64 MiB a GPU device command
+    carries, while lossless WebP (41 MB) does; see scripts/prepare_device_data.py.
     """
     original = os.path.join(root, "images", f"{image_id}.tif")
     if os.path.isfile(original):
         return original
-    for suffix in _IMAGE_SUFFIXES:
+    for suffix in _KUMAR_LOSSLESS_COPIES:
         candidate = os.path.join(root, "images", image_id + suffix)
         if os.path.isfile(candidate):
             return candidate

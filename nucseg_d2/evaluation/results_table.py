@@ -17,6 +17,7 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import yaml
 
 from .reporting import DEFAULT_METRICS, PER_IMAGE_CSV, read_training_metrics
 from .significance import compare_per_image_csv
@@ -79,6 +80,23 @@ def per_image_table(runs: Sequence[Tuple[str, str]], dataset: str, metric: str =
     return "\n".join(lines)
 
 
+def _evaluated_with_others(run_dir: str, dataset: str) -> bool:
+    """Whether the run's training evaluations name their data set in the metric keys.
+
+    Detectron2's ``DefaultTrainer.test`` drops the ``<dataset>/`` prefix when ``DATASETS.TEST``
+    holds a single data set, so the run's config decides which keys hold ``dataset``'s values.
+    """
+    config_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path}: the run's config is needed to read its evaluations")
+    with open(config_path) as f:
+        test_sets = list(yaml.safe_load(f).get("DATASETS", {}).get("TEST", []))
+    if dataset not in test_sets:
+        raise ValueError(f"{run_dir}: {dataset} was not evaluated during training "
+                         f"(DATASETS.TEST {test_sets})")
+    return len(test_sets) > 1
+
+
 def accuracy_curve_table(runs: Sequence[Tuple[str, str]], dataset: str,
                          metrics: Sequence[str] = ("aji", "dice1", "pq")) -> str:
     """Each metric on ``dataset`` at every iteration a run was evaluated during training.
@@ -89,7 +107,8 @@ def accuracy_curve_table(runs: Sequence[Tuple[str, str]], dataset: str,
     curves = []
     for name, run_dir in runs:
         series = read_training_metrics(os.path.join(run_dir, TRAINING_METRICS_JSON))
-        curves.append({m: series.get(f"{dataset}/nuclei/{m}", {}) for m in metrics})
+        prefix = f"{dataset}/" if _evaluated_with_others(run_dir, dataset) else ""
+        curves.append({m: series.get(f"{prefix}nuclei/{m}", {}) for m in metrics})
         if not any(curves[-1].values()):
             raise ValueError(f"{run_dir}: no {dataset} evaluation in {TRAINING_METRICS_JSON}")
     iterations = sorted({i for curve in curves for points in curve.values() for i in points})
@@ -108,7 +127,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dataset", required=True, help="data set folder inside each run")
     parser.add_argument("--run", action="append", required=True, metavar="NAME=DIR",
                         help="a run (the first is the baseline); repeat")
-    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
+    parser.add_argument("--metrics", default=None,
+                        help=f"comma-separated (default {','.join(DEFAULT_METRICS)}; with --curve aji,dice1,pq)")
     parser.add_argument("--per-image", action="store_true", help="also print the per-image AJI table")
     parser.add_argument("--curve", action="store_true",
                         help="instead: the metrics at each evaluation during training")
@@ -118,9 +138,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if any(len(run) != 2 for run in runs):
             raise ValueError(f"--run takes NAME=DIR, got {args.run}")
         if args.curve:
-            print(accuracy_curve_table(runs, args.dataset))
+            if args.per_image:
+                raise ValueError("--curve and --per-image are separate tables; ask for one")
+            metrics = args.metrics.split(",") if args.metrics else ("aji", "dice1", "pq")
+            print(accuracy_curve_table(runs, args.dataset, metrics))
             return 0
-        print(results_table(runs, args.dataset, args.metrics.split(",")))
+        print(results_table(runs, args.dataset, args.metrics.split(",") if args.metrics else DEFAULT_METRICS))
         if args.per_image:
             print()
             print(per_image_table(runs, args.dataset))

@@ -159,13 +159,15 @@ def _open_backend(path: str, backend: str):
 def _clip_roi(roi, width: int, height: int, path, what: str) -> Tuple[int, int, int, int]:
     """(x0, y0, x1, y1) of ``roi`` = (x, y, w, h) clipped to a width x height picture (the whole
     picture when ``roi`` is None); NucleiDataError naming ``path`` when nothing is left."""
-    x, y, w, h = (0, 0, width, height) if roi is None else (int(v) for v in roi)
+    roi = (0, 0, width, height) if roi is None else tuple(int(v) for v in roi)
+    if len(roi) != 4:
+        raise NucleiDataError(f"{path}: a region of interest is (x, y, w, h), got {roi}")
+    x, y, w, h = roi
     x0, y0 = max(0, x), max(0, y)
     x1, y1 = min(width, x + w), min(height, y + h)
     if x1 <= x0 or y1 <= y0:
         raise NucleiDataError(
-            f"{path}: region of interest {tuple(roi)} (x, y, w, h) lies outside the "
-            f"{width}x{height} {what}"
+            f"{path}: region of interest {roi} (x, y, w, h) lies outside the {width}x{height} {what}"
         )
     return x0, y0, x1, y1
 
