@@ -1,9 +1,12 @@
 """Results tables from per-image CSVs: hand-checked means, stds and stars."""
 import csv
+from pathlib import Path
 
 import pytest
 
-from nucseg_d2.evaluation.results_table import accuracy_curve_table, main, per_image_table, results_table
+from nucseg_d2.evaluation.results_table import (
+    accuracy_curve_table, cost_table, main, per_image_table, render, results_table, update_markdown,
+)
 
 
 def _write_run(folder, dataset, aji_values, organ=None):
@@ -38,6 +41,9 @@ def test_per_image_table_and_missing_dataset(tmp_path, capsys):
     base = _write_run(tmp_path / "base", "kumar_test", [0.5, 0.6], organ="Colon")
     table = per_image_table([("Baseline", base)], "kumar_test")
     assert "| Colon | img1 | 0.6000 |" in table.splitlines()
+    assert render(["--dataset", "kumar_test", "--run", f"Baseline={base}", "--per-image-only"]) == table
+    alone = render(["--dataset", "kumar_test", "--run", f"Baseline={base}"])
+    assert "Stars" not in alone and len(alone.splitlines()) == 3  # nothing to compare with
     assert main(["--dataset", "nope", "--run", f"B={base}"]) == 2
     assert "nope" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="per_image.csv"):
@@ -73,3 +79,51 @@ def test_accuracy_curve_table_from_training_metrics(tmp_path, capsys):
     assert main(["--dataset", "tnbc_val", "--curve", "--metrics", "pq", "--run", f"P={alone}"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "| 29 | 0.4500 |"
     assert main(["--dataset", "tnbc_val", "--curve", "--per-image", "--run", f"P={alone}"]) == 2
+
+
+def test_cost_table_reads_training_and_inference_times_from_the_logs(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.txt").write_text(
+        "[t] d2.evaluation.evaluator INFO: Total inference time: 0:00:04.2 (2.000000 s / iter per device, on 1 devices)\n"
+        "[t] d2.engine.defaults INFO: Evaluation results for tnbc_val in csv format:\n"
+        "[t] d2.engine.hooks INFO: Overall training speed: 1098 iterations in 1:06:10 (3.6165 s / it)\n"
+    )
+    (run / "test_eval_log.txt").write_text(
+        "[t] d2.evaluation.evaluator INFO: Total inference time: 0:00:16.9 (4.500000 s / iter per device, on 2 devices)\n"
+        "[t] d2.engine.defaults INFO: Evaluation results for tnbc_test in csv format:\n"
+    )
+    rows = cost_table([("P", str(run))], "tnbc_test").splitlines()
+    assert rows[2] == "| P | 1098 | 1:06:10 | 3.62 | 4.50 |"  # test batch 1: s / iter = s / image
+    assert cost_table([("P", str(run))], "tnbc_val").splitlines()[2].endswith("| 2.00 |")
+    assert cost_table([("P", str(run))], "kumar_test").splitlines()[2].endswith("| - |")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["--dataset", "tnbc_test", "--cost", "--run", f"E={empty}"]) == 2
+    assert "no Detectron2 log" in capsys.readouterr().err
+
+
+def test_update_markdown_regenerates_only_the_table_blocks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write_run(tmp_path / "base", "tnbc_test", [0.5, 0.6])
+    fresh = render(["--dataset", "tnbc_test", "--run", "B=base", "--metrics", "aji"])
+    doc = tmp_path / "RESULTS.md"
+    text = ("# Results\nprose stays\n"
+            "<!-- results_table --dataset tnbc_test --run 'B=base' --metrics aji -->\nstale table\n"
+            "<!-- end results_table -->\nmiddle\n"
+            f"<!-- results_table --dataset tnbc_test --run B=base --metrics aji -->\n{fresh}\n"
+            "<!-- end results_table -->\n")
+    doc.write_text(text)
+    assert update_markdown(str(doc), check_only=True) == ["--dataset tnbc_test --run 'B=base' --metrics aji"]
+    assert doc.read_text() == text  # a check writes nothing
+    assert main(["--check", str(doc)]) == 1
+    assert main(["--update", str(doc)]) == 0
+    assert doc.read_text() == text.replace("stale table", fresh)
+    assert main(["--check", str(doc)]) == 0
+
+
+def test_the_repository_results_tables_are_up_to_date(monkeypatch):
+    """docs/RESULTS.md shows exactly what the committed results/ folders give."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    assert update_markdown("docs/RESULTS.md", check_only=True) == []

@@ -9,20 +9,26 @@ baseline"), as in the paper's Tables 2-4.
         --run Baseline=results/tnbc_maskrcnn --run Proposed=results/tnbc_proposed [--per-image]
     python -m nucseg_d2.evaluation.results_table --dataset tnbc_val --curve \
         --run Proposed=results/tnbc_proposed          # metric against iteration (training evals)
+    python -m nucseg_d2.evaluation.results_table --update docs/RESULTS.md   # regenerate its tables
 """
 import argparse
 import csv
 import os
+import re
+import shlex
 import sys
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
 
+from ..utils import atomic_path
 from .reporting import DEFAULT_METRICS, PER_IMAGE_CSV, read_training_metrics
 from .significance import compare_per_image_csv
 
-__all__ = ["results_table", "per_image_table", "accuracy_curve_table", "main"]
+__all__ = [
+    "results_table", "per_image_table", "accuracy_curve_table", "cost_table", "render", "update_markdown", "main",
+]
 
 TRAINING_METRICS_JSON = "training_metrics.json"
 
@@ -59,9 +65,10 @@ def results_table(runs: Sequence[Tuple[str, str]], dataset: str,
             mark = f" {stars[metric]}" if metric in stars else ""
             cells.append(f"{values.mean():.4f} ± {std:.4f}{mark}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(f"Stars: one-tailed paired t-test of each run against {baseline_name} over the "
-                 f"images of {dataset} (*** p < 0.01, ** p < 0.05, * p < 0.1, x p >= 0.1).")
+    if len(runs) > 1:
+        lines.append("")
+        lines.append(f"Stars: one-tailed paired t-test of each run against {baseline_name} over the "
+                     f"images of {dataset} (*** p < 0.01, ** p < 0.05, * p < 0.1, x p >= 0.1).")
     return "\n".join(lines)
 
 
@@ -122,31 +129,133 @@ def accuracy_curve_table(runs: Sequence[Tuple[str, str]], dataset: str,
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+_TRAINING_SPEED = re.compile(r"Overall training speed: (\d+) iterations in ([\d:.]+) \(([\d.]+) s / it\)")
+_INFERENCE_TIME = re.compile(r"Total inference time: [\d:.]+ \(([\d.]+) s / iter per device")
+_RESULTS_FOR = re.compile(r"Evaluation results for (\S+) in csv format")
+RUN_LOGS = ("log.txt", "test_eval_log.txt")  # the training log, then a separate test evaluation
+
+
+def _run_costs(run_dir: str, dataset: str) -> Tuple[Optional[re.Match], Optional[float]]:
+    """Detectron2's training-speed line, and seconds per image of inference on ``dataset``.
+
+    Inference time is the evaluator's "Total inference time" (the first images, warm-up, are not
+    counted) logged just before the results of ``dataset``; the last evaluation in the logs wins.
+    """
+    speed, per_image, pending = None, None, None
+    for name in RUN_LOGS:
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, errors="replace") as f:
+            for line in f:
+                if _TRAINING_SPEED.search(line):
+                    speed = _TRAINING_SPEED.search(line)
+                elif _INFERENCE_TIME.search(line):
+                    match = _INFERENCE_TIME.search(line)
+                    pending = float(match.group(1))  # per image on one device (one process)
+                elif _RESULTS_FOR.search(line):
+                    if _RESULTS_FOR.search(line).group(1) == dataset and pending is not None:
+                        per_image = pending
+                    pending = None
+    return speed, per_image
+
+
+def cost_table(runs: Sequence[Tuple[str, str]], dataset: str) -> str:
+    """Training iterations, wall time and s/iteration, and inference s/image on ``dataset``, per run,
+    read from the Detectron2 logs kept in each run folder (``log.txt``, ``test_eval_log.txt``)."""
+    header = ["run", "timed iterations", "training time", "s / iteration", f"inference s / image ({dataset})"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, run_dir in runs:
+        speed, per_image = _run_costs(run_dir, dataset)
+        if speed is None and per_image is None:
+            raise ValueError(f"{run_dir}: no Detectron2 log ({' or '.join(RUN_LOGS)}) with timings")
+        cells = [name]
+        cells += [speed.group(1), speed.group(2), f"{float(speed.group(3)):.2f}"] if speed else ["-"] * 3
+        cells.append(f"{per_image:.2f}" if per_image is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, help="data set folder inside each run")
-    parser.add_argument("--run", action="append", required=True, metavar="NAME=DIR",
+    parser.add_argument("--dataset", help="data set folder inside each run")
+    parser.add_argument("--run", action="append", default=[], metavar="NAME=DIR",
                         help="a run (the first is the baseline); repeat")
     parser.add_argument("--metrics", default=None,
                         help=f"comma-separated (default {','.join(DEFAULT_METRICS)}; with --curve aji,dice1,pq)")
     parser.add_argument("--per-image", action="store_true", help="also print the per-image AJI table")
+    parser.add_argument("--per-image-only", action="store_true", help="print only the per-image AJI table")
     parser.add_argument("--curve", action="store_true",
                         help="instead: the metrics at each evaluation during training")
-    args = parser.parse_args(argv)
-    try:
-        runs = [tuple(item.split("=", 1)) for item in args.run]
-        if any(len(run) != 2 for run in runs):
-            raise ValueError(f"--run takes NAME=DIR, got {args.run}")
-        if args.curve:
-            if args.per_image:
-                raise ValueError("--curve and --per-image are separate tables; ask for one")
-            metrics = args.metrics.split(",") if args.metrics else ("aji", "dice1", "pq")
-            print(accuracy_curve_table(runs, args.dataset, metrics))
-            return 0
-        print(results_table(runs, args.dataset, args.metrics.split(",") if args.metrics else DEFAULT_METRICS))
+    parser.add_argument("--cost", action="store_true",
+                        help="instead: training time and inference time per image, from the run logs")
+    parser.add_argument("--update", metavar="MARKDOWN",
+                        help="regenerate every table block of this file in place (see update_markdown)")
+    parser.add_argument("--check", metavar="MARKDOWN",
+                        help="exit 1 when a table block of this file differs from its regeneration")
+    return parser
+
+
+def render(argv: Sequence[str]) -> str:
+    """The table(s) that ``python -m nucseg_d2.evaluation.results_table ARGV`` prints."""
+    args = _parser().parse_args(list(argv))
+    if not args.dataset or not args.run:
+        raise ValueError("a table needs --dataset and at least one --run NAME=DIR")
+    runs = [tuple(item.split("=", 1)) for item in args.run]
+    if any(len(run) != 2 for run in runs):
+        raise ValueError(f"--run takes NAME=DIR, got {args.run}")
+    if args.cost:
+        return cost_table(runs, args.dataset)
+    if args.curve:
         if args.per_image:
-            print()
-            print(per_image_table(runs, args.dataset))
+            raise ValueError("--curve and --per-image are separate tables; ask for one")
+        metrics = args.metrics.split(",") if args.metrics else ("aji", "dice1", "pq")
+        return accuracy_curve_table(runs, args.dataset, metrics)
+    if args.per_image_only:
+        return per_image_table(runs, args.dataset)
+    text = results_table(runs, args.dataset, args.metrics.split(",") if args.metrics else DEFAULT_METRICS)
+    if args.per_image:
+        text += "\n\n" + per_image_table(runs, args.dataset)
+    return text
+
+
+# A generated block in a Markdown file: the arguments in an opening comment, the table, a closing one.
+_BLOCK = re.compile(r"(<!-- results_table (?P<args>.+?) -->\n)(?P<body>.*?)(<!-- end results_table -->)", re.S)
+
+
+def update_markdown(path: str, check_only: bool = False) -> List[str]:
+    """Regenerate each block ``<!-- results_table ARGS -->`` ... ``<!-- end results_table -->`` of
+    ``path`` with :func:`render` (ARGS split as a shell would); returns the ARGS of the blocks that
+    were stale. Unless ``check_only``, the file is rewritten atomically when any was."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    stale: List[str] = []
+
+    def regenerate(match: re.Match) -> str:
+        body = render(shlex.split(match.group("args"))) + "\n"
+        if body != match.group("body"):
+            stale.append(match.group("args"))
+        return match.group(1) + body + match.group(4)
+
+    new_text = _BLOCK.sub(regenerate, text)
+    if stale and not check_only:
+        with atomic_path(path) as temp:
+            with open(temp, "w", encoding="utf-8") as f:
+                f.write(new_text)
+    return stale
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    try:
+        if args.update or args.check:
+            stale = update_markdown(args.update or args.check, check_only=bool(args.check))
+            verb = "out of date" if args.check else "regenerated"
+            for block in stale:
+                print(f"{args.update or args.check}: {verb}: {block}")
+            return 1 if (stale and args.check) else 0
+        print(render(argv))
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
