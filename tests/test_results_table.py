@@ -42,7 +42,7 @@ def test_per_image_table_and_missing_dataset(tmp_path, capsys):
     table = per_image_table([("Baseline", base)], "kumar_test")
     assert "| Colon | img1 | 0.6000 |" in table.splitlines()
     assert render(["--dataset", "kumar_test", "--run", f"Baseline={base}", "--per-image-only"]) == table
-    alone = render(["--dataset", "kumar_test", "--run", f"Baseline={base}"])
+    alone = render(["--dataset", "kumar_test", "--run", f"Baseline={base}", "--metrics", "aji"])
     assert "Stars" not in alone and len(alone.splitlines()) == 3  # nothing to compare with
     assert main(["--dataset", "nope", "--run", f"B={base}"]) == 2
     assert "nope" in capsys.readouterr().err
