@@ -29,6 +29,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 import torch
+import torch.distributed
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import launch
@@ -289,6 +290,10 @@ def _distributed_evaluation(dataset_dir, dataset_name, output_dir, results_path)
     results = run_evaluator(NucleiEvaluator(dataset_name, output_dir=output_dir), image_ids=image_ids)
     with open(f"{results_path}.rank{rank}", "w") as f:
         json.dump({"world_size": world_size, "image_ids": image_ids, "results": results}, f)
+    # Shut gloo down before the interpreter exits: left to teardown, its threads now and then
+    # abort the process ("terminate called without an active exception"), failing launch().
+    comm.synchronize()
+    torch.distributed.destroy_process_group()
 
 
 def test_distributed_evaluation_gathers_to_the_main_process(tiny_dataset, tmp_path):
