@@ -25,6 +25,7 @@ import traceback
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed
 
 from ..config import NucleiConfigError
 from ..data.readers import NucleiDataError
@@ -295,6 +296,11 @@ def _worker(args, inputs: List[Tuple[int, str]], status_file: str) -> None:
     if comm.get_local_rank() == 0:
         with open(status_file, "w") as stream:
             stream.write(str(_global_status(summaries)))
+    if world_size > 1:
+        # Shut the process group down before exiting: left to interpreter teardown, gloo's
+        # threads now and then abort a rank ("terminate called without an active exception").
+        comm.synchronize()
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
