@@ -1,5 +1,8 @@
 """Config keys added by nucseg-d2. Call ``add_nucseg_config(cfg)`` on a fresh ``get_cfg()``."""
+import os
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 # The nuclei metrics reported unless told otherwise (names from nucseg_d2.evaluation.metrics).
 DEFAULT_METRICS = ("aji", "aji_plus", "paper_aji", "dice1", "pq")
@@ -93,8 +96,6 @@ class NucleiConfigError(ValueError):
 
 def merge_config_file(cfg, path: str):
     """``cfg.merge_from_file`` with errors that name the file and the offending key."""
-    import os
-
     if not os.path.isfile(path):
         raise NucleiConfigError(f"config file not found: {path}")
     try:
@@ -152,9 +153,6 @@ def build_nuclei_cfg(config, opts=()):
         cfg = config.clone()
         cfg.defrost()
     else:
-        from detectron2.config import get_cfg
-        import os
-
         cfg = get_cfg()
         add_nucseg_config(cfg)
         merge_config_file(cfg, os.fspath(config))

@@ -2,7 +2,7 @@
 """Score the predictor (tiling, TTA, thresholds: what users run) on a registered data set.
 
 Predicts every image of DATASET with NucleiPredictor, writes the label maps as uint16 PNGs named
-after the image id under RUN_DIR/DATASET/label_maps/, scores them with nucseg-eval's dataset mode
+after the image id (TIFF past 65,535 nuclei, as the evaluator) under RUN_DIR/DATASET/label_maps/, scores them with nucseg-eval's dataset mode
 (metrics.json, per_image.csv beside them) and logs the seconds per image, so that a variant of
 inference (e.g. --tta) becomes a results folder the tables of docs/RESULTS.md can compare.
 
@@ -19,7 +19,6 @@ import time
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog
-from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -27,6 +26,7 @@ sys.path.insert(0, REPO)
 from nucseg_d2.data.readers import read_rgb_image  # noqa: E402
 from nucseg_d2.evaluation import folder_eval  # noqa: E402
 from nucseg_d2.predict import NucleiPredictor  # noqa: E402
+from nucseg_d2.predict.writers import write_label_map_image  # noqa: E402
 from nucseg_d2.utils import atomic_path  # noqa: E402
 
 
@@ -54,8 +54,7 @@ def main(argv=None):
         start = time.perf_counter()
         result = predictor.predict(image)
         seconds.append(time.perf_counter() - start)
-        with atomic_path(os.path.join(maps_dir, f"{record['image_id']}.png")) as temp:
-            Image.fromarray(result.label_map.astype(np.uint16)).save(temp, format="PNG")
+        write_label_map_image(os.path.join(maps_dir, str(record["image_id"])), result.label_map)
         lines.append(f"{record['image_id']}: {int(result.label_map.max())} nuclei, {seconds[-1]:.2f} s")
     # The first image pays for lazy initialisation; as Detectron2's evaluator, leave it out.
     timed = seconds[1:] or seconds

@@ -257,7 +257,7 @@ def _pair_by_stem(image_dir, label_dir, label_suffixes, dataset_name):
         if not os.path.isdir(folder):
             raise NucleiDataError(f"{folder}: folder not found (data set {dataset_name})")
         try:
-            return {stem: os.path.basename(path) for stem, path in files_by_stem(folder, suffixes).items()}
+            return files_by_stem(folder, suffixes)
         except ValueError as e:
             raise NucleiDataError(str(e)) from None
 
@@ -266,16 +266,13 @@ def _pair_by_stem(image_dir, label_dir, label_suffixes, dataset_name):
     if not images:
         suffixes = ", ".join(_IMAGE_SUFFIXES)
         raise NucleiDataError(f"{image_dir}: no images ({suffixes}) for data set {dataset_name}")
-    unlabelled = sorted(images[stem] for stem in images if stem not in labels)
+    unlabelled = sorted(os.path.basename(images[stem]) for stem in images if stem not in labels)
     if unlabelled:
         raise NucleiDataError(
             f"{image_dir}: {len(unlabelled)} image(s) without a label in {label_dir}: "
             f"{first_few(unlabelled, 10)}"
         )
-    return [
-        (os.path.join(image_dir, images[stem]), os.path.join(label_dir, labels[stem]))
-        for stem in sorted(images)
-    ]
+    return [(images[stem], labels[stem]) for stem in sorted(images)]
 
 
 def _folder_specs(pairs, label_format):

@@ -4,25 +4,19 @@ import os
 from collections import OrderedDict
 from typing import Iterable, Optional
 
-import numpy as np
-
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
-from PIL import Image
 
 from ..data.readers import load_label_map
-from ..modeling.postprocess import instances_to_label_map, label_map_dtype
-from ..predict.writers import write_label_tiff
-from ..utils import atomic_path
+from ..modeling.postprocess import instances_to_label_map
+from ..predict.writers import write_label_map_image
 from .metrics import metric_keys
 from .reporting import DEFAULT_METRICS, GROUP_FIELDS, score_image, summarize_scores, write_reports
 
 __all__ = ["NucleiEvaluator"]
 
 logger = logging.getLogger(__name__)
-
-# Record fields copied into each per-image row so results can be grouped (per organ, patient).
 
 
 class NucleiEvaluator(DatasetEvaluator):
@@ -89,13 +83,8 @@ class NucleiEvaluator(DatasetEvaluator):
                 self._write_label_map(record["image_id"], pred)
 
     def _write_label_map(self, image_id, label_map):
-        """``label_maps/<image id>.png`` (uint16); PNG holds no 32-bit ids, so past 65,535 a TIFF."""
-        stem = os.path.join(self.output_dir, "label_maps", os.path.basename(str(image_id)))
-        if label_map_dtype(int(label_map.max())) != np.uint16:
-            write_label_tiff(stem + ".tif", label_map)
-            return
-        with atomic_path(stem + ".png") as tmp:
-            Image.fromarray(label_map.astype(np.uint16)).save(tmp, format="PNG")
+        """``label_maps/<image id>.png`` (uint16), or ``.tif`` past 65,535 ids."""
+        write_label_map_image(os.path.join(self.output_dir, "label_maps", os.path.basename(str(image_id))), label_map)
 
     def evaluate(self):
         scores = self._scores

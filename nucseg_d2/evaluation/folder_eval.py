@@ -53,8 +53,6 @@ __all__ = [
 ]
 
 LABEL_MAP_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".mat")
-# The evaluator's default (TEST.NUCLEI.METRICS), so both tools report the same columns by default.
-# Record fields used as groups with --dataset, in the evaluator's order of preference.
 # Error messages list at most this many file names, then say how many more there are.
 _MAX_LISTED = 20
 

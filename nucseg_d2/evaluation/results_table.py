@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 TRAINING_METRICS_JSON = "training_metrics.json"
+CURVE_METRICS = ("aji", "dice1", "pq")  # the accuracy/iterations table's default columns
 
 
 def _per_image_csv(run_dir: str, dataset: str) -> str:
@@ -105,7 +106,7 @@ def _evaluated_with_others(run_dir: str, dataset: str) -> bool:
 
 
 def accuracy_curve_table(runs: Sequence[Tuple[str, str]], dataset: str,
-                         metrics: Sequence[str] = ("aji", "dice1", "pq")) -> str:
+                         metrics: Sequence[str] = CURVE_METRICS) -> str:
     """Each metric on ``dataset`` at every iteration a run was evaluated during training.
 
     Reads ``<run>/training_metrics.json`` (Detectron2's metrics.json, where the evaluations of
@@ -148,13 +149,12 @@ def _run_costs(run_dir: str, dataset: str) -> Tuple[Optional[re.Match], Optional
             continue
         with open(path, errors="replace") as f:
             for line in f:
-                if _TRAINING_SPEED.search(line):
-                    speed = _TRAINING_SPEED.search(line)
-                elif _INFERENCE_TIME.search(line):
-                    match = _INFERENCE_TIME.search(line)
+                if match := _TRAINING_SPEED.search(line):
+                    speed = match
+                elif match := _INFERENCE_TIME.search(line):
                     pending = float(match.group(1))  # per image on one device (one process)
-                elif _RESULTS_FOR.search(line):
-                    if _RESULTS_FOR.search(line).group(1) == dataset and pending is not None:
+                elif match := _RESULTS_FOR.search(line):
+                    if match.group(1) == dataset and pending is not None:
                         per_image = pending
                     pending = None
     return speed, per_image
@@ -182,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", action="append", default=[], metavar="NAME=DIR",
                         help="a run (the first is the baseline); repeat")
     parser.add_argument("--metrics", default=None,
-                        help=f"comma-separated (default {','.join(DEFAULT_METRICS)}; with --curve aji,dice1,pq)")
+                        help=f"comma-separated (default {','.join(DEFAULT_METRICS)}; with --curve {','.join(CURVE_METRICS)})")
     parser.add_argument("--per-image", action="store_true", help="also print the per-image AJI table")
     parser.add_argument("--per-image-only", action="store_true", help="print only the per-image AJI table")
     parser.add_argument("--curve", action="store_true",
@@ -198,7 +198,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def render(argv: Sequence[str]) -> str:
     """The table(s) that ``python -m nucseg_d2.evaluation.results_table ARGV`` prints."""
-    args = _parser().parse_args(list(argv))
+    return _render(_parser().parse_args(list(argv)))
+
+
+def _render(args: argparse.Namespace) -> str:
     if not args.dataset or not args.run:
         raise ValueError("a table needs --dataset and at least one --run NAME=DIR")
     runs = [tuple(item.split("=", 1)) for item in args.run]
@@ -209,7 +212,7 @@ def render(argv: Sequence[str]) -> str:
     if args.curve:
         if args.per_image:
             raise ValueError("--curve and --per-image are separate tables; ask for one")
-        metrics = args.metrics.split(",") if args.metrics else ("aji", "dice1", "pq")
+        metrics = args.metrics.split(",") if args.metrics else CURVE_METRICS
         return accuracy_curve_table(runs, args.dataset, metrics)
     if args.per_image_only:
         return per_image_table(runs, args.dataset)
@@ -246,7 +249,6 @@ def update_markdown(path: str, check_only: bool = False) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     try:
         if args.update or args.check:
@@ -255,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for block in stale:
                 print(f"{args.update or args.check}: {verb}: {block}")
             return 1 if (stale and args.check) else 0
-        print(render(argv))
+        print(_render(args))
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ __all__ = [
     "NUCLEUS_CLASS_COLOR",
     "OVERLAY_COLOR",
     "write_label_tiff",
+    "write_label_map_image",
     "write_geojson",
     "write_coco_json",
     "write_nucleus_table",
@@ -117,6 +118,18 @@ def write_label_tiff(path, label_map) -> None:
             bigtiff=data.nbytes > 2**32 - 2**25,
             metadata=None,
         )
+
+
+def write_label_map_image(stem, label_map) -> str:
+    """``stem.png`` (uint16, what the metrics CLI and most viewers read) or, past 65,535 ids
+    which PNG cannot hold, ``stem.tif`` (uint32, :func:`write_label_tiff`); returns the path."""
+    label_map = np.asarray(label_map)
+    if label_map_dtype(int(label_map.max()) if label_map.size else 0) != np.uint16:
+        write_label_tiff(os.fspath(stem) + ".tif", label_map)
+        return os.fspath(stem) + ".tif"
+    with atomic_path(os.fspath(stem) + ".png") as temp_path:
+        Image.fromarray(label_map.astype(np.uint16)).save(temp_path, format="PNG")
+    return os.fspath(stem) + ".png"
 
 
 # --------------------------------------------------------------------------- GeoJSON (QuPath)
