@@ -11,7 +11,7 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .readers import LABEL_FORMATS, NucleiDataError
+from .readers import LABEL_FORMATS, LABEL_MAP_SUFFIXES, NucleiDataError
 from .records import build_records, get_nuclei_cache_dir
 from ..utils import files_by_stem, first_few
 
@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 DATA_ROOT_ENV = "NUCSEG_DATASETS"
 _SPLITS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits")
 _IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".webp", ".jpg", ".jpeg", ".bmp")
-_LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".mat")
 
 TNBC_SPLITS = ("train", "val", "test")
 KUMAR_SPLITS = (
@@ -288,7 +287,7 @@ def _folder_specs(pairs, label_format):
 
 
 def _load_folder(dataset_name, image_dir, label_dir, label_format):
-    label_suffixes = (".xml",) if label_format == "monuseg_xml" else _LABEL_SUFFIXES
+    label_suffixes = (".xml",) if label_format == "monuseg_xml" else LABEL_MAP_SUFFIXES
     pairs = _pair_by_stem(image_dir, label_dir, label_suffixes, dataset_name)
     return build_records(_folder_specs(pairs, label_format), dataset_name)
 

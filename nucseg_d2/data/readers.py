@@ -24,10 +24,13 @@ __all__ = [
     "read_cpm17_mat",
     "load_label_map",
     "LABEL_FORMATS",
+    "LABEL_MAP_SUFFIXES",
 ]
 
 LABEL_FORMATS = ("label_map", "tnbc_binary", "monuseg_xml", "cpm17_mat")
 
+# The files read_label_map reads: data sets and the folder evaluator pair label maps by these.
+LABEL_MAP_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".mat")
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _MODES_KEPT = ("RGB", "RGBA", "L", "LA", "I", "F")  # Pillow modes numpy reads as they are
 _INT32_MAX = np.iinfo(np.int32).max

@@ -26,7 +26,7 @@ import os
 import sys
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..data.readers import NucleiDataError, load_label_map, read_label_map
+from ..data.readers import LABEL_MAP_SUFFIXES, NucleiDataError, load_label_map, read_label_map
 from ..utils import files_by_stem, first_few
 from .metrics import ALL_METRICS, metric_keys
 from .reporting import (
@@ -52,7 +52,6 @@ __all__ = [
     "main",
 ]
 
-LABEL_MAP_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".mat")
 # Error messages list at most this many file names, then say how many more there are.
 _MAX_LISTED = 20
 
