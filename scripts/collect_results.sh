@@ -10,12 +10,16 @@ cd "$(dirname "$0")/.."
 SRC=$1; RUN=$2
 DEST=results/$RUN
 mkdir -p "$DEST"
+# The run's log goes along as log.txt: results_table --cost reads the timings from it, and it
+# names the machine and the software the run had.
 if [[ -f "$SRC/inference.tar" ]]; then
   tar -C "$DEST" -xf "$SRC/inference.tar" && cp -r "$DEST"/inference/. "$DEST"/ && rm -r "$DEST/inference"
   cp "$SRC/training_metrics.json" "$DEST/training_metrics.json"
+  cp "$SRC/train_eval.log" "$DEST/log.txt"
 else
   cp -r "$SRC"/inference/. "$DEST"/
   cp "$SRC/metrics.json" "$DEST/training_metrics.json"
+  cp "$SRC/log.txt" "$DEST/log.txt"
 fi
 cp "$SRC/config.yaml" "$DEST/config.yaml"
 find "$DEST" -name '*.pth' -delete

@@ -8,7 +8,7 @@ inference (e.g. --tta) becomes a results folder the tables of docs/RESULTS.md ca
 
     python scripts/predict_eval.py --config-file results/tnbc_proposed_cpu1100/config.yaml \
         --weights output/tnbc_proposed_cpu1100/model_final.pth --dataset tnbc_val \
-        --run-dir results/tnbc_proposed_cpu1100_tta --tta
+        --run-dir results/tnbc_proposed_cpu1100_predictor_tta --tta
 """
 import argparse
 import os
