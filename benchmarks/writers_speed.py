@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Cost of nucseg-predict's output writers beside the label-map TIFF, in one process.
+
+    python benchmarks/writers_speed.py [--size 2048] [--repeats 3] [--formats labels geojson ...]
+
+A --size square mosaic of synthetic H&E tiles and their label maps stands in for a prediction
+(the writers see only the label map, the scores and the image). Each format is written through
+``nucseg_d2.predict.cli.write_outputs``, the code path of ``nucseg-predict``, best of --repeats.
+Printed per format: seconds, milliseconds per nucleus, and the ratio to writing the label-map
+TIFF (the one output every run writes), measured in the same process.
+"""
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from nucseg_d2.data.synthetic import generate_tile  # noqa: E402
+from nucseg_d2.predict.cli import FORMATS, write_outputs  # noqa: E402
+from nucseg_d2.predict.result import PredictionResult  # noqa: E402
+from nucseg_d2.predict.slides import ArraySource  # noqa: E402
+
+TILE = 256
+
+
+def synthetic_prediction(size: int, seed: int = 0):
+    """(RGB image, PredictionResult) of a size x size mosaic, nuclei numbered 1..N over it."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((size, size, 3), np.uint8)
+    label_map = np.zeros((size, size), np.int64)
+    for y in range(0, size, TILE):
+        for x in range(0, size, TILE):
+            tile_image, tile_labels = generate_tile(rng, TILE)
+            h, w = min(TILE, size - y), min(TILE, size - x)
+            image[y:y + h, x:x + w] = tile_image[:h, :w]
+            # Tiles number their nuclei from 1: offset by the tile index to keep them apart.
+            offset = (y // TILE * (size // TILE + 1) + x // TILE) * 10_000
+            label_map[y:y + h, x:x + w] = np.where(tile_labels[:h, :w] > 0, tile_labels[:h, :w] + offset, 0)
+    _, compact = np.unique(label_map, return_inverse=True)  # background 0 stays 0: it is the smallest
+    label_map = compact.reshape(size, size)
+    num_nuclei = int(label_map.max())
+    scores = rng.uniform(0.5, 1.0, num_nuclei).astype(np.float32)
+    dtype = np.uint16 if num_nuclei <= np.iinfo(np.uint16).max else np.uint32  # as the predictor
+    return image, PredictionResult(label_map=label_map.astype(dtype), scores=scores)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), default=list(FORMATS))
+    args = parser.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    image, result = synthetic_prediction(args.size)
+    source = ArraySource(image, path="synthetic.png")
+    formats = ["labels"] + [name for name in args.formats if name != "labels"]
+    seconds = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in formats:
+            best = float("inf")
+            for _ in range(args.repeats):
+                path = os.path.join(scratch, "synthetic" + FORMATS[name])
+                start = time.perf_counter()
+                write_outputs(result, source, {name: path}, image_id=1)
+                best = min(best, time.perf_counter() - start)
+            seconds[name] = best
+    print(f"\n{args.size}x{args.size} synthetic image, {result.num_nuclei} nuclei, best of {args.repeats}:")
+    print(f"{'format':>9} {'s':>8} {'ms/nucleus':>11} {'x labels TIFF':>14}")
+    for name in formats:
+        print(f"{name:>9} {seconds[name]:8.3f} {1000 * seconds[name] / result.num_nuclei:11.3f} "
+              f"{seconds[name] / seconds['labels']:14.1f}")
+
+
+if __name__ == "__main__":
+    main()
