@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from nucseg_d2.evaluation.results_table import (
-    accuracy_curve_table, cost_table, main, per_image_table, render, results_table, update_markdown,
+    accuracy_curve_table, cost_table, main, pairs_table, per_image_table, render, results_table,
+    update_markdown,
 )
 
 
@@ -35,6 +36,23 @@ def test_worse_run_gets_no_star(tmp_path):
     base = _write_run(tmp_path / "base", "d", [0.5, 0.6, 0.7])
     worse = _write_run(tmp_path / "worse", "d", [0.4, 0.55, 0.6])
     assert results_table([("B", base), ("W", worse)], "d", ["aji"]).splitlines()[3].endswith(" x |")
+
+
+def test_pairs_table_tests_chosen_comparisons(tmp_path):
+    base = _write_run(tmp_path / "base", "d", [0.5, 0.6, 0.7])
+    ab1 = _write_run(tmp_path / "ab1", "d", [0.6, 0.8, 1.0])
+    runs = [("Baseline", base), ("Ab1", ab1)]
+    rows = pairs_table(runs, "d", [("Ab1", "Baseline"), ("Baseline", "Ab1")], ["aji"]).splitlines()
+    # d = 0.1, 0.2, 0.3: mean 0.2, std 0.1, t = 0.2 / (0.1 / sqrt 3) = 3.4641 with 2 degrees of
+    # freedom, where P(T > t) = 1/2 - t / (2 sqrt(2 + t^2)) = 0.0371.
+    assert rows[2] == "| Ab1 > Baseline | 3 | +0.2000 (p 0.037) ** |"
+    assert rows[3] == "| Baseline > Ab1 | 3 | -0.2000 (p 0.963) x |"
+    argv = ["--dataset", "d", "--run", f"Baseline={base}", "--run", f"Ab1={ab1}", "--metrics", "aji"]
+    assert render(argv + ["--pair", "Ab1 > Baseline"]).splitlines()[2] == rows[2]
+    with pytest.raises(ValueError, match="Ab2"):
+        render(argv + ["--pair", "Ab2 > Baseline"])
+    with pytest.raises(ValueError, match="A > B"):
+        render(argv + ["--pair", "Ab1>Baseline"])
 
 
 def test_per_image_table_and_missing_dataset(tmp_path, capsys):

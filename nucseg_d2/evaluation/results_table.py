@@ -9,6 +9,8 @@ baseline"), as in the paper's Tables 2-4.
         --run Baseline=results/tnbc_maskrcnn --run Proposed=results/tnbc_proposed [--per-image]
     python -m nucseg_d2.evaluation.results_table --dataset tnbc_val --curve \
         --run Proposed=results/tnbc_proposed          # metric against iteration (training evals)
+    python -m nucseg_d2.evaluation.results_table --dataset tnbc_test --run Baseline=... \
+        --run Ab1=... --pair "Ab1 > Baseline"        # chosen comparisons, as the paper's Table 3
     python -m nucseg_d2.evaluation.results_table --update docs/RESULTS.md   # regenerate its tables
 """
 import argparse
@@ -27,7 +29,8 @@ from .reporting import DEFAULT_METRICS, PER_IMAGE_CSV, read_training_metrics
 from .significance import compare_per_image_csv
 
 __all__ = [
-    "results_table", "per_image_table", "accuracy_curve_table", "cost_table", "render", "update_markdown", "main",
+    "results_table", "per_image_table", "pairs_table", "accuracy_curve_table", "cost_table", "render",
+    "update_markdown", "main",
 ]
 
 TRAINING_METRICS_JSON = "training_metrics.json"
@@ -85,6 +88,34 @@ def per_image_table(runs: Sequence[Tuple[str, str]], dataset: str, metric: str =
         cells.append(image_id)
         cells += [f"{float(rows[image_id][metric]):.4f}" if image_id in rows else "-" for _, rows in tables]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+PAIR_SEPARATOR = " > "  # "A > B": H1 is "A better than B"
+
+
+def pairs_table(runs: Sequence[Tuple[str, str]], dataset: str, pairs: Sequence[Tuple[str, str]],
+                metrics: Sequence[str] = DEFAULT_METRICS) -> str:
+    """One row per chosen comparison "A > B" of two named runs: per metric the mean difference
+    A - B, the one-tailed paired t-test's p-value (H1: A better) and its stars. The paper's
+    Table 3 tests each module against the model without it, not every run against one baseline."""
+    run_dirs = dict(runs)
+    header = ["comparison (H1: better)", "images"] + [f"{m}: A - B (p)" for m in metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for better, worse in pairs:
+        unknown = [name for name in (better, worse) if name not in run_dirs]
+        if unknown:
+            raise ValueError(f"--pair names runs that no --run gives: {unknown} (runs: {list(run_dirs)})")
+        tests = {r["metric"]: r for r in compare_per_image_csv(
+            _per_image_csv(run_dirs[better], dataset), _per_image_csv(run_dirs[worse], dataset), metrics)}
+        cells = [f"{better}{PAIR_SEPARATOR}{worse}", str(next(iter(tests.values()))["n"])]
+        for metric in metrics:
+            test = tests[metric]
+            cells.append(f"{test['mean_a'] - test['mean_b']:+.4f} (p {test['p']:.3f}) {test['stars']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"One-tailed paired t-tests over the images of {dataset} "
+                 "(*** p < 0.01, ** p < 0.05, * p < 0.1, x p >= 0.1).")
     return "\n".join(lines)
 
 
@@ -183,6 +214,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="a run (the first is the baseline); repeat")
     parser.add_argument("--metrics", default=None,
                         help=f"comma-separated (default {','.join(DEFAULT_METRICS)}; with --curve {','.join(CURVE_METRICS)})")
+    parser.add_argument("--pair", action="append", default=[], metavar="'A > B'",
+                        help="instead: test run A against run B (names of --run); repeat")
     parser.add_argument("--per-image", action="store_true", help="also print the per-image AJI table")
     parser.add_argument("--per-image-only", action="store_true", help="print only the per-image AJI table")
     parser.add_argument("--curve", action="store_true",
@@ -209,6 +242,11 @@ def _render(args: argparse.Namespace) -> str:
         raise ValueError(f"--run takes NAME=DIR, got {args.run}")
     if args.cost:
         return cost_table(runs, args.dataset)
+    if args.pair:
+        pairs = [tuple(item.split(PAIR_SEPARATOR, 1)) for item in args.pair]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"--pair takes 'A{PAIR_SEPARATOR}B' (run names), got {args.pair}")
+        return pairs_table(runs, args.dataset, pairs, args.metrics.split(",") if args.metrics else DEFAULT_METRICS)
     if args.curve:
         if args.per_image:
             raise ValueError("--curve and --per-image are separate tables; ask for one")
