@@ -28,6 +28,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from nucseg_d2.evaluation import metrics
+from timing import best_time  # benchmarks/timing.py
 
 DEFAULT_LABELS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "kumar", "labels")
 TARGET_NUCLEI = 1000
@@ -174,18 +175,6 @@ def load_benchmark_map(labels_dir, rng):
     maps = {os.path.basename(p): imread(p).astype(np.int32) for p in paths}
     name = min(maps, key=lambda n: abs(len(np.unique(maps[n])) - 1 - TARGET_NUCLEI))
     return f"Kumar {name}", maps[name]
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def best_time(function, repeats):
-    best, result = math.inf, None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def main(argv=None):

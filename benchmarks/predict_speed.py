@@ -16,8 +16,8 @@
    is also run with test-time augmentation and its time is printed as a ratio to the plain run.
 2. Memory (each in a fresh subprocess): peak RSS added by ``predict`` over a model already
    built, and the tracemalloc peak of Python/numpy allocations, for a 1000x1000 image with the
-   demo model, and for synthetic pyramidal TIFF slides (--slide-sizes, written tile by tile)
-   read and predicted tile by tile, with the demo model or (--slide-model stand-in, seconds
+   --config model, and for synthetic pyramidal TIFF slides (--slide-sizes, written tile by tile)
+   read and predicted tile by tile, with that model or (--slide-model stand-in, seconds
    instead of minutes on a CPU) a stand-in returning a realistic nucleus density (one per
    40x40 px). The only part that should grow with the slide is the output label map
    (2 bytes/px) and the bit-packed masks of kept nuclei.
@@ -46,6 +46,7 @@ from nucseg_d2.predict import NucleiPredictor, open_image  # noqa: E402
 from nucseg_d2.predict.predictor import TTA_TRANSFORMS  # noqa: E402
 from nucseg_d2.predict.slides import write_pyramidal_tiff  # noqa: E402
 from rss import current_rss_mib, peak_rss_mib, reset_peak_rss  # noqa: E402  (benchmarks/rss.py)
+from timing import best_time  # noqa: E402  (benchmarks/timing.py)
 
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo.yaml")
 
@@ -91,18 +92,6 @@ class DenseStandIn(torch.nn.Module):
 
 
 # ------------------------------------------------------------------------ speed
-def best_predict_time(predictor, image, repeats):
-    """(seconds, timing, result) of the fastest of ``repeats`` runs: the machine may be shared."""
-    best = (float("inf"), None, None)
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = predictor.predict(image)
-        seconds = time.perf_counter() - start
-        if seconds < best[0]:
-            best = (seconds, dict(predictor.last_timing), result)
-    return best
-
-
 def speed(args):
     if args.image:
         image = read_rgb_image(args.image)
@@ -130,7 +119,8 @@ def speed(args):
             predictor.batch_size = batch_size
             for transforms in ([("identity",), TTA_TRANSFORMS] if args.tta else [("identity",)]):
                 predictor.transforms = transforms
-                seconds, timing, result = best_predict_time(predictor, image, args.repeats)
+                seconds, (result, timing) = best_time(
+                    lambda: (predictor.predict(image), dict(predictor.last_timing)), args.repeats)
                 tta = " tta" if len(transforms) > 1 else ""
                 rows.append(dict(tiles=f"{timing['tiles']} x {tile_size}/{overlap} b{batch_size}{tta}",
                                  tile_size=tile_size, seconds=seconds, mp_per_s=megapixels / seconds,
@@ -156,14 +146,14 @@ def speed(args):
 
 
 # ------------------------------------------------------------------------ memory (subprocesses)
-def measure_memory(kind, size, device, tile_size, weights, opts, slide_path=None, slide_model="demo"):
+def measure_memory(kind, size, config, device, tile_size, weights, opts, slide_path=None, slide_model="config"):
     """Runs in a fresh process: prints one JSON line with the memory figures."""
     torch.manual_seed(0)
     use_stand_in = kind == "slide" and slide_model == "stand-in"
     if use_stand_in:
         predictor = NucleiPredictor(model=DenseStandIn(), tile_size=tile_size, overlap=tile_size // 8)
     else:
-        predictor = NucleiPredictor(DEMO_CONFIG, weights=weights or "", device=device, opts=opts,
+        predictor = NucleiPredictor(config, weights=weights or "", device=device, opts=opts,
                                     tile_size=tile_size, overlap=tile_size // 8)
     if kind == "image":
         source_image = synthetic_reader()(0, size, 0, size)
@@ -180,7 +170,8 @@ def measure_memory(kind, size, device, tile_size, weights, opts, slide_path=None
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     print(json.dumps(dict(
-        kind=kind, size=size, model="stand-in" if use_stand_in else "demo", seconds=seconds,
+        kind=kind, size=size, seconds=seconds,
+        model="stand-in" if use_stand_in else os.path.splitext(os.path.basename(config))[0],
         tiles=predictor.last_timing["tiles"], nuclei=result.num_nuclei,
         label_map_mib=result.label_map.nbytes / 2**20, base_rss_mib=base_rss,
         added_peak_rss_mib=peak_rss_mib() - base_rss, traced_peak_mib=traced_peak / 2**20,
@@ -189,7 +180,8 @@ def measure_memory(kind, size, device, tile_size, weights, opts, slide_path=None
 
 def memory(args):
     rows = []
-    common = ["--device", str(args.device), "--weights", args.weights or "", "--slide-model", args.slide_model]
+    common = ["--config", args.config, "--device", str(args.device), "--weights", args.weights or "",
+              "--slide-model", args.slide_model]
     with tempfile.TemporaryDirectory() as scratch:
         jobs = [("image", 1000, None)]
         for size in args.slide_sizes:
@@ -224,7 +216,7 @@ def memory(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--config", default=DEMO_CONFIG, help="model config of the speed runs")
+    parser.add_argument("--config", default=DEMO_CONFIG, help="the model's config (default: the demo model)")
     parser.add_argument("--weights", default="")
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--image", help="time this RGB image instead of a synthetic one")
@@ -233,7 +225,8 @@ def main():
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--slide-sizes", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--memory-tile-size", type=int, default=1024)
-    parser.add_argument("--slide-model", choices=("demo", "stand-in"), default="demo")
+    parser.add_argument("--slide-model", choices=("config", "stand-in"), default="config",
+                        help="what predicts the slides: the --config model, or a fast stand-in")
     parser.add_argument("--repeats", type=int, default=2, help="speed runs per setting (best is kept)")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
@@ -242,7 +235,7 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args()
     if args.measure:
-        measure_memory(args.measure[0], int(args.measure[1]), args.device, args.memory_tile_size,
+        measure_memory(args.measure[0], int(args.measure[1]), args.config, args.device, args.memory_tile_size,
                        args.weights, args.opts, args.slide, args.slide_model)
         return
     if args.batch_sizes is None:

@@ -14,7 +14,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ from nucseg_d2.data.synthetic import generate_tile  # noqa: E402
 from nucseg_d2.predict.cli import FORMATS, write_outputs  # noqa: E402
 from nucseg_d2.predict.result import PredictionResult  # noqa: E402
 from nucseg_d2.predict.slides import ArraySource  # noqa: E402
+from timing import best_time  # noqa: E402  (benchmarks/timing.py)
 
 TILE = 256
 
@@ -65,13 +65,8 @@ def main():
     seconds = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in formats:
-            best = float("inf")
-            for _ in range(args.repeats):
-                path = os.path.join(scratch, "synthetic" + FORMATS[name])
-                start = time.perf_counter()
-                write_outputs(result, source, {name: path}, image_id=1)
-                best = min(best, time.perf_counter() - start)
-            seconds[name] = best
+            paths = {name: os.path.join(scratch, "synthetic" + FORMATS[name])}
+            seconds[name], _ = best_time(lambda: write_outputs(result, source, paths, image_id=1), args.repeats)
     print(f"\n{args.size}x{args.size} synthetic image, {result.num_nuclei} nuclei, best of {args.repeats}:")
     print(f"{'format':>9} {'s':>8} {'ms/nucleus':>11} {'x labels TIFF':>14}")
     for name in formats:

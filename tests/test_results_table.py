@@ -53,6 +53,10 @@ def test_pairs_table_tests_chosen_comparisons(tmp_path):
         render(argv + ["--pair", "Ab2 > Baseline"])
     with pytest.raises(ValueError, match="A > B"):
         render(argv + ["--pair", "Ab1>Baseline"])
+    assert render(argv + ["--pair", "Ab1  >  Baseline"]).splitlines()[2] == rows[2]  # spaces trimmed
+    for other in (["--cost"], ["--curve"], ["--per-image"], ["--per-image-only"]):
+        with pytest.raises(ValueError, match="separate tables"):
+            render(argv + ["--pair", "Ab1 > Baseline"] + other)
 
 
 def test_per_image_table_and_missing_dataset(tmp_path, capsys):

@@ -105,7 +105,8 @@ def pairs_table(runs: Sequence[Tuple[str, str]], dataset: str, pairs: Sequence[T
     for better, worse in pairs:
         unknown = [name for name in (better, worse) if name not in run_dirs]
         if unknown:
-            raise ValueError(f"--pair names runs that no --run gives: {unknown} (runs: {list(run_dirs)})")
+            raise ValueError(f"--pair names runs that no --run gives: {', '.join(map(repr, unknown))} "
+                             f"(runs: {', '.join(map(repr, run_dirs))})")
         tests = {r["metric"]: r for r in compare_per_image_csv(
             _per_image_csv(run_dirs[better], dataset), _per_image_csv(run_dirs[worse], dataset), metrics)}
         cells = [f"{better}{PAIR_SEPARATOR}{worse}", str(next(iter(tests.values()))["n"])]
@@ -240,16 +241,19 @@ def _render(args: argparse.Namespace) -> str:
     runs = [tuple(item.split("=", 1)) for item in args.run]
     if any(len(run) != 2 for run in runs):
         raise ValueError(f"--run takes NAME=DIR, got {args.run}")
+    kinds = [flag for flag, asked in (("--cost", args.cost), ("--pair", args.pair), ("--curve", args.curve),
+                                      ("--per-image-only", args.per_image_only)) if asked]
+    if len(kinds) > 1 or (kinds and args.per_image):
+        raise ValueError(f"{', '.join(kinds + (['--per-image'] if args.per_image else []))} "
+                         "are separate tables; ask for one")
     if args.cost:
         return cost_table(runs, args.dataset)
     if args.pair:
-        pairs = [tuple(item.split(PAIR_SEPARATOR, 1)) for item in args.pair]
+        pairs = [tuple(name.strip() for name in item.split(PAIR_SEPARATOR, 1)) for item in args.pair]
         if any(len(pair) != 2 for pair in pairs):
             raise ValueError(f"--pair takes 'A{PAIR_SEPARATOR}B' (run names), got {args.pair}")
         return pairs_table(runs, args.dataset, pairs, args.metrics.split(",") if args.metrics else DEFAULT_METRICS)
     if args.curve:
-        if args.per_image:
-            raise ValueError("--curve and --per-image are separate tables; ask for one")
         metrics = args.metrics.split(",") if args.metrics else CURVE_METRICS
         return accuracy_curve_table(runs, args.dataset, metrics)
     if args.per_image_only:
