@@ -5,10 +5,11 @@
 #
 #   bash scripts/collect_results.sh OUTPUT_DIR RUN_NAME      # a train_net.py OUTPUT_DIR
 #   bash scripts/collect_results.sh OUT_FOLDER RUN_NAME      # what gpu_train_eval.sh left in $OUT
+# RESULTS_DIR (default results/ of the repository) is where RUN_NAME/ goes.
 set -euo pipefail
+SRC=$(realpath "$1"); RUN=$2
 cd "$(dirname "$0")/.."
-SRC=$1; RUN=$2
-DEST=results/$RUN
+DEST=${RESULTS_DIR:-results}/$RUN
 mkdir -p "$DEST"
 # The run's log goes along as log.txt: results_table --cost reads the timings from it, and it
 # names the machine and the software the run had.
