@@ -35,15 +35,17 @@ def synthetic_prediction(size: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     image = np.zeros((size, size, 3), np.uint8)
     label_map = np.zeros((size, size), np.int64)
+    next_id = 0
     for y in range(0, size, TILE):
         for x in range(0, size, TILE):
             tile_image, tile_labels = generate_tile(rng, TILE)
             h, w = min(TILE, size - y), min(TILE, size - x)
             image[y:y + h, x:x + w] = tile_image[:h, :w]
-            # Tiles number their nuclei from 1: offset by the tile index to keep them apart.
-            offset = (y // TILE * (size // TILE + 1) + x // TILE) * 10_000
-            label_map[y:y + h, x:x + w] = np.where(tile_labels[:h, :w] > 0, tile_labels[:h, :w] + offset, 0)
-    _, compact = np.unique(label_map, return_inverse=True)  # background 0 stays 0: it is the smallest
+            crop = tile_labels[:h, :w]  # each tile numbers its nuclei 1..N
+            label_map[y:y + h, x:x + w] = np.where(crop > 0, crop + next_id, 0)
+            next_id += int(tile_labels.max())
+    # Edge tiles cut by --size may lose ids: renumber 1..N (background 0 is the smallest id).
+    _, compact = np.unique(label_map, return_inverse=True)
     label_map = compact.reshape(size, size)
     num_nuclei = int(label_map.max())
     scores = rng.uniform(0.5, 1.0, num_nuclei).astype(np.float32)
@@ -66,7 +68,8 @@ def main():
     with tempfile.TemporaryDirectory() as scratch:
         for name in formats:
             paths = {name: os.path.join(scratch, "synthetic" + FORMATS[name])}
-            seconds[name], _ = best_time(lambda: write_outputs(result, source, paths, image_id=1), args.repeats)
+            seconds[name], _ = best_time(lambda: write_outputs(result, source, paths, image_id=1),
+                                         args.repeats)
     print(f"\n{args.size}x{args.size} synthetic image, {result.num_nuclei} nuclei, best of {args.repeats}:")
     print(f"{'format':>9} {'s':>8} {'ms/nucleus':>11} {'x labels TIFF':>14}")
     for name in formats:

@@ -2,8 +2,9 @@
 """Score the predictor (tiling, TTA, thresholds: what users run) on a registered data set.
 
 Predicts every image of DATASET with NucleiPredictor, writes the label maps as uint16 PNGs named
-after the image id (TIFF past 65,535 nuclei, as the evaluator) under RUN_DIR/DATASET/label_maps/, scores them with nucseg-eval's dataset mode
-(metrics.json, per_image.csv beside them) and logs the seconds per image, so that a variant of
+after the image id (TIFF past 65,535 nuclei, as the evaluator) under RUN_DIR/DATASET/label_maps/,
+scores them with nucseg-eval's dataset mode (metrics.json, per_image.csv beside them) and logs
+the seconds per image, so that a variant of
 inference (e.g. --tta) becomes a results folder the tables of docs/RESULTS.md can compare.
 
     python scripts/predict_eval.py --config-file results/tnbc_proposed_cpu1100/config.yaml \

@@ -84,7 +84,8 @@ class NucleiEvaluator(DatasetEvaluator):
 
     def _write_label_map(self, image_id, label_map):
         """``label_maps/<image id>.png`` (uint16), or ``.tif`` past 65,535 ids."""
-        write_label_map_image(os.path.join(self.output_dir, "label_maps", os.path.basename(str(image_id))), label_map)
+        stem = os.path.join(self.output_dir, "label_maps", os.path.basename(str(image_id)))
+        write_label_map_image(stem, label_map)
 
     def evaluate(self):
         scores = self._scores

@@ -214,7 +214,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", action="append", default=[], metavar="NAME=DIR",
                         help="a run (the first is the baseline); repeat")
     parser.add_argument("--metrics", default=None,
-                        help=f"comma-separated (default {','.join(DEFAULT_METRICS)}; with --curve {','.join(CURVE_METRICS)})")
+                        help=f"comma-separated (default {','.join(DEFAULT_METRICS)}; "
+                             f"with --curve {','.join(CURVE_METRICS)})")
     parser.add_argument("--pair", action="append", default=[], metavar="'A > B'",
                         help="instead: test run A against run B (names of --run); repeat")
     parser.add_argument("--per-image", action="store_true", help="also print the per-image AJI table")
@@ -248,17 +249,17 @@ def _render(args: argparse.Namespace) -> str:
                          "are separate tables; ask for one")
     if args.cost:
         return cost_table(runs, args.dataset)
+    metrics = args.metrics.split(",") if args.metrics else None
     if args.pair:
         pairs = [tuple(name.strip() for name in item.split(PAIR_SEPARATOR, 1)) for item in args.pair]
         if any(len(pair) != 2 for pair in pairs):
             raise ValueError(f"--pair takes 'A{PAIR_SEPARATOR}B' (run names), got {args.pair}")
-        return pairs_table(runs, args.dataset, pairs, args.metrics.split(",") if args.metrics else DEFAULT_METRICS)
+        return pairs_table(runs, args.dataset, pairs, metrics or DEFAULT_METRICS)
     if args.curve:
-        metrics = args.metrics.split(",") if args.metrics else CURVE_METRICS
-        return accuracy_curve_table(runs, args.dataset, metrics)
+        return accuracy_curve_table(runs, args.dataset, metrics or CURVE_METRICS)
     if args.per_image_only:
         return per_image_table(runs, args.dataset)
-    text = results_table(runs, args.dataset, args.metrics.split(",") if args.metrics else DEFAULT_METRICS)
+    text = results_table(runs, args.dataset, metrics or DEFAULT_METRICS)
     if args.per_image:
         text += "\n\n" + per_image_table(runs, args.dataset)
     return text

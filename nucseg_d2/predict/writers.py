@@ -125,11 +125,13 @@ def write_label_map_image(stem, label_map) -> str:
     which PNG cannot hold, ``stem.tif`` (uint32, :func:`write_label_tiff`); returns the path."""
     label_map = np.asarray(label_map)
     if label_map_dtype(int(label_map.max()) if label_map.size else 0) != np.uint16:
-        write_label_tiff(os.fspath(stem) + ".tif", label_map)
-        return os.fspath(stem) + ".tif"
-    with atomic_path(os.fspath(stem) + ".png") as temp_path:
+        path = os.fspath(stem) + ".tif"
+        write_label_tiff(path, label_map)
+        return path
+    path = os.fspath(stem) + ".png"
+    with atomic_path(path) as temp_path:
         Image.fromarray(label_map.astype(np.uint16)).save(temp_path, format="PNG")
-    return os.fspath(stem) + ".png"
+    return path
 
 
 # --------------------------------------------------------------------------- GeoJSON (QuPath)
