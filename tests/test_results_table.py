@@ -6,7 +6,7 @@ import pytest
 
 from nucseg_d2.evaluation.results_table import (
     accuracy_curve_table, cost_table, main, pairs_table, per_image_table, render, results_table,
-    update_markdown,
+    run_per_image_rows, update_markdown,
 )
 
 
@@ -70,6 +70,29 @@ def test_per_image_table_and_missing_dataset(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="per_image.csv"):
         results_table([("B", base)], "tnbc_test")
+
+
+def test_a_run_of_several_seeds_is_compared_on_per_image_means(tmp_path, capsys):
+    base = _write_run(tmp_path / "base", "d", [0.5, 0.6, 0.7])
+    seed1 = _write_run(tmp_path / "seed1", "d", [0.5, 0.8, 0.9])
+    seed2 = _write_run(tmp_path / "seed2", "d", [0.7, 0.8, 1.1])
+    # Per-image means over the seeds: 0.6, 0.8, 1.0, i.e. base + 0.1, 0.2, 0.3 (as in the pairs test).
+    runs = [("Baseline", base), ("Proposed", [seed1, seed2])]
+    rows = pairs_table(runs, "d", [("Proposed", "Baseline")], ["aji"]).splitlines()
+    assert rows[2] == "| Proposed > Baseline | 3 | +0.2000 (p 0.037) ** |"
+    assert "Proposed (2 seeds)" in rows[4]
+    table = results_table(runs, "d", ["aji"]).splitlines()
+    # Mean 0.8, sample std of 0.6, 0.8, 1.0 = 0.2; the organ text column is kept, not averaged.
+    assert table[3] == "| Proposed | 3 | 0.8000 ± 0.2000 ** |"
+    assert run_per_image_rows([seed1, seed2], "d")["img2"]["organ"] == "Breast"
+    argv = ["--dataset", "d", "--run", f"Baseline={base}", "--run", f"Proposed={seed1},{seed2}", "--metrics", "aji"]
+    assert render(argv).splitlines()[3] == table[3]
+    for kind in ("--cost", "--curve"):
+        assert main(argv + [kind]) == 2
+        assert "Proposed" in capsys.readouterr().err
+    fewer = _write_run(tmp_path / "fewer", "d", [0.5, 0.6])
+    with pytest.raises(ValueError, match="img2"):
+        run_per_image_rows([seed1, fewer], "d")
 
 
 def _write_training_metrics(run, test_sets, lines):

@@ -3,7 +3,9 @@
 Each run is a folder holding, per data set, ``<dataset>/per_image.csv`` (the layout of
 ``OUTPUT_DIR/inference`` and of ``results/<run>/``). The first run named is the baseline: every
 other run is compared with it per image by a one-tailed paired t-test ("run better than
-baseline"), as in the paper's Tables 2-4.
+baseline"), as in the paper's Tables 2-4. A run may also be several folders, the same
+configuration trained with different seeds: each image's metrics are then averaged over the seeds
+before the tables and tests (``--run NAME=DIR1,DIR2``).
 
     python -m nucseg_d2.evaluation.results_table --dataset tnbc_test \
         --run Baseline=results/tnbc_maskrcnn --run Proposed=results/tnbc_proposed [--per-image]
@@ -11,30 +13,39 @@ baseline"), as in the paper's Tables 2-4.
         --run Proposed=results/tnbc_proposed          # metric against iteration (training evals)
     python -m nucseg_d2.evaluation.results_table --dataset tnbc_test --run Baseline=... \
         --run Ab1=... --pair "Ab1 > Baseline"        # chosen comparisons, as the paper's Table 3
+    python -m nucseg_d2.evaluation.results_table --dataset tnbc_test \
+        --run Baseline=results/seed1,results/seed2 ...   # seeds: per-image means over the folders
     python -m nucseg_d2.evaluation.results_table --update docs/RESULTS.md   # regenerate its tables
 """
 import argparse
-import csv
 import os
 import re
 import shlex
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import yaml
 
 from ..utils import atomic_path
 from .reporting import DEFAULT_METRICS, PER_IMAGE_CSV, read_training_metrics
-from .significance import compare_per_image_csv
+from .significance import compare_per_image_rows, read_per_image_rows
 
 __all__ = [
-    "results_table", "per_image_table", "pairs_table", "accuracy_curve_table", "cost_table", "render",
-    "update_markdown", "main",
+    "results_table", "run_per_image_rows", "per_image_table", "pairs_table", "accuracy_curve_table", "cost_table",
+    "render", "update_markdown", "main",
 ]
 
 TRAINING_METRICS_JSON = "training_metrics.json"
 CURVE_METRICS = ("aji", "dice1", "pq")  # the accuracy/iterations table's default columns
+
+
+RunFolders = Union[str, Sequence[str]]  # one run folder, or one per seed of the same configuration
+SEED_SEPARATOR = ","  # --run NAME=DIR1,DIR2: the same configuration trained with different seeds
+
+
+def _folders(run_folders: RunFolders) -> List[str]:
+    return [run_folders] if isinstance(run_folders, str) else list(run_folders)
 
 
 def _per_image_csv(run_dir: str, dataset: str) -> str:
@@ -44,41 +55,88 @@ def _per_image_csv(run_dir: str, dataset: str) -> str:
     return path
 
 
-def _read_rows(path: str) -> List[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
-def results_table(runs: Sequence[Tuple[str, str]], dataset: str,
+def run_per_image_rows(run_folders: RunFolders, dataset: str) -> Dict[str, Dict[str, str]]:
+    """A run's per-image rows, ``{image id: {column: value}}``.
+
+    For several folders (seeds of one configuration) each numeric column is averaged per image
+    over the seeds, so that a paired test across images compares configurations, not one lucky
+    seed; text columns (patient, organ) come from the first folder. The folders must hold the
+    same images.
+    """
+    folders = _folders(run_folders)
+    if not folders:
+        raise ValueError(f"a run needs at least one folder (data set {dataset!r})")
+    seeds = [(path, read_per_image_rows(path)) for path in (_per_image_csv(d, dataset) for d in folders)]
+    first_path, first = seeds[0]
+    if len(seeds) == 1:
+        return first
+    for path, rows in seeds[1:]:
+        if set(rows) != set(first):
+            raise ValueError(f"image ids differ between {first_path} and {path}: only in the first: "
+                             f"{sorted(set(first) - set(rows))}; only in the second: {sorted(set(rows) - set(first))}")
+    averaged = {}
+    for image_id, row in first.items():
+        averaged[image_id] = {
+            column: repr(float(np.mean([float(rows[image_id][column]) for _, rows in seeds])))
+            if all(_is_number(rows[image_id].get(column)) for _, rows in seeds) else value
+            for column, value in row.items()
+        }
+    return averaged
+
+
+def _source(run_folders: RunFolders, dataset: str) -> str:
+    return " + ".join(os.path.join(d, dataset, PER_IMAGE_CSV) for d in _folders(run_folders))
+
+
+def _seeds_note(runs: Sequence[Tuple[str, RunFolders]]) -> List[str]:
+    averaged = [f"{name} ({len(_folders(d))} seeds)" for name, d in runs if len(_folders(d)) > 1]
+    if not averaged:
+        return []
+    return [f"Runs of several seeds ({', '.join(averaged)}): each image's metrics are first averaged "
+            "over the seeds."]
+
+
+def results_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
                   metrics: Sequence[str] = DEFAULT_METRICS) -> str:
-    """Mean ± sample std per run and metric; stars compare each run with the first (baseline)."""
-    baseline_name, baseline_dir = runs[0]
-    baseline_csv = _per_image_csv(baseline_dir, dataset)
+    """Mean ± sample std (over images) per run and metric; stars compare each run with the first
+    (baseline). A run may be several folders, seeds of one configuration: see :func:`run_per_image_rows`."""
+    baseline_name, baseline_dirs = runs[0]
+    baseline_rows = run_per_image_rows(baseline_dirs, dataset)
     header = ["run", "images"] + list(metrics)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, run_dir in runs:
-        path = _per_image_csv(run_dir, dataset)
-        rows = _read_rows(path)
+    for index, (name, run_dirs) in enumerate(runs):
+        rows = run_per_image_rows(run_dirs, dataset)
         stars = {}
-        if run_dir != baseline_dir:
-            stars = {r["metric"]: r["stars"] for r in compare_per_image_csv(path, baseline_csv, metrics)}
+        if index > 0:
+            stars = {r["metric"]: r["stars"] for r in compare_per_image_rows(
+                rows, baseline_rows, metrics, _source(run_dirs, dataset), _source(baseline_dirs, dataset))}
         cells = [name, str(len(rows))]
         for metric in metrics:
-            values = np.array([float(r[metric]) for r in rows])
+            values = np.array([float(r[metric]) for r in rows.values()])
             std = values.std(ddof=1) if len(values) > 1 else float("nan")
             mark = f" {stars[metric]}" if metric in stars else ""
             cells.append(f"{values.mean():.4f} ± {std:.4f}{mark}")
         lines.append("| " + " | ".join(cells) + " |")
+    notes = _seeds_note(runs)
     if len(runs) > 1:
-        lines.append("")
-        lines.append(f"Stars: one-tailed paired t-test of each run against {baseline_name} over the "
+        notes.append(f"Stars: one-tailed paired t-test of each run against {baseline_name} over the "
                      f"images of {dataset} (*** p < 0.01, ** p < 0.05, * p < 0.1, x p >= 0.1).")
+    if notes:
+        lines += [""] + notes
     return "\n".join(lines)
 
 
-def per_image_table(runs: Sequence[Tuple[str, str]], dataset: str, metric: str = "aji") -> str:
+def per_image_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str, metric: str = "aji") -> str:
     """One row per image (with its organ when recorded), one column per run, as the paper's Table 2."""
-    tables = [(name, {r["image_id"]: r for r in _read_rows(_per_image_csv(d, dataset))}) for name, d in runs]
+    tables = [(name, run_per_image_rows(d, dataset)) for name, d in runs]
     image_ids = sorted(tables[0][1], key=lambda i: (tables[0][1][i].get("organ", ""), i))
     has_organ = "organ" in next(iter(tables[0][1].values()), {})
     header = (["organ"] if has_organ else []) + ["image"] + [f"{name} {metric}" for name, _ in tables]
@@ -94,7 +152,7 @@ def per_image_table(runs: Sequence[Tuple[str, str]], dataset: str, metric: str =
 PAIR_SEPARATOR = " > "  # "A > B": H1 is "A better than B"
 
 
-def pairs_table(runs: Sequence[Tuple[str, str]], dataset: str, pairs: Sequence[Tuple[str, str]],
+def pairs_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str, pairs: Sequence[Tuple[str, str]],
                 metrics: Sequence[str] = DEFAULT_METRICS) -> str:
     """One row per chosen comparison "A > B" of two named runs: per metric the mean difference
     A - B, the one-tailed paired t-test's p-value (H1: A better) and its stars. The paper's
@@ -107,14 +165,15 @@ def pairs_table(runs: Sequence[Tuple[str, str]], dataset: str, pairs: Sequence[T
         if unknown:
             raise ValueError(f"--pair names runs that no --run gives: {', '.join(map(repr, unknown))} "
                              f"(runs: {', '.join(map(repr, run_dirs))})")
-        tests = {r["metric"]: r for r in compare_per_image_csv(
-            _per_image_csv(run_dirs[better], dataset), _per_image_csv(run_dirs[worse], dataset), metrics)}
+        tests = {r["metric"]: r for r in compare_per_image_rows(
+            run_per_image_rows(run_dirs[better], dataset), run_per_image_rows(run_dirs[worse], dataset),
+            metrics, _source(run_dirs[better], dataset), _source(run_dirs[worse], dataset))}
         cells = [f"{better}{PAIR_SEPARATOR}{worse}", str(next(iter(tests.values()))["n"])]
         for metric in metrics:
             test = tests[metric]
             cells.append(f"{test['mean_a'] - test['mean_b']:+.4f} (p {test['p']:.3f}) {test['stars']}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+    lines += [""] + _seeds_note(runs)
     lines.append(f"One-tailed paired t-tests over the images of {dataset} "
                  "(*** p < 0.01, ** p < 0.05, * p < 0.1, x p >= 0.1).")
     return "\n".join(lines)
@@ -212,7 +271,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", help="data set folder inside each run")
     parser.add_argument("--run", action="append", default=[], metavar="NAME=DIR",
-                        help="a run (the first is the baseline); repeat")
+                        help="a run (the first is the baseline); repeat. NAME=DIR1,DIR2: seeds of one "
+                             "configuration, each image's metrics averaged over them")
     parser.add_argument("--metrics", default=None,
                         help=f"comma-separated (default {','.join(DEFAULT_METRICS)}; "
                              f"with --curve {','.join(CURVE_METRICS)})")
@@ -241,12 +301,18 @@ def _render(args: argparse.Namespace) -> str:
         raise ValueError("a table needs --dataset and at least one --run NAME=DIR")
     runs = [tuple(item.split("=", 1)) for item in args.run]
     if any(len(run) != 2 for run in runs):
-        raise ValueError(f"--run takes NAME=DIR, got {args.run}")
+        raise ValueError(f"--run takes NAME=DIR or NAME=DIR1{SEED_SEPARATOR}DIR2 (seeds), got {args.run}")
+    runs = [(name, dirs.split(SEED_SEPARATOR) if SEED_SEPARATOR in dirs else dirs) for name, dirs in runs]
     kinds = [flag for flag, asked in (("--cost", args.cost), ("--pair", args.pair), ("--curve", args.curve),
                                       ("--per-image-only", args.per_image_only)) if asked]
     if len(kinds) > 1 or (kinds and args.per_image):
         raise ValueError(f"{', '.join(kinds + (['--per-image'] if args.per_image else []))} "
                          "are separate tables; ask for one")
+    if args.cost or args.curve:
+        several = [name for name, dirs in runs if len(_folders(dirs)) > 1]
+        if several:
+            raise ValueError(f"{'--cost' if args.cost else '--curve'} reads one training run per --run; "
+                             f"give each seed its own --run (several folders: {', '.join(several)})")
     if args.cost:
         return cost_table(runs, args.dataset)
     metrics = args.metrics.split(",") if args.metrics else None

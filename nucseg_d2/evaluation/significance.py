@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import warnings
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 from scipy import stats
@@ -31,6 +31,8 @@ __all__ = [
     "paired_one_tailed_ttest",
     "significance_stars",
     "compare_per_image_csv",
+    "compare_per_image_rows",
+    "read_per_image_rows",
     "format_table",
     "main",
 ]
@@ -78,7 +80,8 @@ def significance_stars(p: float) -> str:
     return "x"
 
 
-def _read_rows(path: str, key: str) -> Dict[str, Dict[str, str]]:
+def read_per_image_rows(path: str, key: str = "image_id") -> Dict[str, Dict[str, str]]:
+    """A per-image CSV as ``{row[key]: row}``; ValueError on a missing key column, duplicates or no rows."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or key not in reader.fieldnames:
@@ -124,14 +127,26 @@ def compare_per_image_csv(csv_a: str, csv_b: str, metrics: Optional[Sequence[str
     in only one of them), on duplicate ids, or on non-numeric values. Returns one dict per
     metric: metric, better ("higher"/"lower"), n, mean_a, mean_b, t, p, stars.
     """
-    rows_a, rows_b = _read_rows(csv_a, key), _read_rows(csv_b, key)
+    return compare_per_image_rows(read_per_image_rows(csv_a, key), read_per_image_rows(csv_b, key),
+                                  metrics, csv_a, csv_b)
+
+
+def compare_per_image_rows(rows_a: Mapping[str, Mapping[str, str]], rows_b: Mapping[str, Mapping[str, str]],
+                           metrics: Optional[Sequence[str]] = None, source_a: str = "A",
+                           source_b: str = "B") -> List[Dict[str, object]]:
+    """:func:`compare_per_image_csv` on rows already read: ``{image id: {column: value}}``.
+
+    ``source_a`` and ``source_b`` name where the rows came from in error messages.
+    """
     only_a = sorted(set(rows_a) - set(rows_b))
     only_b = sorted(set(rows_b) - set(rows_a))
     if only_a or only_b:
         raise ValueError(
-            f"image ids differ between {csv_a} and {csv_b}: only in {os.path.basename(csv_a)}: {only_a}; "
-            f"only in {os.path.basename(csv_b)}: {only_b}"
+            f"image ids differ between {source_a} and {source_b}: only in {os.path.basename(source_a)}: "
+            f"{only_a}; only in {os.path.basename(source_b)}: {only_b}"
         )
+    if not rows_a:
+        raise ValueError(f"{source_a}, {source_b}: no rows")
     ids = sorted(rows_a)
     columns_a = list(next(iter(rows_a.values())))
     columns_b = set(next(iter(rows_b.values())))
@@ -139,15 +154,15 @@ def compare_per_image_csv(csv_a: str, csv_b: str, metrics: Optional[Sequence[str
         known = set(metric_keys())
         metrics = [c for c in columns_a if c in known and c in columns_b]
         if not metrics:
-            raise ValueError(f"no known metric columns shared by {csv_a} and {csv_b}; pass metrics=")
+            raise ValueError(f"no known metric columns shared by {source_a} and {source_b}; pass metrics=")
     else:
         missing = [m for m in metrics if m not in columns_a or m not in columns_b]
         if missing:
-            raise ValueError(f"metrics {missing} are not columns of both {csv_a} and {csv_b}")
+            raise ValueError(f"metrics {missing} are not columns of both {source_a} and {source_b}")
     table = []
     for metric in metrics:
-        a = _column(rows_a, ids, metric, csv_a)
-        b = _column(rows_b, ids, metric, csv_b)
+        a = _column(rows_a, ids, metric, source_a)
+        b = _column(rows_b, ids, metric, source_b)
         lower_is_better = metric in LOWER_IS_BETTER
         test = paired_one_tailed_ttest(b, a) if lower_is_better else paired_one_tailed_ttest(a, b)
         table.append({
