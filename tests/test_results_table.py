@@ -72,27 +72,58 @@ def test_per_image_table_and_missing_dataset(tmp_path, capsys):
         results_table([("B", base)], "tnbc_test")
 
 
+def _write_seed(folder, dataset, aji_values, num_pred=(10, 20, 30), columns=("aji",)):
+    """Per-image CSV with the real files' id, patient and count columns (all parse as numbers)."""
+    path = folder / dataset
+    path.mkdir(parents=True)
+    with open(path / "per_image.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_id", "patient", "num_gt", "num_pred", *columns])
+        writer.writeheader()
+        for i, (value, count) in enumerate(zip(aji_values, num_pred)):
+            writer.writerow({"image_id": f"03_{i}", "patient": "03", "num_gt": 15, "num_pred": count,
+                             **{column: value for column in columns}})
+    return str(folder)
+
+
 def test_a_run_of_several_seeds_is_compared_on_per_image_means(tmp_path, capsys):
-    base = _write_run(tmp_path / "base", "d", [0.5, 0.6, 0.7])
-    seed1 = _write_run(tmp_path / "seed1", "d", [0.5, 0.8, 0.9])
-    seed2 = _write_run(tmp_path / "seed2", "d", [0.7, 0.8, 1.1])
+    base = _write_seed(tmp_path / "base", "d", [0.5, 0.6, 0.7])
+    seed1 = _write_seed(tmp_path / "seed1", "d", [0.5, 0.8, 0.9], num_pred=(10, 20, 30))
+    seed2 = _write_seed(tmp_path / "seed2", "d", [0.7, 0.8, 1.1], num_pred=(12, 20, 31))
     # Per-image means over the seeds: 0.6, 0.8, 1.0, i.e. base + 0.1, 0.2, 0.3 (as in the pairs test).
     runs = [("Baseline", base), ("Proposed", [seed1, seed2])]
     rows = pairs_table(runs, "d", [("Proposed", "Baseline")], ["aji"]).splitlines()
     assert rows[2] == "| Proposed > Baseline | 3 | +0.2000 (p 0.037) ** |"
     assert "Proposed (2 seeds)" in rows[4]
     table = results_table(runs, "d", ["aji"]).splitlines()
-    # Mean 0.8, sample std of 0.6, 0.8, 1.0 = 0.2; the organ text column is kept, not averaged.
+    # Mean 0.8, sample std of 0.6, 0.8, 1.0 = 0.2.
     assert table[3] == "| Proposed | 3 | 0.8000 ± 0.2000 ** |"
-    assert run_per_image_rows([seed1, seed2], "d")["img2"]["organ"] == "Breast"
+    averaged = run_per_image_rows([seed1, seed2], "d")
+    # The image's own columns are kept as written although they parse as numbers ("03_0" -> 30.0
+    # in Python); the predicted count is averaged.
+    assert list(averaged) == ["03_0", "03_1", "03_2"]
+    assert {k: averaged["03_0"][k] for k in ("image_id", "patient", "num_gt", "num_pred")} == {
+        "image_id": "03_0", "patient": "03", "num_gt": "15", "num_pred": "11.0"}
+    assert run_per_image_rows([base], "d") == run_per_image_rows(base, "d")
     argv = ["--dataset", "d", "--run", f"Baseline={base}", "--run", f"Proposed={seed1},{seed2}", "--metrics", "aji"]
     assert render(argv).splitlines()[3] == table[3]
     for kind in ("--cost", "--curve"):
         assert main(argv + [kind]) == 2
         assert "Proposed" in capsys.readouterr().err
-    fewer = _write_run(tmp_path / "fewer", "d", [0.5, 0.6])
-    with pytest.raises(ValueError, match="img2"):
+    with pytest.raises(ValueError, match="non-empty"):
+        render(["--dataset", "d", "--run", f"Proposed={seed1},"])
+
+
+def test_seeds_that_do_not_match_are_refused(tmp_path):
+    seed1 = _write_seed(tmp_path / "seed1", "d", [0.5, 0.8, 0.9])
+    fewer = _write_seed(tmp_path / "fewer", "d", [0.5, 0.6])
+    with pytest.raises(ValueError, match="03_2"):
         run_per_image_rows([seed1, fewer], "d")
+    other_columns = _write_seed(tmp_path / "other", "d", [0.5, 0.8, 0.9], columns=("aji", "pq"))
+    with pytest.raises(ValueError, match="columns differ"):
+        run_per_image_rows([seed1, other_columns], "d")
+    blank = _write_seed(tmp_path / "blank", "d", ["", 0.8, 0.9])
+    with pytest.raises(ValueError, match=r"blank.*aji of '03_0' is not a number"):
+        run_per_image_rows([seed1, blank], "d")
 
 
 def _write_training_metrics(run, test_sets, lines):

@@ -9,6 +9,7 @@ import pytest
 
 from nucseg_d2.evaluation.significance import (
     compare_per_image_csv,
+    compare_per_image_rows,
     main,
     paired_one_tailed_ttest,
     significance_stars,
@@ -140,10 +141,22 @@ def test_compare_csv_hausdorff_is_better_when_lower(tmp_path):
     assert row["stars"] == "**"
 
 
+def test_compare_rows_pairs_images_by_id_whatever_their_order():
+    rows_a = {"img2": {"aji": "0.8"}, "img1": {"aji": "0.6"}, "img3": {"aji": "1.0"}}
+    rows_b = {"img1": {"aji": "0.5"}, "img2": {"aji": "0.6"}, "img3": {"aji": "0.7"}}
+    (row,) = compare_per_image_rows(rows_a, rows_b, ["aji"])
+    # d = 0.1, 0.2, 0.3 once paired by id: t = 3.4641, 2 degrees of freedom, p = 0.0371.
+    assert row["n"] == 3 and row["p"] == pytest.approx(0.0371, abs=1e-4) and row["stars"] == "**"
+    with pytest.raises(ValueError, match="no rows"):
+        compare_per_image_rows({}, {}, ["aji"], "mine", "theirs")
+    with pytest.raises(ValueError, match=r"mine and theirs: only in the first: \['img3'\]"):
+        compare_per_image_rows(rows_a, {k: v for k, v in rows_b.items() if k != "img3"}, ["aji"], "mine", "theirs")
+
+
 def test_compare_csv_errors_name_the_problem(tmp_path):
     csv_a = write_csv(tmp_path / "a.csv", [{"image_id": i, "aji": 0.5} for i in ("img1", "img2", "img3")])
     csv_b = write_csv(tmp_path / "b.csv", [{"image_id": i, "aji": 0.4} for i in ("img1", "img2", "img4")])
-    with pytest.raises(ValueError, match=r"only in a.csv: \['img3'\]; only in b.csv: \['img4'\]"):
+    with pytest.raises(ValueError, match=r"only in the first: \['img3'\]; only in the second: \['img4'\]"):
         compare_per_image_csv(csv_a, csv_b)
     dup = write_csv(tmp_path / "dup.csv", [{"image_id": i, "aji": 0.4} for i in ("img1", "img1", "img2")])
     with pytest.raises(ValueError, match="duplicate image_id values \\['img1'\\]"):

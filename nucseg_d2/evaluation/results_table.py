@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 
 from ..utils import atomic_path
-from .reporting import DEFAULT_METRICS, PER_IMAGE_CSV, read_training_metrics
+from .reporting import DEFAULT_METRICS, GROUP_FIELDS, PER_IMAGE_CSV, read_training_metrics
 from .significance import compare_per_image_rows, read_per_image_rows
 
 __all__ = [
@@ -55,40 +55,49 @@ def _per_image_csv(run_dir: str, dataset: str) -> str:
     return path
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except (TypeError, ValueError):
-        return False
-    return True
+# Columns that describe the image, not a prediction: the same in every seed, never averaged.
+IMAGE_COLUMNS = ("image_id", "num_gt") + GROUP_FIELDS
 
 
 def run_per_image_rows(run_folders: RunFolders, dataset: str) -> Dict[str, Dict[str, str]]:
     """A run's per-image rows, ``{image id: {column: value}}``.
 
-    For several folders (seeds of one configuration) each numeric column is averaged per image
-    over the seeds, so that a paired test across images compares configurations, not one lucky
-    seed; text columns (patient, organ) come from the first folder. The folders must hold the
-    same images.
+    For several folders (seeds of one configuration) every column but :data:`IMAGE_COLUMNS` (the
+    metrics and ``num_pred``) is averaged per image over the seeds, which shrinks the seed-to-seed
+    noise in what is compared; the image columns come from the first folder. The folders must hold
+    the same images and columns, with a number in every averaged cell (an ``inf`` object
+    Hausdorff stays ``inf`` in the mean). A paired t-test across images of such means still
+    measures only image-to-image variation, not the spread between seeds.
     """
     folders = _folders(run_folders)
-    if not folders:
-        raise ValueError(f"a run needs at least one folder (data set {dataset!r})")
-    seeds = [(path, read_per_image_rows(path)) for path in (_per_image_csv(d, dataset) for d in folders)]
-    first_path, first = seeds[0]
-    if len(seeds) == 1:
+    if not folders or not all(folders):
+        raise ValueError(f"a run needs one or more non-empty folder names, got {folders!r}")
+    seed_tables = [(path, read_per_image_rows(path)) for path in (_per_image_csv(d, dataset) for d in folders)]
+    first_path, first = seed_tables[0]
+    if len(seed_tables) == 1:
         return first
-    for path, rows in seeds[1:]:
+    columns = list(next(iter(first.values())))
+    for path, rows in seed_tables[1:]:
         if set(rows) != set(first):
             raise ValueError(f"image ids differ between {first_path} and {path}: only in the first: "
                              f"{sorted(set(first) - set(rows))}; only in the second: {sorted(set(rows) - set(first))}")
+        if list(next(iter(rows.values()))) != columns:
+            raise ValueError(f"columns differ between {first_path} and {path}: "
+                             f"{columns} against {list(next(iter(rows.values())))}")
     averaged = {}
     for image_id, row in first.items():
-        averaged[image_id] = {
-            column: repr(float(np.mean([float(rows[image_id][column]) for _, rows in seeds])))
-            if all(_is_number(rows[image_id].get(column)) for _, rows in seeds) else value
-            for column, value in row.items()
-        }
+        averaged[image_id] = dict(row)
+        for column in columns:
+            if column in IMAGE_COLUMNS:
+                continue
+            values = []
+            for path, rows in seed_tables:
+                try:
+                    values.append(float(rows[image_id][column]))
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path}: {column} of {image_id!r} is not a number: "
+                                     f"{rows[image_id][column]!r}") from None
+            averaged[image_id][column] = repr(float(np.mean(values)))
     return averaged
 
 
@@ -101,7 +110,7 @@ def _seeds_note(runs: Sequence[Tuple[str, RunFolders]]) -> List[str]:
     if not averaged:
         return []
     return [f"Runs of several seeds ({', '.join(averaged)}): each image's metrics are first averaged "
-            "over the seeds."]
+            "over the seeds; the ± and the tests are over images, not seeds."]
 
 
 def results_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
@@ -112,10 +121,10 @@ def results_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
     baseline_rows = run_per_image_rows(baseline_dirs, dataset)
     header = ["run", "images"] + list(metrics)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for index, (name, run_dirs) in enumerate(runs):
+    for name, run_dirs in runs:
         rows = run_per_image_rows(run_dirs, dataset)
         stars = {}
-        if index > 0:
+        if _folders(run_dirs) != _folders(baseline_dirs):
             stars = {r["metric"]: r["stars"] for r in compare_per_image_rows(
                 rows, baseline_rows, metrics, _source(run_dirs, dataset), _source(baseline_dirs, dataset))}
         cells = [name, str(len(rows))]
@@ -158,6 +167,7 @@ def pairs_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str, pairs: Seq
     A - B, the one-tailed paired t-test's p-value (H1: A better) and its stars. The paper's
     Table 3 tests each module against the model without it, not every run against one baseline."""
     run_dirs = dict(runs)
+    rows: Dict[str, Dict[str, Dict[str, str]]] = {}  # each run read once, however many pairs name it
     header = ["comparison (H1: better)", "images"] + [f"{m}: A - B (p)" for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for better, worse in pairs:
@@ -165,15 +175,17 @@ def pairs_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str, pairs: Seq
         if unknown:
             raise ValueError(f"--pair names runs that no --run gives: {', '.join(map(repr, unknown))} "
                              f"(runs: {', '.join(map(repr, run_dirs))})")
+        for name in (better, worse):
+            if name not in rows:
+                rows[name] = run_per_image_rows(run_dirs[name], dataset)
         tests = {r["metric"]: r for r in compare_per_image_rows(
-            run_per_image_rows(run_dirs[better], dataset), run_per_image_rows(run_dirs[worse], dataset),
-            metrics, _source(run_dirs[better], dataset), _source(run_dirs[worse], dataset))}
+            rows[better], rows[worse], metrics, _source(run_dirs[better], dataset), _source(run_dirs[worse], dataset))}
         cells = [f"{better}{PAIR_SEPARATOR}{worse}", str(next(iter(tests.values()))["n"])]
         for metric in metrics:
             test = tests[metric]
             cells.append(f"{test['mean_a'] - test['mean_b']:+.4f} (p {test['p']:.3f}) {test['stars']}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [""] + _seeds_note(runs)
+    lines += [""] + _seeds_note([(name, run_dirs[name]) for name in rows])
     lines.append(f"One-tailed paired t-tests over the images of {dataset} "
                  "(*** p < 0.01, ** p < 0.05, * p < 0.1, x p >= 0.1).")
     return "\n".join(lines)
@@ -302,7 +314,8 @@ def _render(args: argparse.Namespace) -> str:
     runs = [tuple(item.split("=", 1)) for item in args.run]
     if any(len(run) != 2 for run in runs):
         raise ValueError(f"--run takes NAME=DIR or NAME=DIR1{SEED_SEPARATOR}DIR2 (seeds), got {args.run}")
-    runs = [(name, dirs.split(SEED_SEPARATOR) if SEED_SEPARATOR in dirs else dirs) for name, dirs in runs]
+    # A folder whose own name holds the separator is one folder, not seeds.
+    runs = [(name, dirs if os.path.isdir(dirs) else dirs.split(SEED_SEPARATOR)) for name, dirs in runs]
     kinds = [flag for flag, asked in (("--cost", args.cost), ("--pair", args.pair), ("--curve", args.curve),
                                       ("--per-image-only", args.per_image_only)) if asked]
     if len(kinds) > 1 or (kinds and args.per_image):

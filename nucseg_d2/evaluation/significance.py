@@ -142,8 +142,8 @@ def compare_per_image_rows(rows_a: Mapping[str, Mapping[str, str]], rows_b: Mapp
     only_b = sorted(set(rows_b) - set(rows_a))
     if only_a or only_b:
         raise ValueError(
-            f"image ids differ between {source_a} and {source_b}: only in {os.path.basename(source_a)}: "
-            f"{only_a}; only in {os.path.basename(source_b)}: {only_b}"
+            f"image ids differ between {source_a} and {source_b}: only in the first: {only_a}; "
+            f"only in the second: {only_b}"
         )
     if not rows_a:
         raise ValueError(f"{source_a}, {source_b}: no rows")
