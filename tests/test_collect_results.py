@@ -1,7 +1,9 @@
 """scripts/collect_results.sh: what a GPU run returned, or a train_net OUTPUT_DIR, becomes a
 results folder the tables can read (per-image CSV, training metrics, config, the run's log)."""
 import os
+import re
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -65,3 +67,30 @@ def test_train_net_output_dir_without_checkpoints(tmp_path):
 def test_missing_source_fails(tmp_path):
     with pytest.raises(subprocess.CalledProcessError):
         _collect(tmp_path / "nothing", tmp_path / "results")
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_end_to_end_on_the_cpu_and_its_return_is_collected(tmp_path):
+    """scripts/gpu_train_eval.sh on the CPU (detectron2 importable, so no kit), as the GPU route
+    is to be checked before device minutes are spent: its $OUT must hold what comes back (at most 8
+    files) and collect_results.sh must turn that into a results folder the tables read."""
+    root = SCRIPT.parents[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, NUCSEG_CACHE=str(tmp_path / "cache"))
+    tiny = ["MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "5", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(100,)",
+            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "INPUT.CROP.SIZE", "[128, 128]",
+            "TEST.DETECTIONS_PER_IMAGE", "50", "SEED", "7"]
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu_train_eval.sh"), "configs/demo.yaml", "cpu-check",
+                           *tiny], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[phase] train_and_eval" in done.stdout and "[phase] collect" in done.stdout
+    returned = sorted(p.name for p in out.iterdir())
+    assert returned == ["config.yaml", "inference.tar", "train_eval.log", "training_metrics.json"]
+    run = _collect(out, tmp_path / "results")
+    table = results_table([("cpu-check", str(run))], "nuclei_synthetic_val", ["aji"])
+    assert table.splitlines()[2].startswith("| cpu-check | ")
+    assert list((run / "nuclei_synthetic_val" / "label_maps").glob("*.png"))
+    # Detectron2 times the iterations after its first few; the timings come from the returned log.
+    cost_row = cost_table([("cpu-check", str(run))], "nuclei_synthetic_val").splitlines()[2]
+    assert re.match(r"\| cpu-check \| \d+ \| [\d:.]+ \| [\d.]+ \| [\d.]+ \|$", cost_row), cost_row
