@@ -29,7 +29,7 @@ import yaml
 
 from ..utils import atomic_path
 from .reporting import DEFAULT_METRICS, GROUP_FIELDS, PER_IMAGE_CSV, read_training_metrics
-from .significance import compare_per_image_rows, read_per_image_rows
+from .significance import compare_per_image_rows, numeric_column, read_per_image_rows, require_same_images
 
 __all__ = [
     "results_table", "run_per_image_rows", "per_image_table", "pairs_table", "accuracy_curve_table", "cost_table",
@@ -46,6 +46,16 @@ SEED_SEPARATOR = ","  # --run NAME=DIR1,DIR2: the same configuration trained wit
 
 def _folders(run_folders: RunFolders) -> List[str]:
     return [run_folders] if isinstance(run_folders, str) else list(run_folders)
+
+
+def _one_folder_each(runs: Sequence[Tuple[str, RunFolders]], table: str) -> List[Tuple[str, str]]:
+    """The runs of a table that reads one training run's logs each, not per-image results; a run
+    of several seeds is refused before any folder is read."""
+    several = [name for name, run_folders in runs if len(_folders(run_folders)) != 1]
+    if several:
+        raise ValueError(f"the {table} table reads one training run per --run; give each seed its own "
+                         f"--run (several folders: {', '.join(several)})")
+    return [(name, _folders(run_folders)[0]) for name, run_folders in runs]
 
 
 def _per_image_csv(run_dir: str, dataset: str) -> str:
@@ -78,26 +88,18 @@ def run_per_image_rows(run_folders: RunFolders, dataset: str) -> Dict[str, Dict[
         return first
     columns = list(next(iter(first.values())))
     for path, rows in seed_tables[1:]:
-        if set(rows) != set(first):
-            raise ValueError(f"image ids differ between {first_path} and {path}: only in the first: "
-                             f"{sorted(set(first) - set(rows))}; only in the second: {sorted(set(rows) - set(first))}")
+        require_same_images(first, rows, first_path, path)
         if list(next(iter(rows.values()))) != columns:
             raise ValueError(f"columns differ between {first_path} and {path}: "
                              f"{columns} against {list(next(iter(rows.values())))}")
-    averaged = {}
-    for image_id, row in first.items():
-        averaged[image_id] = dict(row)
-        for column in columns:
-            if column in IMAGE_COLUMNS:
-                continue
-            values = []
-            for path, rows in seed_tables:
-                try:
-                    values.append(float(rows[image_id][column]))
-                except (TypeError, ValueError):
-                    raise ValueError(f"{path}: {column} of {image_id!r} is not a number: "
-                                     f"{rows[image_id][column]!r}") from None
-            averaged[image_id][column] = repr(float(np.mean(values)))
+    ids = list(first)
+    averaged = {image_id: dict(row) for image_id, row in first.items()}
+    for column in columns:
+        if column in IMAGE_COLUMNS:
+            continue
+        means = np.mean([numeric_column(rows, ids, column, path) for path, rows in seed_tables], axis=0)
+        for image_id, mean in zip(ids, means):
+            averaged[image_id][column] = repr(float(mean))
     return averaged
 
 
@@ -118,11 +120,11 @@ def results_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
     """Mean ± sample std (over images) per run and metric; stars compare each run with the first
     (baseline). A run may be several folders, seeds of one configuration: see :func:`run_per_image_rows`."""
     baseline_name, baseline_dirs = runs[0]
-    baseline_rows = run_per_image_rows(baseline_dirs, dataset)
+    rows_of_runs = [run_per_image_rows(run_dirs, dataset) for _, run_dirs in runs]
+    baseline_rows = rows_of_runs[0]
     header = ["run", "images"] + list(metrics)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, run_dirs in runs:
-        rows = run_per_image_rows(run_dirs, dataset)
+    for (name, run_dirs), rows in zip(runs, rows_of_runs):
         stars = {}
         if _folders(run_dirs) != _folders(baseline_dirs):
             stars = {r["metric"]: r["stars"] for r in compare_per_image_rows(
@@ -208,7 +210,7 @@ def _evaluated_with_others(run_dir: str, dataset: str) -> bool:
     return len(test_sets) > 1
 
 
-def accuracy_curve_table(runs: Sequence[Tuple[str, str]], dataset: str,
+def accuracy_curve_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
                          metrics: Sequence[str] = CURVE_METRICS) -> str:
     """Each metric on ``dataset`` at every iteration a run was evaluated during training.
 
@@ -216,7 +218,7 @@ def accuracy_curve_table(runs: Sequence[Tuple[str, str]], dataset: str,
     ``TEST.EVAL_PERIOD`` land as ``<dataset>/nuclei/<metric>``); "-" where a run has no value.
     """
     curves = []
-    for name, run_dir in runs:
+    for name, run_dir in _one_folder_each(runs, "accuracy/iterations"):
         series = read_training_metrics(os.path.join(run_dir, TRAINING_METRICS_JSON))
         prefix = f"{dataset}/" if _evaluated_with_others(run_dir, dataset) else ""
         curves.append({m: series.get(f"{prefix}nuclei/{m}", {}) for m in metrics})
@@ -263,12 +265,12 @@ def _run_costs(run_dir: str, dataset: str) -> Tuple[Optional[re.Match], Optional
     return speed, per_image
 
 
-def cost_table(runs: Sequence[Tuple[str, str]], dataset: str) -> str:
+def cost_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str) -> str:
     """Training iterations, wall time and s/iteration, and inference s/image on ``dataset``, per run,
     read from the Detectron2 logs kept in each run folder (``log.txt``, ``test_eval_log.txt``)."""
     header = ["run", "timed iterations", "training time", "s / iteration", f"inference s / image ({dataset})"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, run_dir in runs:
+    for name, run_dir in _one_folder_each(runs, "cost"):
         speed, per_image = _run_costs(run_dir, dataset)
         if speed is None and per_image is None:
             raise ValueError(f"{run_dir}: no Detectron2 log ({' or '.join(RUN_LOGS)}) with timings")
@@ -321,11 +323,6 @@ def _render(args: argparse.Namespace) -> str:
     if len(kinds) > 1 or (kinds and args.per_image):
         raise ValueError(f"{', '.join(kinds + (['--per-image'] if args.per_image else []))} "
                          "are separate tables; ask for one")
-    if args.cost or args.curve:
-        several = [name for name, dirs in runs if len(_folders(dirs)) > 1]
-        if several:
-            raise ValueError(f"{'--cost' if args.cost else '--curve'} reads one training run per --run; "
-                             f"give each seed its own --run (several folders: {', '.join(several)})")
     if args.cost:
         return cost_table(runs, args.dataset)
     metrics = args.metrics.split(",") if args.metrics else None

@@ -33,6 +33,8 @@ __all__ = [
     "compare_per_image_csv",
     "compare_per_image_rows",
     "read_per_image_rows",
+    "numeric_column",
+    "require_same_images",
     "format_table",
     "main",
 ]
@@ -99,23 +101,27 @@ def read_per_image_rows(path: str, key: str = "image_id") -> Dict[str, Dict[str,
     return rows
 
 
-def _column(rows: Dict[str, Dict[str, str]], ids: List[str], metric: str, path: str) -> np.ndarray:
+def numeric_column(rows: Mapping[str, Mapping[str, str]], ids: Sequence[str], column: str,
+                   source: str) -> np.ndarray:
+    """``column`` of the rows ``ids`` as floats; ValueError naming ``source`` and the image otherwise."""
     values = []
     for image_id in ids:
-        text = rows[image_id].get(metric)
+        text = rows[image_id].get(column)
         try:
             values.append(float(text))
         except (TypeError, ValueError):
-            raise ValueError(f"{path}: {metric} of {image_id!r} is not a number: {text!r}") from None
+            raise ValueError(f"{source}: {column} of {image_id!r} is not a number: {text!r}") from None
     return np.array(values)
 
 
-def _is_numeric_column(rows: Dict[str, Dict[str, str]], metric: str) -> bool:
-    try:
-        [float(row[metric]) for row in rows.values()]
-    except (TypeError, ValueError, KeyError):
-        return False
-    return True
+def require_same_images(rows_a: Mapping[str, object], rows_b: Mapping[str, object], source_a: str,
+                        source_b: str) -> None:
+    """ValueError naming the ids found in only one of two per-image tables."""
+    only_a = sorted(set(rows_a) - set(rows_b))
+    only_b = sorted(set(rows_b) - set(rows_a))
+    if only_a or only_b:
+        raise ValueError(f"image ids differ between {source_a} and {source_b}: only in the first: {only_a}; "
+                         f"only in the second: {only_b}")
 
 
 def compare_per_image_csv(csv_a: str, csv_b: str, metrics: Optional[Sequence[str]] = None,
@@ -138,13 +144,7 @@ def compare_per_image_rows(rows_a: Mapping[str, Mapping[str, str]], rows_b: Mapp
 
     ``source_a`` and ``source_b`` name where the rows came from in error messages.
     """
-    only_a = sorted(set(rows_a) - set(rows_b))
-    only_b = sorted(set(rows_b) - set(rows_a))
-    if only_a or only_b:
-        raise ValueError(
-            f"image ids differ between {source_a} and {source_b}: only in the first: {only_a}; "
-            f"only in the second: {only_b}"
-        )
+    require_same_images(rows_a, rows_b, source_a, source_b)
     if not rows_a:
         raise ValueError(f"{source_a}, {source_b}: no rows")
     ids = sorted(rows_a)
@@ -161,8 +161,8 @@ def compare_per_image_rows(rows_a: Mapping[str, Mapping[str, str]], rows_b: Mapp
             raise ValueError(f"metrics {missing} are not columns of both {source_a} and {source_b}")
     table = []
     for metric in metrics:
-        a = _column(rows_a, ids, metric, source_a)
-        b = _column(rows_b, ids, metric, source_b)
+        a = numeric_column(rows_a, ids, metric, source_a)
+        b = numeric_column(rows_b, ids, metric, source_b)
         lower_is_better = metric in LOWER_IS_BETTER
         test = paired_one_tailed_ttest(b, a) if lower_is_better else paired_one_tailed_ttest(a, b)
         table.append({
