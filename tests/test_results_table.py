@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from nucseg_d2.evaluation.results_table import (
-    accuracy_curve_table, cost_table, main, pairs_table, per_image_table, render, results_table,
+    accuracy_curve_table, cost_table, group_table, main, pairs_table, per_image_table, render, results_table,
     run_per_image_rows, update_markdown,
 )
 
@@ -70,6 +70,40 @@ def test_per_image_table_and_missing_dataset(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="per_image.csv"):
         results_table([("B", base)], "tnbc_test")
+
+
+def _write_organs(folder, dataset, rows):
+    path = folder / dataset
+    path.mkdir(parents=True)
+    with open(path / "per_image.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_id", "organ", "aji", "dice1"])
+        writer.writeheader()
+        for image_id, organ, aji, dice1 in rows:
+            writer.writerow({"image_id": image_id, "organ": organ, "aji": aji, "dice1": dice1})
+    return str(folder)
+
+
+def test_group_table_gives_each_runs_mean_per_organ(tmp_path):
+    base = _write_organs(tmp_path / "base", "kumar_test",
+                         [("a", "Colon", 0.5, 0.7), ("b", "Colon", 0.6, 0.8), ("c", "Breast", 0.4, 0.9)])
+    prop = _write_organs(tmp_path / "prop", "kumar_test",
+                         [("a", "Colon", 0.7, 0.7), ("b", "Colon", 0.7, 0.9), ("c", "Breast", 0.1, 0.5)])
+    rows = group_table([("B", base), ("P", prop)], "kumar_test", ["aji", "dice1"]).splitlines()
+    assert rows[0] == "| organ | images | B aji | P aji | B dice1 | P dice1 |"
+    assert rows[2] == "| Breast | 1 | 0.4000 | 0.1000 | 0.9000 | 0.5000 |"
+    assert rows[3] == "| Colon | 2 | 0.5500 | 0.7000 | 0.7500 | 0.8000 |"
+    assert rows[4] == "| all | 3 | 0.5000 | 0.5000 | 0.8000 | 0.7000 |"
+    argv = ["--dataset", "kumar_test", "--run", f"B={base}", "--run", f"P={prop}", "--metrics", "aji,dice1"]
+    assert render(argv + ["--per-group"]).splitlines() == rows
+    with pytest.raises(ValueError, match="separate tables"):
+        render(argv + ["--per-group", "--curve"])
+    short = _write_organs(tmp_path / "short", "kumar_test", [("a", "Colon", 0.7, 0.7)])
+    with pytest.raises(ValueError, match="run 'S' has no kumar_test row for c$"):
+        group_table([("B", base), ("S", short)], "kumar_test", ["aji"])
+    no_groups = _write_run(tmp_path / "plain", "d", [0.5])
+    (tmp_path / "plain" / "d" / "per_image.csv").write_text("image_id,aji\nimg0,0.5\n")
+    with pytest.raises(ValueError, match="organ or patient"):
+        group_table([("B", no_groups)], "d", ["aji"])
 
 
 def _write_seed(folder, dataset, aji_values, num_pred=(10, 20, 30), columns=("aji",)):

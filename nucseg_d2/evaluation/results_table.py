@@ -13,6 +13,8 @@ before the tables and tests (``--run NAME=DIR1,DIR2``).
         --run Proposed=results/tnbc_proposed          # metric against iteration (training evals)
     python -m nucseg_d2.evaluation.results_table --dataset tnbc_test --run Baseline=... \
         --run Ab1=... --pair "Ab1 > Baseline"        # chosen comparisons, as the paper's Table 3
+    python -m nucseg_d2.evaluation.results_table --dataset kumar_test --per-group \
+        --run Baseline=... --run Proposed=...        # means per organ, as the paper's Table 2
     python -m nucseg_d2.evaluation.results_table --dataset tnbc_test \
         --run Baseline=results/seed1,results/seed2 ...   # seeds: per-image means over the folders
     python -m nucseg_d2.evaluation.results_table --update docs/RESULTS.md   # regenerate its tables
@@ -32,7 +34,7 @@ from .reporting import DEFAULT_METRICS, GROUP_FIELDS, PER_IMAGE_CSV, read_traini
 from .significance import compare_per_image_rows, numeric_column, read_per_image_rows, require_same_images
 
 __all__ = [
-    "results_table", "run_per_image_rows", "per_image_table", "pairs_table", "accuracy_curve_table", "cost_table",
+    "results_table", "run_per_image_rows", "per_image_table", "group_table", "pairs_table", "accuracy_curve_table", "cost_table",
     "render", "update_markdown", "main",
 ]
 
@@ -158,6 +160,35 @@ def per_image_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str, metric
         cells += [f"{float(rows[image_id][metric]):.4f}" if image_id in rows else "-" for _, rows in tables]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def group_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
+                metrics: Sequence[str] = CURVE_METRICS) -> str:
+    """Each run's mean per group of images (Kumar's organs, TNBC's patients: the first of
+    GROUP_FIELDS the per-image rows record) and over all images, as the paper's Table 2 gives
+    its Kumar results organ by organ. Means only: a group holds too few images for a test."""
+    tables = [(name, run_per_image_rows(d, dataset)) for name, d in runs]
+    first_rows = tables[0][1]
+    group_key = next((key for key in GROUP_FIELDS if key in next(iter(first_rows.values()), {})), None)
+    if group_key is None:
+        raise ValueError(f"the per-group table needs a {' or '.join(GROUP_FIELDS)} column in "
+                         f"{_source(runs[0][1], dataset)}")
+    groups: Dict[str, List[str]] = {}
+    for image_id in sorted(first_rows):
+        groups.setdefault(first_rows[image_id][group_key], []).append(image_id)
+    header = [group_key, "images"] + [f"{name} {metric}" for metric in metrics for name, _ in tables]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, image_ids in sorted(groups.items()) + [("all", sorted(first_rows))]:
+        cells = [label, str(len(image_ids))]
+        for metric in metrics:
+            for name, rows in tables:
+                missing = [image_id for image_id in image_ids if image_id not in rows]
+                if missing:
+                    raise ValueError(f"run {name!r} has no {dataset} row for {', '.join(missing)}")
+                cells.append(f"{np.mean([float(rows[image_id][metric]) for image_id in image_ids]):.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = _seeds_note(runs) + [f"Means over the images of each {group_key} of {dataset}."]
+    return "\n".join(lines + [""] + notes)
 
 
 PAIR_SEPARATOR = " > "  # "A > B": H1 is "A better than B"
@@ -294,6 +325,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="instead: test run A against run B (names of --run); repeat")
     parser.add_argument("--per-image", action="store_true", help="also print the per-image AJI table")
     parser.add_argument("--per-image-only", action="store_true", help="print only the per-image AJI table")
+    parser.add_argument("--per-group", action="store_true",
+                        help="instead: each run's mean per organ (or patient) and over all images")
     parser.add_argument("--curve", action="store_true",
                         help="instead: the metrics at each evaluation during training")
     parser.add_argument("--cost", action="store_true",
@@ -319,7 +352,7 @@ def _render(args: argparse.Namespace) -> str:
     # A folder whose own name holds the separator is one folder, not seeds.
     runs = [(name, dirs if os.path.isdir(dirs) else dirs.split(SEED_SEPARATOR)) for name, dirs in runs]
     kinds = [flag for flag, asked in (("--cost", args.cost), ("--pair", args.pair), ("--curve", args.curve),
-                                      ("--per-image-only", args.per_image_only)) if asked]
+                                      ("--per-group", args.per_group), ("--per-image-only", args.per_image_only)) if asked]
     if len(kinds) > 1 or (kinds and args.per_image):
         raise ValueError(f"{', '.join(kinds + (['--per-image'] if args.per_image else []))} "
                          "are separate tables; ask for one")
@@ -333,6 +366,8 @@ def _render(args: argparse.Namespace) -> str:
         return pairs_table(runs, args.dataset, pairs, metrics or DEFAULT_METRICS)
     if args.curve:
         return accuracy_curve_table(runs, args.dataset, metrics or CURVE_METRICS)
+    if args.per_group:
+        return group_table(runs, args.dataset, metrics or CURVE_METRICS)
     if args.per_image_only:
         return per_image_table(runs, args.dataset)
     text = results_table(runs, args.dataset, metrics or DEFAULT_METRICS)
