@@ -109,12 +109,13 @@ def _source(run_folders: RunFolders, dataset: str) -> str:
     return " + ".join(os.path.join(d, dataset, PER_IMAGE_CSV) for d in _folders(run_folders))
 
 
-def _seeds_note(runs: Sequence[Tuple[str, RunFolders]]) -> List[str]:
+def _seeds_note(runs: Sequence[Tuple[str, RunFolders]],
+                after: str = "; the ± and the tests are over images, not seeds.") -> List[str]:
     averaged = [f"{name} ({len(_folders(d))} seeds)" for name, d in runs if len(_folders(d)) > 1]
     if not averaged:
         return []
     return [f"Runs of several seeds ({', '.join(averaged)}): each image's metrics are first averaged "
-            "over the seeds; the ± and the tests are over images, not seeds."]
+            f"over the seeds{after}"]
 
 
 def results_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
@@ -187,7 +188,7 @@ def group_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
                     raise ValueError(f"run {name!r} has no {dataset} row for {', '.join(missing)}")
                 cells.append(f"{np.mean([float(rows[image_id][metric]) for image_id in image_ids]):.4f}")
         lines.append("| " + " | ".join(cells) + " |")
-    notes = _seeds_note(runs) + [f"Means over the images of each {group_key} of {dataset}."]
+    notes = _seeds_note(runs, after=".") + [f"Means over the images of each {group_key} of {dataset}."]
     return "\n".join(lines + [""] + notes)
 
 
@@ -218,7 +219,8 @@ def pairs_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str, pairs: Seq
             test = tests[metric]
             cells.append(f"{test['mean_a'] - test['mean_b']:+.4f} (p {test['p']:.3f}) {test['stars']}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [""] + _seeds_note([(name, run_dirs[name]) for name in rows])
+    lines += [""] + _seeds_note([(name, run_dirs[name]) for name in rows],
+                                after="; the tests are over images, not seeds.")
     lines.append(f"One-tailed paired t-tests over the images of {dataset} "
                  "(*** p < 0.01, ** p < 0.05, * p < 0.1, x p >= 0.1).")
     return "\n".join(lines)
