@@ -98,12 +98,27 @@ def test_group_table_gives_each_runs_mean_per_organ(tmp_path):
     with pytest.raises(ValueError, match="separate tables"):
         render(argv + ["--per-group", "--curve"])
     short = _write_organs(tmp_path / "short", "kumar_test", [("a", "Colon", 0.7, 0.7)])
-    with pytest.raises(ValueError, match="run 'S' has no kumar_test row for c$"):
+    with pytest.raises(ValueError, match=r"only in the first: \['b', 'c'\]"):
         group_table([("B", base), ("S", short)], "kumar_test", ["aji"])
-    no_groups = _write_run(tmp_path / "plain", "d", [0.5])
+    relabelled = _write_organs(tmp_path / "relabelled", "kumar_test",
+                               [("a", "Colon", 0.7, 0.7), ("b", "Liver", 0.7, 0.9), ("c", "Breast", 0.1, 0.5)])
+    with pytest.raises(ValueError, match="other organ labels .* to b$"):
+        group_table([("B", base), ("R", relabelled)], "kumar_test", ["aji"])
+    with pytest.raises(ValueError, match="per_image.csv: aji2 of 'c' is not a number"):
+        group_table([("B", base)], "kumar_test", ["aji2"])
+    (tmp_path / "plain" / "d").mkdir(parents=True)
     (tmp_path / "plain" / "d" / "per_image.csv").write_text("image_id,aji\nimg0,0.5\n")
     with pytest.raises(ValueError, match="organ or patient"):
-        group_table([("B", no_groups)], "d", ["aji"])
+        group_table([("B", str(tmp_path / "plain"))], "d", ["aji"])
+
+
+def test_group_table_of_seed_runs_averages_each_image_first(tmp_path):
+    seed1 = _write_organs(tmp_path / "s1", "kumar_test", [("a", "Colon", 0.5, 0.7), ("b", "Colon", 0.6, 0.8)])
+    seed2 = _write_organs(tmp_path / "s2", "kumar_test", [("a", "Colon", 0.7, 0.9), ("b", "Colon", 0.2, 0.8)])
+    table = group_table([("B", [seed1, seed2])], "kumar_test", ["aji"])
+    # Per image (0.6, 0.4), then the organ's mean 0.5.
+    assert "| Colon | 2 | 0.5000 |" in table.splitlines()
+    assert "B (2 seeds)" in table and "averaged over the seeds." in table
 
 
 def _write_seed(folder, dataset, aji_values, num_pred=(10, 20, 30), columns=("aji",)):

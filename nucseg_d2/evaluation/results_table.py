@@ -34,8 +34,8 @@ from .reporting import DEFAULT_METRICS, GROUP_FIELDS, PER_IMAGE_CSV, read_traini
 from .significance import compare_per_image_rows, numeric_column, read_per_image_rows, require_same_images
 
 __all__ = [
-    "results_table", "run_per_image_rows", "per_image_table", "group_table", "pairs_table", "accuracy_curve_table", "cost_table",
-    "render", "update_markdown", "main",
+    "results_table", "run_per_image_rows", "per_image_table", "group_table", "pairs_table", "accuracy_curve_table",
+    "cost_table", "render", "update_markdown", "main",
 ]
 
 TRAINING_METRICS_JSON = "training_metrics.json"
@@ -167,26 +167,29 @@ def group_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
                 metrics: Sequence[str] = CURVE_METRICS) -> str:
     """Each run's mean per group of images (Kumar's organs, TNBC's patients: the first of
     GROUP_FIELDS the per-image rows record) and over all images, as the paper's Table 2 gives
-    its Kumar results organ by organ. Means only: a group holds too few images for a test."""
-    tables = [(name, run_per_image_rows(d, dataset)) for name, d in runs]
-    first_rows = tables[0][1]
+    its Kumar results organ by organ. Means only: a group holds too few images for a test.
+    Every run must hold the same images with the same group labels."""
+    tables = [(name, run_per_image_rows(d, dataset), _source(d, dataset)) for name, d in runs]
+    _, first_rows, first_source = tables[0]
     group_key = next((key for key in GROUP_FIELDS if key in next(iter(first_rows.values()), {})), None)
     if group_key is None:
-        raise ValueError(f"the per-group table needs a {' or '.join(GROUP_FIELDS)} column in "
-                         f"{_source(runs[0][1], dataset)}")
+        raise ValueError(f"the per-group table needs a {' or '.join(GROUP_FIELDS)} column in {first_source}")
+    for _, rows, source in tables[1:]:
+        require_same_images(first_rows, rows, first_source, source)
+        relabelled = [i for i in sorted(rows) if rows[i].get(group_key) != first_rows[i][group_key]]
+        if relabelled:
+            raise ValueError(f"{source} gives other {group_key} labels than {first_source} to "
+                             f"{', '.join(relabelled)}")
     groups: Dict[str, List[str]] = {}
     for image_id in sorted(first_rows):
         groups.setdefault(first_rows[image_id][group_key], []).append(image_id)
-    header = [group_key, "images"] + [f"{name} {metric}" for metric in metrics for name, _ in tables]
+    header = [group_key, "images"] + [f"{name} {metric}" for metric in metrics for name, _, _ in tables]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, image_ids in sorted(groups.items()) + [("all", sorted(first_rows))]:
         cells = [label, str(len(image_ids))]
         for metric in metrics:
-            for name, rows in tables:
-                missing = [image_id for image_id in image_ids if image_id not in rows]
-                if missing:
-                    raise ValueError(f"run {name!r} has no {dataset} row for {', '.join(missing)}")
-                cells.append(f"{np.mean([float(rows[image_id][metric]) for image_id in image_ids]):.4f}")
+            for _, rows, source in tables:
+                cells.append(f"{numeric_column(rows, image_ids, metric, source).mean():.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     notes = _seeds_note(runs, after=".") + [f"Means over the images of each {group_key} of {dataset}."]
     return "\n".join(lines + [""] + notes)
@@ -322,7 +325,7 @@ def _parser() -> argparse.ArgumentParser:
                              "configuration, each image's metrics averaged over them")
     parser.add_argument("--metrics", default=None,
                         help=f"comma-separated (default {','.join(DEFAULT_METRICS)}; "
-                             f"with --curve {','.join(CURVE_METRICS)})")
+                             f"with --curve or --per-group {','.join(CURVE_METRICS)})")
     parser.add_argument("--pair", action="append", default=[], metavar="'A > B'",
                         help="instead: test run A against run B (names of --run); repeat")
     parser.add_argument("--per-image", action="store_true", help="also print the per-image AJI table")
@@ -354,7 +357,8 @@ def _render(args: argparse.Namespace) -> str:
     # A folder whose own name holds the separator is one folder, not seeds.
     runs = [(name, dirs if os.path.isdir(dirs) else dirs.split(SEED_SEPARATOR)) for name, dirs in runs]
     kinds = [flag for flag, asked in (("--cost", args.cost), ("--pair", args.pair), ("--curve", args.curve),
-                                      ("--per-group", args.per_group), ("--per-image-only", args.per_image_only)) if asked]
+                                      ("--per-group", args.per_group), ("--per-image-only", args.per_image_only))
+             if asked]
     if len(kinds) > 1 or (kinds and args.per_image):
         raise ValueError(f"{', '.join(kinds + (['--per-image'] if args.per_image else []))} "
                          "are separate tables; ask for one")
