@@ -8,6 +8,7 @@ from nucseg_d2.evaluation.results_table import (
     accuracy_curve_table, cost_table, group_table, main, pairs_table, per_image_table, render, results_table,
     run_per_image_rows, update_markdown,
 )
+from nucseg_d2.data import nuclei_dataset_subsets
 
 
 def _write_run(folder, dataset, aji_values, organ=None):
@@ -110,6 +111,34 @@ def test_group_table_gives_each_runs_mean_per_organ(tmp_path):
     (tmp_path / "plain" / "d" / "per_image.csv").write_text("image_id,aji\nimg0,0.5\n")
     with pytest.raises(ValueError, match="organ or patient"):
         group_table([("B", str(tmp_path / "plain"))], "d", ["aji"])
+
+
+def test_group_table_adds_kumars_same_and_different_organ_subsets(tmp_path):
+    subsets = nuclei_dataset_subsets("kumar_test")
+    same, different = subsets["test_same_organ"], subsets["test_different_organ"]
+    assert (len(same), len(different)) == (8, 6) and not set(same) & set(different)
+    # AJI 0.6 on every same-organ image, 0.3 on every different-organ one: means 0.6, 0.3 and
+    # (8 * 0.6 + 6 * 0.3) / 14 = 0.4714 over all.
+    rows = [(i, "Seen", 0.6, 0.8) for i in same] + [(i, "Unseen", 0.3, 0.7) for i in different]
+    base = _write_organs(tmp_path / "base", "kumar_test", rows)
+    table = group_table([("B", base)], "kumar_test", ["aji"]).splitlines()
+    assert table[2:6] == ["| Seen | 8 | 0.6000 |", "| Unseen | 6 | 0.3000 |",
+                          "| test_same_organ | 8 | 0.6000 |", "| test_different_organ | 6 | 0.3000 |"]
+    assert table[6] == "| all | 14 | 0.4714 |"
+    assert table[-1] == "Subsets of kumar_test: test_same_organ (Seen); test_different_organ (Unseen)."
+    # No subset rows for another data set; a subset held in part is an error naming what lacks.
+    other = _write_organs(tmp_path / "other", "tnbc_test", rows)
+    assert "test_same_organ |" not in group_table([("B", other)], "tnbc_test", ["aji"])
+    partial = _write_organs(tmp_path / "partial", "kumar_test", rows[1:])
+    with pytest.raises(ValueError, match=f"lacks 1 of the 8 images of kumar_test's subset test_same_organ: {same[0]}"):
+        group_table([("B", partial)], "kumar_test", ["aji"])
+
+
+def test_per_image_table_names_each_images_patient(tmp_path):
+    seed = _write_seed(tmp_path / "s", "tnbc_test", [0.5, 0.6, 0.7])
+    table = per_image_table([("B", seed)], "tnbc_test").splitlines()
+    assert table[0] == "| patient | image | B aji |"
+    assert table[2:] == ["| 03 | 03_0 | 0.5000 |", "| 03 | 03_1 | 0.6000 |", "| 03 | 03_2 | 0.7000 |"]
 
 
 def test_group_table_of_seed_runs_averages_each_image_first(tmp_path):

@@ -6,6 +6,7 @@ from . import datasets  # noqa: F401  (registers the data sets in DatasetCatalog
 from .datasets import (
     NUCLEI_DATASET_NAMES,
     get_nuclei_data_root,
+    nuclei_dataset_subsets,
     register_nuclei_folder,
     register_tnbc_cross_validation,
     tnbc_patient_folds,
@@ -33,6 +34,7 @@ __all__ = [
     "get_nuclei_data_root",
     "label_map_to_annotations",
     "load_label_map",
+    "nuclei_dataset_subsets",
     "read_cpm17_mat",
     "read_label_map",
     "read_monuseg_xml",

@@ -204,6 +204,20 @@ def _kumar_ids(split):
     return [(image_id, organ_of[image_id]) for image_id in ids]
 
 
+# Kumar et al. (2017) split their test set by whether its organs were in the training set.
+KUMAR_TEST_SUBSETS = ("test_same_organ", "test_different_organ")
+
+
+def nuclei_dataset_subsets(dataset_name):
+    """Named subsets of a built-in data set's images, ``{subset: [image id]}``, for results
+    reported per subset as well as over all images: Kumar's test set is ``test_same_organ``
+    (organs seen in training) and ``test_different_organ`` (organs never seen). Empty for data
+    sets without such subsets. Read from the shipped split file: needs no image."""
+    if dataset_name != "kumar_test":
+        return {}
+    return {subset: [image_id for image_id, _ in _kumar_ids(subset)] for subset in KUMAR_TEST_SUBSETS}
+
+
 # Lossless stand-ins for the TIFFs, in order of preference (never a lossy JPEG).
 _KUMAR_LOSSLESS_COPIES = (".tiff", ".webp", ".png")
 

@@ -14,7 +14,7 @@ before the tables and tests (``--run NAME=DIR1,DIR2``).
     python -m nucseg_d2.evaluation.results_table --dataset tnbc_test --run Baseline=... \
         --run Ab1=... --pair "Ab1 > Baseline"        # chosen comparisons, as the paper's Table 3
     python -m nucseg_d2.evaluation.results_table --dataset kumar_test --per-group \
-        --run Baseline=... --run Proposed=...        # means per organ, as the paper's Table 2
+        --run Baseline=... --run Proposed=...        # means per organ and subset, as the paper's Table 2
     python -m nucseg_d2.evaluation.results_table --dataset tnbc_test \
         --run Baseline=results/seed1,results/seed2 ...   # seeds: per-image means over the folders
     python -m nucseg_d2.evaluation.results_table --update docs/RESULTS.md   # regenerate its tables
@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import yaml
 
+from ..data.datasets import nuclei_dataset_subsets
 from ..utils import atomic_path
 from .reporting import DEFAULT_METRICS, GROUP_FIELDS, PER_IMAGE_CSV, read_training_metrics
 from .significance import compare_per_image_rows, numeric_column, read_per_image_rows, require_same_images
@@ -148,15 +149,22 @@ def results_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
     return "\n".join(lines)
 
 
+def _group_key(rows: Dict[str, Dict[str, str]]) -> Optional[str]:
+    """The first of GROUP_FIELDS (organ, patient) the per-image rows record, or None."""
+    return next((key for key in GROUP_FIELDS if key in next(iter(rows.values()), {})), None)
+
+
 def per_image_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str, metric: str = "aji") -> str:
-    """One row per image (with its organ when recorded), one column per run, as the paper's Table 2."""
+    """One row per image (with its organ or patient when recorded), one column per run, as the
+    paper's Table 2."""
     tables = [(name, run_per_image_rows(d, dataset)) for name, d in runs]
-    image_ids = sorted(tables[0][1], key=lambda i: (tables[0][1][i].get("organ", ""), i))
-    has_organ = "organ" in next(iter(tables[0][1].values()), {})
-    header = (["organ"] if has_organ else []) + ["image"] + [f"{name} {metric}" for name, _ in tables]
+    first_rows = tables[0][1]
+    group_key = _group_key(first_rows)
+    image_ids = sorted(first_rows, key=lambda i: (first_rows[i][group_key] if group_key else "", i))
+    header = ([group_key] if group_key else []) + ["image"] + [f"{name} {metric}" for name, _ in tables]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for image_id in image_ids:
-        cells = [tables[0][1][image_id]["organ"]] if has_organ else []
+        cells = [first_rows[image_id][group_key]] if group_key else []
         cells.append(image_id)
         cells += [f"{float(rows[image_id][metric]):.4f}" if image_id in rows else "-" for _, rows in tables]
         lines.append("| " + " | ".join(cells) + " |")
@@ -166,12 +174,13 @@ def per_image_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str, metric
 def group_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
                 metrics: Sequence[str] = CURVE_METRICS) -> str:
     """Each run's mean per group of images (Kumar's organs, TNBC's patients: the first of
-    GROUP_FIELDS the per-image rows record) and over all images, as the paper's Table 2 gives
-    its Kumar results organ by organ. Means only: a group holds too few images for a test.
+    GROUP_FIELDS the per-image rows record), per named subset of the data set (Kumar's test set:
+    same and different organ) and over all images, as the paper's Table 2 gives its Kumar
+    results organ by organ. Means only: a group holds too few images for a test.
     Every run must hold the same images with the same group labels."""
     tables = [(name, run_per_image_rows(d, dataset), _source(d, dataset)) for name, d in runs]
     _, first_rows, first_source = tables[0]
-    group_key = next((key for key in GROUP_FIELDS if key in next(iter(first_rows.values()), {})), None)
+    group_key = _group_key(first_rows)
     if group_key is None:
         raise ValueError(f"the per-group table needs a {' or '.join(GROUP_FIELDS)} column in {first_source}")
     for _, rows, source in tables[1:]:
@@ -185,14 +194,35 @@ def group_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
         groups.setdefault(first_rows[image_id][group_key], []).append(image_id)
     header = [group_key, "images"] + [f"{name} {metric}" for metric in metrics for name, _, _ in tables]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, image_ids in sorted(groups.items()) + [("all", sorted(first_rows))]:
+    subsets = _subsets_held(dataset, first_rows, first_source)
+    for label, image_ids in sorted(groups.items()) + subsets + [("all", sorted(first_rows))]:
         cells = [label, str(len(image_ids))]
         for metric in metrics:
             for _, rows, source in tables:
                 cells.append(f"{numeric_column(rows, image_ids, metric, source).mean():.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     notes = _seeds_note(runs, after=".") + [f"Means over the images of each {group_key} of {dataset}."]
+    if subsets:
+        described = [f"{name} ({', '.join(sorted({first_rows[i][group_key] for i in ids}))})" for name, ids in subsets]
+        notes.append(f"Subsets of {dataset}: {'; '.join(described)}.")
     return "\n".join(lines + [""] + notes)
+
+
+def _subsets_held(dataset: str, rows: Dict[str, Dict[str, str]], source: str) -> List[Tuple[str, List[str]]]:
+    """[(subset, image ids)] of the data set's named subsets (Kumar's test set: same and
+    different organ) that the rows hold. A subset none of whose images the rows hold is left
+    out (other images under the data set's name); one held in part is an error, as its mean
+    would silently cover fewer images."""
+    held = []
+    for name, image_ids in nuclei_dataset_subsets(dataset).items():
+        missing = [image_id for image_id in image_ids if image_id not in rows]
+        if len(missing) == len(image_ids):
+            continue
+        if missing:
+            raise ValueError(f"{source} lacks {len(missing)} of the {len(image_ids)} images of "
+                             f"{dataset}'s subset {name}: {', '.join(missing)}")
+        held.append((name, sorted(image_ids)))
+    return held
 
 
 PAIR_SEPARATOR = " > "  # "A > B": H1 is "A better than B"
@@ -331,7 +361,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--per-image", action="store_true", help="also print the per-image AJI table")
     parser.add_argument("--per-image-only", action="store_true", help="print only the per-image AJI table")
     parser.add_argument("--per-group", action="store_true",
-                        help="instead: each run's mean per organ (or patient) and over all images")
+                        help="instead: each run's mean per organ (or patient), per subset (Kumar test: "
+                             "same / different organ) and over all images")
     parser.add_argument("--curve", action="store_true",
                         help="instead: the metrics at each evaluation during training")
     parser.add_argument("--cost", action="store_true",
