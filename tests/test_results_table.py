@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pytest
 
+import nucseg_d2.data
+from nucseg_d2.data import nuclei_dataset_subsets
 from nucseg_d2.evaluation.results_table import (
     accuracy_curve_table, cost_table, group_table, main, pairs_table, per_image_table, render, results_table,
     run_per_image_rows, update_markdown,
 )
-from nucseg_d2.data import nuclei_dataset_subsets
 
 
 def _write_run(folder, dataset, aji_values, organ=None):
@@ -117,15 +118,19 @@ def test_group_table_adds_kumars_same_and_different_organ_subsets(tmp_path):
     subsets = nuclei_dataset_subsets("kumar_test")
     same, different = subsets["test_same_organ"], subsets["test_different_organ"]
     assert (len(same), len(different)) == (8, 6) and not set(same) & set(different)
-    # AJI 0.6 on every same-organ image, 0.3 on every different-organ one: means 0.6, 0.3 and
-    # (8 * 0.6 + 6 * 0.3) / 14 = 0.4714 over all.
-    rows = [(i, "Seen", 0.6, 0.8) for i in same] + [(i, "Unseen", 0.3, 0.7) for i in different]
+    with open(Path(nucseg_d2.data.__file__).parent / "splits" / "kumar2017_split.csv", newline="") as f:
+        organ_of = {row["image_id"]: row["organ_as_labelled_in_Kumar2017"] for row in csv.DictReader(f)}
+    # AJI 0.60, 0.61, ... 0.67 on the same-organ images and 0.30 ... 0.35 on the others: subset
+    # means 0.635 and 0.325, and (8 * 0.635 + 6 * 0.325) / 14 = 0.5021 over all.
+    rows = ([(i, organ_of[i], 0.60 + 0.01 * k, 0.8) for k, i in enumerate(same)]
+            + [(i, organ_of[i], 0.30 + 0.01 * k, 0.7) for k, i in enumerate(different)])
     base = _write_organs(tmp_path / "base", "kumar_test", rows)
     table = group_table([("B", base)], "kumar_test", ["aji"]).splitlines()
-    assert table[2:6] == ["| Seen | 8 | 0.6000 |", "| Unseen | 6 | 0.3000 |",
-                          "| test_same_organ | 8 | 0.6000 |", "| test_different_organ | 6 | 0.3000 |"]
-    assert table[6] == "| all | 14 | 0.4714 |"
-    assert table[-1] == "Subsets of kumar_test: test_same_organ (Seen); test_different_organ (Unseen)."
+    assert len(table) == 2 + 7 + 2 + 1 + 3  # header, 7 organs, 2 subsets, all; a blank line, 2 notes
+    assert table[9:12] == ["| test_same_organ | 8 | 0.6350 |", "| test_different_organ | 6 | 0.3250 |",
+                           "| all | 14 | 0.5021 |"]
+    assert table[-1] == ("Subsets of kumar_test: test_same_organ (Breast, Kidney, Liver, Prostate); "
+                         "test_different_organ (Bladder, Colon, Stomach).")
     # No subset rows for another data set; a subset held in part is an error naming what lacks.
     other = _write_organs(tmp_path / "other", "tnbc_test", rows)
     assert "test_same_organ |" not in group_table([("B", other)], "tnbc_test", ["aji"])

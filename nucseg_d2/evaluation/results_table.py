@@ -201,7 +201,8 @@ def group_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
             for _, rows, source in tables:
                 cells.append(f"{numeric_column(rows, image_ids, metric, source).mean():.4f}")
         lines.append("| " + " | ".join(cells) + " |")
-    notes = _seeds_note(runs, after=".") + [f"Means over the images of each {group_key} of {dataset}."]
+    of_each = f"each {group_key} (and subset)" if subsets else f"each {group_key}"
+    notes = _seeds_note(runs, after=".") + [f"Means over the images of {of_each} of {dataset}."]
     if subsets:
         described = [f"{name} ({', '.join(sorted({first_rows[i][group_key] for i in ids}))})" for name, ids in subsets]
         notes.append(f"Subsets of {dataset}: {'; '.join(described)}.")
