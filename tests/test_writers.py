@@ -186,6 +186,18 @@ def test_outline_with_hole_and_two_pieces():
     (exterior,) = nucleus_outline(two_pieces)
     assert sorted(map(tuple, exterior[:-1])) == [(4, 5), (4, 9), (9, 5), (9, 9)]
 
+    # A pixel touching the nucleus only at a corner is a separate piece: a ring around both
+    # would pass the corner (2, 2) twice, an invalid polygon.
+    corner_touch = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]], bool)
+    (exterior,) = nucleus_outline(corner_touch)
+    assert sorted(map(tuple, exterior[:-1])) == [(0, 0), (0, 2), (2, 0), (2, 2)]
+    # Two one-pixel holes meeting at a corner: two simple hole rings sharing that point.
+    two_holes = np.ones((4, 4), bool)
+    two_holes[1, 1] = two_holes[2, 2] = False
+    exterior, *holes = nucleus_outline(two_holes)
+    assert len(holes) == 2 and all(len({tuple(p) for p in h[:-1]}) == len(h) - 1 == 4 for h in holes)
+    assert _ring_area(exterior[:-1]) - sum(_ring_area(h[:-1]) for h in holes) == 14
+
     one_pixel = np.zeros((3, 3), bool)
     one_pixel[1, 1] = True
     (exterior,) = nucleus_outline(one_pixel)

@@ -170,15 +170,21 @@ def _snap_to_pixel_corners(contour: np.ndarray, simplify_tolerance: float) -> np
 def nucleus_outline(mask: np.ndarray, simplify_tolerance: float = 0.0) -> List[np.ndarray]:
     """Outline of one nucleus mask as polygon rings of (x, y) pixel-corner coordinates.
 
-    Returns ``[exterior, hole, ...]``: the largest outer contour (8-connected pieces; smaller
-    separate pieces are dropped) and its holes. Rings are closed (last point = first), the
-    exterior counter-clockwise and holes clockwise in the coordinates' own axes (RFC 7946's
-    right-hand rule; clockwise on screen, where y points down). With ``simplify_tolerance`` 0 the rings follow pixel edges exactly; a positive value
-    (pixels) applies Douglas-Peucker, which keeps a subset of the corners. Empty mask: ``[]``.
+    Returns ``[exterior, hole, ...]``: the outline of the mask's largest 4-connected piece (smaller
+    pieces, also those touching it only at a corner, are dropped) and its holes, so no ring passes
+    a point twice. Rings are closed (last point = first), the exterior counter-clockwise and holes
+    clockwise in the coordinates' own axes (RFC 7946's right-hand rule; clockwise on screen, where
+    y points down). With ``simplify_tolerance`` 0 the rings follow pixel edges exactly; a positive
+    value (pixels) applies Douglas-Peucker, which keeps a subset of the corners. Empty mask: ``[]``.
     """
     mask = np.asarray(mask, bool)
     if not mask.any():
         return []
+    # Trace only the largest 4-connected piece: OpenCV joins pieces that touch at a corner, and
+    # the ring around them passes that corner twice, an invalid polygon for QuPath and shapely.
+    pieces, num_pieces = ndimage.label(mask)
+    if num_pieces > 1:
+        mask = pieces == 1 + int(np.argmax(ndimage.sum_labels(mask, pieces, range(1, num_pieces + 1))))
     upsampled = np.pad(np.repeat(np.repeat(mask, 2, axis=0), 2, axis=1), 1).astype(np.uint8)
     contours, hierarchy = cv2.findContours(upsampled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     hierarchy = hierarchy.reshape(-1, 4)  # next, previous, first child, parent
