@@ -327,6 +327,32 @@ def test_openslide_reads_the_same_pixels_as_tiffslide(he_slide):
         np.testing.assert_array_equal(a.read(0, 128, 64, 256), b.read(0, 128, 64, 256))
 
 
+def _two_level_tiff(path, level0):
+    """A 2-level tiled pyramidal TIFF of ``level0`` (grey, grey + alpha, RGB or RGBA)."""
+    import tifffile
+
+    extra = {"extrasamples": ["unassalpha"]} if level0.ndim == 3 and level0.shape[2] in (2, 4) else {}
+    photometric = "rgb" if level0.ndim == 3 and level0.shape[2] >= 3 else "minisblack"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(level0, tile=(256, 256), photometric=photometric, **extra)
+        tif.write(level0[::2, ::2], tile=(256, 256), photometric=photometric, subfiletype=1, **extra)
+    return str(path)
+
+
+def test_slide_pixels_of_grey_and_alpha_slides_become_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (512, 512), dtype=np.uint8)
+    with SlideSource(_two_level_tiff(tmp_path / "grey.tif", grey), backend="tiffslide") as slide:
+        np.testing.assert_array_equal(slide.read(0, 64, 0, 64), np.repeat(grey[:64, :64, None], 3, axis=2))
+    # Straight (unassociated) alpha composited onto white: colour 100 at alpha 0, 51, 255 gives
+    # 255, 100 * 0.2 + 255 * 0.8 = 224, and 100.
+    rgba = np.full((512, 512, 4), 100, np.uint8)
+    rgba[:, :, 3] = 255
+    rgba[0, 0, 3], rgba[0, 1, 3] = 0, 51
+    with SlideSource(_two_level_tiff(tmp_path / "rgba.tif", rgba), backend="tiffslide") as slide:
+        np.testing.assert_array_equal(slide.read(0, 1, 0, 3)[0], [[255] * 3, [224] * 3, [100] * 3])
+
+
 class _RecordingBlankModel(LabelStandIn):
     """Finds nothing; remembers the tiles it was shown."""
 

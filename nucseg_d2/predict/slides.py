@@ -240,16 +240,23 @@ class SlideSource(ImageSource):
             pixels = self._slide.read_region((x0_level0, y0_level0), level, (width, height), as_array=True)
         else:
             pixels = np.asarray(self._slide.read_region((x0_level0, y0_level0), level, (width, height)))
-        if pixels.ndim == 2:
-            pixels = np.repeat(pixels[..., None], 3, axis=2)
-        if pixels.shape[2] == 4:
-            # OpenSlide returns premultiplied RGBA, transparent outside scanned areas: show that
-            # as glass (white), which the tissue mask treats as background.
-            alpha = pixels[..., 3:4].astype(np.uint16)
-            pixels = (pixels[..., :3] + (255 - alpha)).clip(0, 255).astype(np.uint8)
         if pixels.dtype != np.uint8:
             raise NucleiDataError(f"{self.path}: unsupported slide pixel type {pixels.dtype}")
-        return np.ascontiguousarray(pixels[..., :3])
+        if pixels.ndim == 2:
+            pixels = pixels[..., None]
+        if pixels.ndim != 3 or pixels.shape[2] not in (1, 2, 3, 4):
+            raise NucleiDataError(f"{self.path}: unsupported slide pixels of shape {pixels.shape} "
+                                  "(expected grey, grey + alpha, RGB or RGBA)")
+        if pixels.shape[2] in (2, 4):
+            # Straight alpha (openslide-python un-premultiplies OpenSlide's ARGB), transparent
+            # outside scanned areas: composite onto glass (white), which the tissue mask treats
+            # as background.
+            alpha = pixels[..., -1:].astype(np.float32) / 255.0
+            colour = pixels[..., :-1].astype(np.float32)
+            pixels = np.round(colour * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        if pixels.shape[2] == 1:
+            pixels = np.repeat(pixels, 3, axis=2)
+        return np.ascontiguousarray(pixels)
 
     def read(self, y0, y1, x0, x1):
         if not (0 <= y0 < y1 <= self.height and 0 <= x0 < x1 <= self.width):
