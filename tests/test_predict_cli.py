@@ -133,7 +133,10 @@ def test_slide_with_level_and_roi(tmp_path, weights):
     output = tmp_path / "out"
     assert _run([slide], output, weights, "--level", "1", "--roi", "64", "32", "256", "300",
                 "--tile-size", "96", "--overlap", "32", opts=["TEST.NUCLEI.SCORE_THRESH", "0.0"]) == 0
-    assert tifffile.imread(output / "slide_labels.tif").shape == (150, 128)
+    with tifffile.TiffFile(output / "slide_labels.tif") as labels:
+        assert labels.pages[0].shape == (150, 128)
+        placement = json.loads(labels.pages[0].description)["nucseg_d2"]
+    assert placement == {"origin_level0": [64, 32], "downsample": 2.0, "mpp": 0.5}  # 0.25 µm at level 0
     features = json.loads((output / "slide.geojson").read_text())["features"]
     assert features
     # Outlines are in level-0 coordinates, inside the ROI.

@@ -66,6 +66,27 @@ def test_label_tiff_round_trip_is_compressed_uint16(tmp_path, synthetic_tile):
     np.testing.assert_array_equal(data, labels)
 
 
+def test_label_tiff_records_where_it_lies_on_the_slide(tmp_path):
+    labels = np.zeros((8, 8), np.int32)
+    labels[2:4, 2:5] = 1
+    path = tmp_path / "region_labels.tif"
+    write_label_tiff(path, labels, mpp=0.5, origin=(1000, 2000), downsample=2.0)
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        # 0.5 µm per pixel = 20,000 pixels per cm.
+        assert tags["XResolution"].value == tags["YResolution"].value == (20000, 1)
+        assert tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+        placement = json.loads(tif.pages[0].description)["nucseg_d2"]
+    assert placement == {"origin_level0": [1000, 2000], "downsample": 2.0, "mpp": 0.5}
+    write_label_tiff(tmp_path / "plain.tif", labels)  # an image of unknown scale: no resolution
+    with tifffile.TiffFile(tmp_path / "plain.tif") as tif:
+        assert "XResolution" not in tif.pages[0].tags or tif.pages[0].tags["ResolutionUnit"].value == 1
+        assert json.loads(tif.pages[0].description)["nucseg_d2"]["mpp"] is None
+    with pytest.raises(ValueError, match="µm per pixel"):
+        write_label_tiff(tmp_path / "bad.tif", labels, mpp=0)
+    assert not (tmp_path / "bad.tif").exists()
+
+
 def test_label_tiff_switches_to_uint32_past_65535_ids(tmp_path):
     ids_up_to_65535 = np.arange(256 * 256, dtype=np.int64).reshape(256, 256)  # 0..65535
     write_label_tiff(tmp_path / "u16.tif", ids_up_to_65535)

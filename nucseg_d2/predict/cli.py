@@ -171,7 +171,8 @@ def write_outputs(result, source, paths: Dict[str, str], image_id: int) -> None:
 
     for name, path in paths.items():
         if name == "labels":
-            writers.write_label_tiff(path, result.label_map)
+            writers.write_label_tiff(path, result.label_map, mpp=result.mpp, origin=result.origin,
+                                     downsample=result.downsample)
         elif name == "geojson":
             writers.write_geojson(path, result)
         elif name == "coco":

@@ -92,12 +92,17 @@ def _level0(values: np.ndarray, downsample: float, offset: float) -> np.ndarray:
 # --------------------------------------------------------------------------- label TIFF
 
 
-def write_label_tiff(path, label_map) -> None:
+def write_label_tiff(path, label_map, mpp: Optional[float] = None, origin: Tuple[int, int] = (0, 0),
+                     downsample: float = 1.0) -> None:
     """Instance label map as a zlib-compressed TIFF: uint16, or uint32 past 65,535 ids.
 
     Large maps are tiled (256x256); BigTIFF is used past ~4 GiB. napari opens it (as an image;
     "Convert to labels", or ``napari.Viewer().add_labels(tifffile.imread(path))``), Fiji too
-    (uint32 maps through Bio-Formats, since ImageJ has no 32-bit integer type).
+    (uint32 maps through Bio-Formats, since ImageJ has no 32-bit integer type). Where the map
+    lies on the slide is recorded, so it can be laid over the slide and measured: ``mpp`` (µm per
+    pixel of the map, when known) as the TIFF resolution in pixels per centimetre, and a JSON
+    ImageDescription ``{"nucseg_d2": {"origin_level0": [x0, y0], "downsample": d, "mpp": m}}``
+    (level-0 pixel = origin + map pixel * downsample, as the GeoJSON's coordinates).
     """
     label_map = np.asarray(label_map)
     if label_map.ndim != 2 or not np.issubdtype(label_map.dtype, np.integer):
@@ -106,8 +111,13 @@ def write_label_tiff(path, label_map) -> None:
     max_id = int(label_map.max()) if label_map.size else 0
     if (label_map.size and label_map.min() < 0) or max_id > np.iinfo(np.uint32).max:
         raise ValueError(f"{path}: label ids must lie in 0..{np.iinfo(np.uint32).max}")
+    if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"{path}: µm per pixel must be a positive number, got {mpp}")
     data = label_map.astype(label_map_dtype(max_id), copy=False)
     tiled = max(data.shape) > _TILED_TIFF_MIN_SIDE
+    placement = {"origin_level0": [int(origin[0]), int(origin[1])], "downsample": float(downsample),
+                 "mpp": None if mpp is None else float(mpp)}
+    resolution = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
     with atomic_path(path) as temp_path:
         tifffile.imwrite(
             temp_path,
@@ -117,6 +127,8 @@ def write_label_tiff(path, label_map) -> None:
             tile=_TIFF_TILE if tiled else None,
             bigtiff=data.nbytes > 2**32 - 2**25,
             metadata=None,
+            description=json.dumps({"nucseg_d2": placement}),
+            **resolution,
         )
 
 
