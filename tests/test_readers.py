@@ -195,6 +195,38 @@ def test_bad_label_maps_raise_naming_file_and_problem(tmp_path, name, values, pr
     assert name in str(error.value)
 
 
+def test_binary_mask_given_as_label_map_is_refused_or_flagged(tmp_path):
+    two_blobs = np.zeros((6, 6), np.uint8)
+    two_blobs[0:2, 0:2] = two_blobs[4:6, 4:6] = 255
+    Image.fromarray(two_blobs).save(tmp_path / "mask.png")
+    np.save(tmp_path / "mask.npy", two_blobs > 0)
+    for name in ("mask.png", "mask.npy"):
+        with pytest.raises(NucleiDataError, match=r"binary mask.* 2 separate pieces.*tnbc_binary") as error:
+            read_label_map(tmp_path / name)
+        assert name in str(error.value)
+    # One id of another value in pieces may be one nucleus cut by a crop: read, with a warning.
+    Image.fromarray(two_blobs // 255).save(tmp_path / "one_id.png")
+    with pytest.warns(UserWarning, match="one_id.png: looks like a binary mask"):
+        assert read_label_map(tmp_path / "one_id.png").max() == 1
+    # One nucleus in one piece, or several ids: a label map, silently.
+    one_blob = np.where(np.arange(36).reshape(6, 6) < 12, 255, 0).astype(np.uint8)
+    Image.fromarray(one_blob).save(tmp_path / "one_nucleus.png")
+    Image.fromarray(np.where(two_blobs > 0, np.arange(36).reshape(6, 6) // 18 + 1, 0).astype(np.uint8)).save(
+        tmp_path / "two_nuclei.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_label_map(tmp_path / "one_nucleus.png").max() == 255
+        assert read_label_map(tmp_path / "two_nuclei.png").max() == 2
+
+
+@pytest.mark.parametrize("photometric", ["separated", "miniswhite"])
+def test_cmyk_and_inverted_grey_tiffs_are_refused(tmp_path, photometric):
+    shape = (4, 4, 4) if photometric == "separated" else (4, 4)
+    tifffile.imwrite(tmp_path / "odd.tif", np.zeros(shape, np.uint8), photometric=photometric)
+    with pytest.raises(NucleiDataError, match=r"odd.tif: (SEPARATED|MINISWHITE) TIFF colour space"):
+        read_rgb_image(tmp_path / "odd.tif")
+
+
 def test_colour_label_map_with_differing_channels_is_rejected(tmp_path):
     rgb = np.zeros((2, 2, 3), np.uint8)
     rgb[0, 0] = (1, 2, 3)
@@ -254,6 +286,12 @@ def test_monuseg_xml_rasterises_regions_in_order(tmp_path):
     assert (label_map == expected).all()
 
 
+def test_xml_without_regions_warns(tmp_path):
+    (tmp_path / "empty.xml").write_text(_aperio_xml([]))
+    with pytest.warns(UserWarning, match="empty.xml: no nucleus polygon"):
+        assert not read_monuseg_xml(tmp_path / "empty.xml", 4, 4).any()
+
+
 @pytest.mark.parametrize(
     "name, text, problem",
     [
@@ -302,13 +340,13 @@ def test_cpm17_mat_errors_name_the_file(tmp_path):
 # ------------------------------------------------------------------------------ load_label_map
 def test_load_label_map_dispatches_and_checks_size(tmp_path):
     Image.fromarray(np.array([[0, 255], [0, 0]], np.uint8), "L").save(tmp_path / "gt.png")
-    Image.fromarray(np.array([[0, 9], [9, 0]], np.uint16)).save(tmp_path / "ids.png")
+    Image.fromarray(np.array([[0, 9], [7, 0]], np.uint16)).save(tmp_path / "ids.png")
     (tmp_path / "ids.xml").write_text(_aperio_xml([[(0, 0), (1, 0), (1, 1), (0, 1)]]))
     scipy.io.savemat(tmp_path / "ids.mat", {"inst_map": np.array([[3, 0], [0, 0]])})
     record = {"file_name": str(tmp_path / "image.png"), "height": 2, "width": 2}
     cases = {
         ("gt.png", "tnbc_binary"): [[0, 1], [0, 0]],
-        ("ids.png", "label_map"): [[0, 9], [9, 0]],
+        ("ids.png", "label_map"): [[0, 9], [7, 0]],
         ("ids.xml", "monuseg_xml"): [[1, 0], [0, 0]],
         ("ids.mat", "cpm17_mat"): [[3, 0], [0, 0]],
     }

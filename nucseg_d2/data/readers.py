@@ -34,6 +34,12 @@ LABEL_MAP_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".mat")
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _MODES_KEPT = ("RGB", "RGBA", "L", "LA", "I", "F")  # Pillow modes numpy reads as they are
 _INT32_MAX = np.iinfo(np.int32).max
+_TIFF_PHOTOMETRICS_REFUSED = (
+    tifffile.PHOTOMETRIC.MINISWHITE, tifffile.PHOTOMETRIC.SEPARATED, tifffile.PHOTOMETRIC.CIELAB,
+    tifffile.PHOTOMETRIC.ICCLAB, tifffile.PHOTOMETRIC.ITULAB,
+)
+# The foreground value of binary masks saved as 8- or 16-bit images.
+_BINARY_MASK_VALUES = (255, 65535)
 
 
 class NucleiDataError(ValueError):
@@ -52,7 +58,14 @@ def _read_pixels(path, palette_as_indices=False):
     try:
         if suffix in _TIFF_SUFFIXES:
             # tifffile (+imagecodecs for LZW) keeps 16-bit colour, which Pillow cannot.
-            pixels = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                photometric = tif.pages[0].photometric
+                if photometric in _TIFF_PHOTOMETRICS_REFUSED:
+                    # tifffile returns the raw samples: CMYK inks or inverted grey would pass
+                    # as RGB or grey with wrong colours.
+                    raise NucleiDataError(f"{path}: {photometric.name} TIFF colour space is not "
+                                          "supported; save the image as RGB or greyscale")
+                pixels = tif.asarray()
             # Planar TIFFs come channel-first.
             if pixels.ndim == 3 and pixels.shape[0] in (3, 4) and pixels.shape[2] > 4:
                 pixels = np.moveaxis(pixels, 0, -1)
@@ -131,7 +144,8 @@ def _as_label_map(values, path):
         values = colour[..., 0]
     if values.ndim != 2:
         raise NucleiDataError(f"{path}: label map must be 2-D, got shape {values.shape}")
-    if values.dtype == bool:
+    saved_as_bool = values.dtype == bool
+    if saved_as_bool:
         values = values.astype(np.uint8)
     if values.dtype.kind == "f":
         if not np.isfinite(values).all():
@@ -144,9 +158,29 @@ def _as_label_map(values, path):
         raise NucleiDataError(f"{path}: unsupported label map dtype {values.dtype}")
     if values.size and values.min() < 0:
         raise NucleiDataError(f"{path}: label map has negative ids (min {values.min()})")
+    _check_not_a_binary_mask(values, path, saved_as_bool)
     if values.size and values.max() > _INT32_MAX:
         return values.astype(np.int64)
     return values.astype(np.int32)
+
+
+def _check_not_a_binary_mask(values, path, saved_as_bool):
+    """A binary mask read as a label map would be one nucleus per image: refuse the unmistakable
+    case (a bool array, or one id of 255 / 65535, in separate pieces), warn for one id of other
+    value in separate pieces (one nucleus split by a crop reads the same)."""
+    max_id = int(values.max()) if values.size else 0
+    if max_id == 0 or not ((values == 0) | (values == max_id)).all():
+        return
+    _, num_pieces = scipy.ndimage.label(values > 0, structure=np.ones((3, 3)))  # 8-connected
+    if num_pieces < 2:
+        return
+    problem = (f"{path}: looks like a binary mask, not a label map with one id per nucleus "
+               f"(its only id, {max_id}, covers {num_pieces} separate pieces)")
+    remedy = ("label its connected components (e.g. skimage.measure.label), or use "
+              "label_format='tnbc_binary' for binary nucleus masks")
+    if saved_as_bool or max_id in _BINARY_MASK_VALUES:
+        raise NucleiDataError(f"{problem}; {remedy}")
+    warnings.warn(f"{problem}: read as one nucleus; if it is a mask, {remedy}")
 
 
 def read_label_map(path):
@@ -213,6 +247,9 @@ def read_monuseg_xml(path, height, width):
         rows, cols = skimage.draw.polygon(ys - 0.5, xs - 0.5, shape=label_map.shape)
         label_map[rows, cols] = next_id
         next_id += 1
+    if next_id == 1:
+        # An image without nuclei is possible, but so is an export in another schema.
+        warnings.warn(f"{path}: no nucleus polygon (<Region> with 3 or more vertices): empty label map")
     return label_map
 
 
