@@ -13,7 +13,7 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 
-from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg
+from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg, check_run_inputs
 from nucseg_d2.data import NucleiDataError, NucleiDatasetMapper, register_tnbc_cross_validation
 from nucseg_d2.evaluation import NucleiEvaluator
 
@@ -45,7 +45,11 @@ def setup(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     # tnbc_cv5_* are registered on import; other fold counts when a config asks for them.
-    register_tnbc_cross_validation(cfg.DATASETS.TNBC_NUM_FOLDS)
+    try:
+        register_tnbc_cross_validation(cfg.DATASETS.TNBC_NUM_FOLDS)
+    except ValueError as e:
+        raise NucleiConfigError(f"DATASETS.TNBC_NUM_FOLDS: {e}") from e
+    check_run_inputs(cfg, eval_only=args.eval_only, resume=args.resume)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

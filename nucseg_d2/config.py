@@ -139,11 +139,63 @@ def validate_nucseg_config(cfg):
         )
     if cfg.INPUT.CROP.ENABLED and min(cfg.INPUT.CROP.SIZE) <= 0:
         raise NucleiConfigError(f"INPUT.CROP.SIZE must be positive, got {cfg.INPUT.CROP.SIZE}")
+    if cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.TYPE.startswith("relative") and max(cfg.INPUT.CROP.SIZE) > 1:
+        raise NucleiConfigError(f"INPUT.CROP.SIZE must be fractions in (0, 1] with INPUT.CROP.TYPE "
+                                f"{cfg.INPUT.CROP.TYPE}, got {cfg.INPUT.CROP.SIZE} (pixel sizes need 'absolute')")
+    _validate_model_branches(cfg)
+    if cfg.DATASETS.TNBC_NUM_FOLDS < 2:
+        raise NucleiConfigError(f"DATASETS.TNBC_NUM_FOLDS must be >= 2, got {cfg.DATASETS.TNBC_NUM_FOLDS}")
     from .evaluation.metrics import ALL_METRICS
 
     unknown = [m for m in nuclei.METRICS if m not in ALL_METRICS]
     if unknown:
         raise NucleiConfigError(f"TEST.NUCLEI.METRICS: unknown metrics {unknown}; known: {sorted(ALL_METRICS)}")
+
+
+def _validate_model_branches(cfg):
+    """The semantic branch and feature fusion: on only where a model builds them, 2 classes."""
+    nucseg = cfg.MODEL.NUCSEG
+    negative = {key: value for key, value in nucseg.LOSS_WEIGHTS.items() if value < 0}
+    if negative:
+        raise NucleiConfigError(f"MODEL.NUCSEG.LOSS_WEIGHTS must be >= 0, got {negative}")
+    branches_on = [key for key in ("SEMANTIC_ON", "FUSION_ON") if nucseg[key]]
+    if not branches_on:
+        return
+    if cfg.MODEL.META_ARCHITECTURE == "NucleiRCNN":
+        raise NucleiConfigError(
+            f"MODEL.NUCSEG.{' and '.join(branches_on)}: True, but MODEL.META_ARCHITECTURE NucleiRCNN "
+            "builds neither branch; use PanopticNucleiRCNN (configs/Base-Panoptic-Nuclei.yaml) or set them False"
+        )
+    if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES != 2:
+        raise NucleiConfigError(
+            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES must be 2 (background, nucleus) with MODEL.NUCSEG."
+            f"{' and '.join(branches_on)} on, got {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}"
+        )
+
+
+def check_run_inputs(cfg, eval_only: bool = False, resume: bool = False):
+    """Before a model is built: the data sets are registered, and the weights exist (an
+    evaluation without any would score an untrained model and overwrite earlier results)."""
+    from detectron2.data import DatasetCatalog
+
+    from .data import NUCLEI_DATASET_NAMES
+
+    registered = set(DatasetCatalog.list())
+    for key in ("TRAIN", "TEST"):
+        unknown = [name for name in cfg.DATASETS[key] if name not in registered]
+        if unknown:
+            raise NucleiConfigError(f"DATASETS.{key}: {unknown} not registered; nuclei data sets: "
+                                    f"{sorted(NUCLEI_DATASET_NAMES)}")
+    checkpoint = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    resumes = resume and os.path.isfile(checkpoint)
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not resumes and not os.path.isfile(weights):
+        raise NucleiConfigError(f"MODEL.WEIGHTS: {weights}: file not found")
+    if eval_only and not weights and not resumes:
+        raise NucleiConfigError(
+            "--eval-only needs trained weights: MODEL.WEIGHTS path/to/model_final.pth (or --resume with a "
+            f"checkpoint in OUTPUT_DIR {cfg.OUTPUT_DIR}); without, an untrained model would be scored"
+        )
 
 
 def build_nuclei_cfg(config, opts=()):

@@ -8,7 +8,9 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from nucseg_d2 import add_nucseg_config
-from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg, merge_config_file, validate_nucseg_config
+from nucseg_d2.config import (
+    NucleiConfigError, build_nuclei_cfg, check_run_inputs, merge_config_file, validate_nucseg_config,
+)
 from model_inputs import synthetic_training_input
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -59,6 +61,35 @@ def test_build_nuclei_cfg_from_file_or_node_with_overrides():
         build_nuclei_cfg(demo, ["TEST.NUCLEI.SCORE_THRESH", "2.0"])
     with pytest.raises(NucleiConfigError, match="not found.*nope.yaml"):
         build_nuclei_cfg("nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "config, overrides, problem",
+    [
+        ("tnbc.yaml", ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "1"], "NUM_CLASSES must be 2 .* got 1"),
+        ("tnbc_maskrcnn.yaml", ["MODEL.NUCSEG.FUSION_ON", "True"], "FUSION_ON: True, but .*NucleiRCNN"),
+        ("tnbc.yaml", ["MODEL.NUCSEG.LOSS_WEIGHTS.SEMSEG1", "-1.0"], r"LOSS_WEIGHTS must be >= 0, got \{'SEMSEG1'"),
+        ("tnbc.yaml", ["INPUT.CROP.TYPE", "relative"], "fractions in \\(0, 1\\] with INPUT.CROP.TYPE relative"),
+        ("tnbc.yaml", ["DATASETS.TNBC_NUM_FOLDS", "1"], "TNBC_NUM_FOLDS must be >= 2, got 1"),
+    ],
+)
+def test_values_the_model_would_misuse_are_rejected_naming_the_key(config, overrides, problem):
+    with pytest.raises(NucleiConfigError, match=problem):
+        build_nuclei_cfg(CONFIGS[0].parent / config, overrides)
+
+
+def test_run_inputs_are_checked_before_a_model_is_built(tmp_path):
+    demo = CONFIGS[0].parent / "demo.yaml"
+    cfg = build_nuclei_cfg(demo, ["OUTPUT_DIR", str(tmp_path)])
+    check_run_inputs(cfg)  # the demo's data sets are registered, it trains from scratch
+    with pytest.raises(NucleiConfigError, match=r"DATASETS.TEST: \['tnbc_tset'\] not registered; nuclei.*tnbc_test"):
+        check_run_inputs(build_nuclei_cfg(cfg, ["DATASETS.TEST", "('tnbc_tset',)"]))
+    with pytest.raises(NucleiConfigError, match="MODEL.WEIGHTS: .*nope.pth: file not found"):
+        check_run_inputs(build_nuclei_cfg(cfg, ["MODEL.WEIGHTS", str(tmp_path / "nope.pth")]))
+    with pytest.raises(NucleiConfigError, match="--eval-only needs trained weights"):
+        check_run_inputs(cfg, eval_only=True)
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    check_run_inputs(cfg, eval_only=True, resume=True)  # --resume evaluates the last checkpoint
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -93,6 +93,18 @@ def test_bad_config_value_is_rejected():
         _run("--config-file", str(ROOT / "configs/demo.yaml"), "INPUT.AUG.GAUSSIAN_BLUR_PROB", "1.5")
 
 
+def test_eval_only_without_weights_is_refused_before_anything_is_written(tmp_path):
+    output_dir = tmp_path / "out"
+    with pytest.raises(train_net.NucleiConfigError, match="--eval-only needs trained weights"):
+        _run("--config-file", str(ROOT / "configs/demo.yaml"), "--eval-only", *TINY, "OUTPUT_DIR", str(output_dir))
+    assert not output_dir.exists()  # earlier results in OUTPUT_DIR would be left as they were
+
+
+def test_fold_count_beyond_the_tnbc_patients_names_the_key():
+    with pytest.raises(train_net.NucleiConfigError, match=r"DATASETS.TNBC_NUM_FOLDS: .*2\.\.\d+, got 20"):
+        _run("--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "DATASETS.TNBC_NUM_FOLDS", "20")
+
+
 def _write_folder_dataset(folder, corrupt_first=False, empty_labels=False):
     import numpy as np
     from PIL import Image

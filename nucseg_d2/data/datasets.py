@@ -170,8 +170,7 @@ def register_tnbc_cross_validation(num_folds):
 
     Folds come from :func:`tnbc_patient_folds`. Returns the registered names.
     """
-    if num_folds < 2:
-        raise ValueError(f"num_folds must be at least 2, got {num_folds}")
+    tnbc_patient_folds(num_folds)  # checks 2 <= num_folds <= patients now, not when a fold loads
     names = []
     for fold_index in range(num_folds):
         for split in ("train", "test"):
