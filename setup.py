@@ -16,7 +16,7 @@ setup(
         "opencv-python-headless",
         "pycocotools",
         "fvcore",
-        "tifffile",
+        "tifffile>=2024.1.30",
         "imagecodecs",
         "Pillow",
     ],

@@ -45,10 +45,7 @@ def setup(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     # tnbc_cv5_* are registered on import; other fold counts when a config asks for them.
-    try:
-        register_tnbc_cross_validation(cfg.DATASETS.TNBC_NUM_FOLDS)
-    except ValueError as e:
-        raise NucleiConfigError(f"DATASETS.TNBC_NUM_FOLDS: {e}") from e
+    register_tnbc_cross_validation(cfg.DATASETS.TNBC_NUM_FOLDS)
     check_run_inputs(cfg, eval_only=args.eval_only, resume=args.resume)
     cfg.freeze()
     default_setup(cfg, args)

@@ -143,8 +143,12 @@ def validate_nucseg_config(cfg):
         raise NucleiConfigError(f"INPUT.CROP.SIZE must be fractions in (0, 1] with INPUT.CROP.TYPE "
                                 f"{cfg.INPUT.CROP.TYPE}, got {cfg.INPUT.CROP.SIZE} (pixel sizes need 'absolute')")
     _validate_model_branches(cfg)
-    if cfg.DATASETS.TNBC_NUM_FOLDS < 2:
-        raise NucleiConfigError(f"DATASETS.TNBC_NUM_FOLDS must be >= 2, got {cfg.DATASETS.TNBC_NUM_FOLDS}")
+    from .data.datasets import tnbc_patient_folds
+
+    try:
+        tnbc_patient_folds(cfg.DATASETS.TNBC_NUM_FOLDS)  # reads only the shipped split file
+    except ValueError as e:
+        raise NucleiConfigError(f"DATASETS.TNBC_NUM_FOLDS: {e}") from e
     from .evaluation.metrics import ALL_METRICS
 
     unknown = [m for m in nuclei.METRICS if m not in ALL_METRICS]
@@ -153,7 +157,8 @@ def validate_nucseg_config(cfg):
 
 
 def _validate_model_branches(cfg):
-    """The semantic branch and feature fusion: on only where a model builds them, 2 classes."""
+    """Loss weights >= 0; the semantic branch and feature fusion on only in a model that builds
+    them (PanopticNucleiRCNN or a subclass), with 2 semantic classes."""
     nucseg = cfg.MODEL.NUCSEG
     negative = {key: value for key, value in nucseg.LOSS_WEIGHTS.items() if value < 0}
     if negative:
@@ -161,9 +166,14 @@ def _validate_model_branches(cfg):
     branches_on = [key for key in ("SEMANTIC_ON", "FUSION_ON") if nucseg[key]]
     if not branches_on:
         return
-    if cfg.MODEL.META_ARCHITECTURE == "NucleiRCNN":
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from .modeling.meta_arch import PanopticNucleiRCNN
+
+    architecture = cfg.MODEL.META_ARCHITECTURE
+    if architecture in META_ARCH_REGISTRY and not issubclass(META_ARCH_REGISTRY.get(architecture), PanopticNucleiRCNN):
         raise NucleiConfigError(
-            f"MODEL.NUCSEG.{' and '.join(branches_on)}: True, but MODEL.META_ARCHITECTURE NucleiRCNN "
+            f"MODEL.NUCSEG.{' and '.join(branches_on)}: True, but MODEL.META_ARCHITECTURE {architecture} "
             "builds neither branch; use PanopticNucleiRCNN (configs/Base-Panoptic-Nuclei.yaml) or set them False"
         )
     if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES != 2:
@@ -176,16 +186,12 @@ def _validate_model_branches(cfg):
 def check_run_inputs(cfg, eval_only: bool = False, resume: bool = False):
     """Before a model is built: the data sets are registered, and the weights exist (an
     evaluation without any would score an untrained model and overwrite earlier results)."""
-    from detectron2.data import DatasetCatalog
+    from .data.datasets import unregistered_datasets_message
 
-    from .data import NUCLEI_DATASET_NAMES
-
-    registered = set(DatasetCatalog.list())
-    for key in ("TRAIN", "TEST"):
-        unknown = [name for name in cfg.DATASETS[key] if name not in registered]
+    for key in ("TEST",) if eval_only else ("TRAIN", "TEST"):  # evaluation never loads TRAIN
+        unknown = unregistered_datasets_message(cfg.DATASETS[key])
         if unknown:
-            raise NucleiConfigError(f"DATASETS.{key}: {unknown} not registered; nuclei data sets: "
-                                    f"{sorted(NUCLEI_DATASET_NAMES)}")
+            raise NucleiConfigError(f"DATASETS.{key}: {unknown}")
     checkpoint = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
     resumes = resume and os.path.isfile(checkpoint)
     weights = cfg.MODEL.WEIGHTS

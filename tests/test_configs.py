@@ -70,7 +70,9 @@ def test_build_nuclei_cfg_from_file_or_node_with_overrides():
         ("tnbc_maskrcnn.yaml", ["MODEL.NUCSEG.FUSION_ON", "True"], "FUSION_ON: True, but .*NucleiRCNN"),
         ("tnbc.yaml", ["MODEL.NUCSEG.LOSS_WEIGHTS.SEMSEG1", "-1.0"], r"LOSS_WEIGHTS must be >= 0, got \{'SEMSEG1'"),
         ("tnbc.yaml", ["INPUT.CROP.TYPE", "relative"], "fractions in \\(0, 1\\] with INPUT.CROP.TYPE relative"),
-        ("tnbc.yaml", ["DATASETS.TNBC_NUM_FOLDS", "1"], "TNBC_NUM_FOLDS must be >= 2, got 1"),
+        ("tnbc.yaml", ["DATASETS.TNBC_NUM_FOLDS", "1"], r"TNBC_NUM_FOLDS: .* 2\.\.\d+, got 1"),
+        ("tnbc.yaml", ["DATASETS.TNBC_NUM_FOLDS", "20"], r"TNBC_NUM_FOLDS: .* 2\.\.\d+, got 20"),
+        ("tnbc.yaml", ["MODEL.META_ARCHITECTURE", "GeneralizedRCNN"], "SEMANTIC_ON and FUSION_ON: True, but .*GeneralizedRCNN"),
     ],
 )
 def test_values_the_model_would_misuse_are_rejected_naming_the_key(config, overrides, problem):
@@ -82,8 +84,12 @@ def test_run_inputs_are_checked_before_a_model_is_built(tmp_path):
     demo = CONFIGS[0].parent / "demo.yaml"
     cfg = build_nuclei_cfg(demo, ["OUTPUT_DIR", str(tmp_path)])
     check_run_inputs(cfg)  # the demo's data sets are registered, it trains from scratch
-    with pytest.raises(NucleiConfigError, match=r"DATASETS.TEST: \['tnbc_tset'\] not registered; nuclei.*tnbc_test"):
+    with pytest.raises(NucleiConfigError, match=r"DATASETS.TEST: unknown data set 'tnbc_tset'; nuclei.*tnbc_test"):
         check_run_inputs(build_nuclei_cfg(cfg, ["DATASETS.TEST", "('tnbc_tset',)"]))
+    misnamed_train = build_nuclei_cfg(cfg, ["DATASETS.TRAIN", "('tnbc_tarin',)", "MODEL.WEIGHTS", "detectron2://x.pkl"])
+    with pytest.raises(NucleiConfigError, match="DATASETS.TRAIN: .*'tnbc_tarin'"):
+        check_run_inputs(misnamed_train)
+    check_run_inputs(misnamed_train, eval_only=True)  # evaluation never loads TRAIN; URLs are not files
     with pytest.raises(NucleiConfigError, match="MODEL.WEIGHTS: .*nope.pth: file not found"):
         check_run_inputs(build_nuclei_cfg(cfg, ["MODEL.WEIGHTS", str(tmp_path / "nope.pth")]))
     with pytest.raises(NucleiConfigError, match="--eval-only needs trained weights"):

@@ -351,6 +351,9 @@ def test_slide_pixels_of_grey_and_alpha_slides_become_rgb(tmp_path):
     rgba[0, 0, 3], rgba[0, 1, 3] = 0, 51
     with SlideSource(_two_level_tiff(tmp_path / "rgba.tif", rgba), backend="tiffslide") as slide:
         np.testing.assert_array_equal(slide.read(0, 1, 0, 3)[0], [[255] * 3, [224] * 3, [100] * 3])
+    grey_alpha = rgba[..., 2:]  # grey 100 with the same alpha
+    with SlideSource(_two_level_tiff(tmp_path / "grey_alpha.tif", grey_alpha), backend="tiffslide") as slide:
+        np.testing.assert_array_equal(slide.read(0, 1, 0, 3)[0], [[255] * 3, [224] * 3, [100] * 3])
 
 
 class _RecordingBlankModel(LabelStandIn):

@@ -220,11 +220,17 @@ def test_binary_mask_given_as_label_map_is_refused_or_flagged(tmp_path):
 
 
 @pytest.mark.parametrize("photometric", ["separated", "miniswhite"])
-def test_cmyk_and_inverted_grey_tiffs_are_refused(tmp_path, photometric):
+def test_cmyk_and_inverted_grey_tiff_images_are_refused(tmp_path, photometric):
     shape = (4, 4, 4) if photometric == "separated" else (4, 4)
     tifffile.imwrite(tmp_path / "odd.tif", np.zeros(shape, np.uint8), photometric=photometric)
     with pytest.raises(NucleiDataError, match=r"odd.tif: (SEPARATED|MINISWHITE) TIFF colour space"):
         read_rgb_image(tmp_path / "odd.tif")
+
+
+def test_label_maps_keep_their_values_whatever_the_photometric_tag(tmp_path):
+    ids = np.array([[0, 3], [5, 0]], np.uint8)
+    tifffile.imwrite(tmp_path / "fiji.tif", ids, photometric="miniswhite")  # an inverting LUT
+    assert read_label_map(tmp_path / "fiji.tif").tolist() == [[0, 3], [5, 0]]
 
 
 def test_colour_label_map_with_differing_channels_is_rejected(tmp_path):

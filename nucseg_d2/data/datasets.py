@@ -47,6 +47,16 @@ SYNTHETIC_SPLITS = {  # split -> (num_images, size, seed)
 NUCLEI_DATASET_NAMES = []
 
 
+def unregistered_datasets_message(names):
+    """None when every name is a registered data set, else a message naming the unknown ones
+    and listing the nuclei data sets (for the caller's own error type)."""
+    unknown = [name for name in names if name not in DatasetCatalog]
+    if not unknown:
+        return None
+    noun = "data set" if len(unknown) == 1 else "data sets"
+    return f"unknown {noun} {', '.join(map(repr, unknown))}; nuclei data sets: {', '.join(NUCLEI_DATASET_NAMES)}"
+
+
 def get_nuclei_data_root(dataset_folder=None):
     """``$NUCSEG_DATASETS`` (default ``./datasets``), or its ``dataset_folder`` sub-folder.
 

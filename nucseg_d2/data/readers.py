@@ -34,7 +34,9 @@ LABEL_MAP_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".mat")
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _MODES_KEPT = ("RGB", "RGBA", "L", "LA", "I", "F")  # Pillow modes numpy reads as they are
 _INT32_MAX = np.iinfo(np.int32).max
-_TIFF_PHOTOMETRICS_REFUSED = (
+# Label maps and masks keep their stored values whatever the photometric tag (Fiji saves masks
+# with an inverting LUT as MINISWHITE); an image's colours would be wrong.
+_TIFF_PHOTOMETRICS_REFUSED_FOR_IMAGES = (
     tifffile.PHOTOMETRIC.MINISWHITE, tifffile.PHOTOMETRIC.SEPARATED, tifffile.PHOTOMETRIC.CIELAB,
     tifffile.PHOTOMETRIC.ICCLAB, tifffile.PHOTOMETRIC.ITULAB,
 )
@@ -51,7 +53,7 @@ def _require_file(path):
         raise NucleiDataError(f"{path}: file not found")
 
 
-def _read_pixels(path, palette_as_indices=False):
+def _read_pixels(path, palette_as_indices=False, refused_tiff_photometrics=()):
     """Decode an image file to a numpy array without changing its bit depth or channels."""
     _require_file(path)
     suffix = os.path.splitext(path)[1].lower()
@@ -60,7 +62,7 @@ def _read_pixels(path, palette_as_indices=False):
             # tifffile (+imagecodecs for LZW) keeps 16-bit colour, which Pillow cannot.
             with tifffile.TiffFile(path) as tif:
                 photometric = tif.pages[0].photometric
-                if photometric in _TIFF_PHOTOMETRICS_REFUSED:
+                if photometric in refused_tiff_photometrics:
                     # tifffile returns the raw samples: CMYK inks or inverted grey would pass
                     # as RGB or grey with wrong colours.
                     raise NucleiDataError(f"{path}: {photometric.name} TIFF colour space is not "
@@ -108,7 +110,7 @@ def read_rgb_image(path):
     suffix = os.path.splitext(path)[1].lower()
     if suffix in (".npy", ".mat", ".xml"):
         raise NucleiDataError(f"{path}: not an image file")
-    pixels = _read_pixels(path)
+    pixels = _read_pixels(path, refused_tiff_photometrics=_TIFF_PHOTOMETRICS_REFUSED_FOR_IMAGES)
     if pixels.dtype.kind == "f" or pixels.dtype == bool:
         raise NucleiDataError(
             f"{path}: unsupported image dtype {pixels.dtype} (expected 8- or 16-bit)"
@@ -169,7 +171,7 @@ def _check_not_a_binary_mask(values, path, saved_as_bool):
     case (a bool array, or one id of 255 / 65535, in separate pieces), warn for one id of other
     value in separate pieces (one nucleus split by a crop reads the same)."""
     max_id = int(values.max()) if values.size else 0
-    if max_id == 0 or not ((values == 0) | (values == max_id)).all():
+    if max_id == 0 or np.count_nonzero(values) != np.count_nonzero(values == max_id):
         return
     _, num_pieces = scipy.ndimage.label(values > 0, structure=np.ones((3, 3)))  # 8-connected
     if num_pieces < 2:

@@ -161,10 +161,11 @@ def _dataset_ground_truth(dataset: str) -> Tuple[Dict[str, dict], Optional[str]]
     """({image_id: record}, group field) of a registered data set."""
     from detectron2.data import DatasetCatalog
 
-    from ..data import NUCLEI_DATASET_NAMES  # importing nucseg_d2.data registers the data sets
+    from ..data.datasets import unregistered_datasets_message  # the import registers the data sets
 
-    if dataset not in DatasetCatalog:
-        raise FolderEvalError(f"unknown data set {dataset!r}; nuclei data sets: {', '.join(NUCLEI_DATASET_NAMES)}")
+    unknown = unregistered_datasets_message([dataset])
+    if unknown:
+        raise FolderEvalError(unknown)
     records = {str(record["image_id"]): record for record in DatasetCatalog.get(dataset)}
     if not records:
         raise FolderEvalError(f"data set {dataset} has no images")

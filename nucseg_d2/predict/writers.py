@@ -234,7 +234,8 @@ def write_geojson(path, result: PredictionResult, simplify_tolerance: float = 0.
     (``objectType`` "detection", ``classification`` {name, color}, numeric ``measurements``
     {score, label_id} and ``isLocked``), and a UUID ``id`` that is the same on every run for the
     same source and label id. ``simplify_tolerance`` is in analysed-level pixels (0: exact
-    pixel-edge outlines, area = pixel count). Written as a stream, one feature per line, so
+    pixel-edge outlines, area = pixel count of the nucleus's largest 4-connected piece, see
+    :func:`nucleus_outline`). Written as a stream, one feature per line, so
     a slide's million nuclei never sit in memory as Python dicts.
     """
     label_map, scores, num_labels = _check_result(result, path)
