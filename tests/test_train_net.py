@@ -100,9 +100,11 @@ def test_eval_only_without_weights_is_refused_before_anything_is_written(tmp_pat
     assert not output_dir.exists()  # earlier results in OUTPUT_DIR would be left as they were
 
 
-def test_fold_count_beyond_the_tnbc_patients_names_the_key():
+def test_fold_count_beyond_the_tnbc_patients_names_the_key(tmp_path):
     with pytest.raises(train_net.NucleiConfigError, match=r"DATASETS.TNBC_NUM_FOLDS: .*2\.\.\d+, got 20"):
-        _run("--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "DATASETS.TNBC_NUM_FOLDS", "20")
+        _run("--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "DATASETS.TNBC_NUM_FOLDS", "20",
+             "OUTPUT_DIR", str(tmp_path))
+    assert not any(tmp_path.iterdir())
 
 
 def _write_folder_dataset(folder, corrupt_first=False, empty_labels=False):
