@@ -160,17 +160,17 @@ def _as_label_map(values, path):
         raise NucleiDataError(f"{path}: unsupported label map dtype {values.dtype}")
     if values.size and values.min() < 0:
         raise NucleiDataError(f"{path}: label map has negative ids (min {values.min()})")
-    _check_not_a_binary_mask(values, path, saved_as_bool)
-    if values.size and values.max() > _INT32_MAX:
+    max_id = int(values.max()) if values.size else 0
+    _check_not_a_binary_mask(values, max_id, path, saved_as_bool)
+    if max_id > _INT32_MAX:
         return values.astype(np.int64)
     return values.astype(np.int32)
 
 
-def _check_not_a_binary_mask(values, path, saved_as_bool):
+def _check_not_a_binary_mask(values, max_id, path, saved_as_bool):
     """A binary mask read as a label map would be one nucleus per image: refuse the unmistakable
     case (a bool array, or one id of 255 / 65535, in separate pieces), warn for one id of other
     value in separate pieces (one nucleus split by a crop reads the same)."""
-    max_id = int(values.max()) if values.size else 0
     if max_id == 0 or np.count_nonzero(values) != np.count_nonzero(values == max_id):
         return
     _, num_pieces = scipy.ndimage.label(values > 0, structure=np.ones((3, 3)))  # 8-connected

@@ -202,8 +202,8 @@ def nucleus_outline(mask: np.ndarray, simplify_tolerance: float = 0.0) -> List[n
     hierarchy = hierarchy.reshape(-1, 4)  # next, previous, first child, parent
     # The 1-pixel padding shifts the sub-pixel indices by one.
     rings = [_snap_to_pixel_corners(contour - 1, simplify_tolerance) for contour in contours]
-    outer = [i for i in range(len(contours)) if hierarchy[i, 3] < 0]
-    exterior_index = max(outer, key=lambda i: abs(_signed_area(rings[i])))
+    # One 4-connected piece has exactly one outer contour; every other contour is a hole in it.
+    (exterior_index,) = [i for i in range(len(contours)) if hierarchy[i, 3] < 0]
     exterior = rings[exterior_index]
     holes = [rings[i] for i in range(len(contours))
              if hierarchy[i, 3] == exterior_index and len(rings[i]) >= 3 and _signed_area(rings[i])]
