@@ -140,8 +140,10 @@ def test_slide_with_level_and_roi(tmp_path, weights):
     features = json.loads((output / "slide.geojson").read_text())["features"]
     assert features
     # Outlines are in level-0 coordinates, inside the ROI.
-    xs = [x for f in features for x, _ in f["geometry"]["coordinates"][0]]
-    ys = [y for f in features for _, y in f["geometry"]["coordinates"][0]]
+    exteriors = [polygon[0] for f in features for polygon in (
+        [f["geometry"]["coordinates"]] if f["geometry"]["type"] == "Polygon" else f["geometry"]["coordinates"])]
+    xs = [x for ring in exteriors for x, _ in ring]
+    ys = [y for ring in exteriors for _, y in ring]
     assert 64 <= min(xs) and max(xs) <= 64 + 256 and 32 <= min(ys) and max(ys) <= 32 + 300
 
 

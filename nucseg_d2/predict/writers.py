@@ -44,6 +44,7 @@ __all__ = [
     "write_nucleus_table",
     "write_overlay_png",
     "nucleus_outline",
+    "nucleus_polygons",
     "rle_from_crop",
     "nucleus_table",
     "overlay_contours",
@@ -179,25 +180,9 @@ def _snap_to_pixel_corners(contour: np.ndarray, simplify_tolerance: float) -> np
     return corners
 
 
-def nucleus_outline(mask: np.ndarray, simplify_tolerance: float = 0.0) -> List[np.ndarray]:
-    """Outline of one nucleus mask as polygon rings of (x, y) pixel-corner coordinates.
-
-    Returns ``[exterior, hole, ...]``: the outline of the mask's largest 4-connected piece (smaller
-    pieces, also those touching it only at a corner, are dropped) and its holes, so no ring passes
-    a point twice. Rings are closed (last point = first), the exterior counter-clockwise and holes
-    clockwise in the coordinates' own axes (RFC 7946's right-hand rule; clockwise on screen, where
-    y points down). With ``simplify_tolerance`` 0 the rings follow pixel edges exactly; a positive
-    value (pixels) applies Douglas-Peucker, which keeps a subset of the corners. Empty mask: ``[]``.
-    """
-    mask = np.asarray(mask, bool)
-    if not mask.any():
-        return []
-    # Trace only the largest 4-connected piece: OpenCV joins pieces that touch at a corner, and
-    # the ring around them passes that corner twice, an invalid polygon for QuPath and shapely.
-    pieces, num_pieces = ndimage.label(mask)
-    if num_pieces > 1:
-        mask = pieces == 1 + int(np.argmax(ndimage.sum_labels(mask, pieces, range(1, num_pieces + 1))))
-    upsampled = np.pad(np.repeat(np.repeat(mask, 2, axis=0), 2, axis=1), 1).astype(np.uint8)
+def _piece_rings(piece: np.ndarray, simplify_tolerance: float) -> List[np.ndarray]:
+    """``[exterior, hole, ...]`` closed rings of one 4-connected piece (see nucleus_polygons)."""
+    upsampled = np.pad(np.repeat(np.repeat(piece, 2, axis=0), 2, axis=1), 1).astype(np.uint8)
     contours, hierarchy = cv2.findContours(upsampled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     hierarchy = hierarchy.reshape(-1, 4)  # next, previous, first child, parent
     # The 1-pixel padding shifts the sub-pixel indices by one.
@@ -217,6 +202,44 @@ def nucleus_outline(mask: np.ndarray, simplify_tolerance: float = 0.0) -> List[n
     return closed
 
 
+def nucleus_polygons(mask: np.ndarray, simplify_tolerance: float = 0.0) -> List[List[np.ndarray]]:
+    """Outline of one nucleus mask as polygons of (x, y) pixel-corner coordinates.
+
+    One polygon ``[exterior, hole, ...]`` per 4-connected piece of the mask, the largest piece
+    first (a predicted nucleus partly painted over by a neighbour can fall into pieces; pieces
+    touching only at a corner are separate polygons, since one ring around both would pass that
+    corner twice, an invalid polygon for QuPath and shapely). No ring passes a point twice. Rings
+    are closed (last point = first), exteriors counter-clockwise and holes clockwise in the
+    coordinates' own axes (RFC 7946's right-hand rule; clockwise on screen, where y points down).
+    With ``simplify_tolerance`` 0 the rings follow pixel edges exactly and the polygons' areas add
+    up to the mask's pixel count; a positive value (pixels) applies Douglas-Peucker, which keeps a
+    subset of the corners. Empty mask: ``[]``.
+    """
+    mask = np.asarray(mask, bool)
+    pieces, num_pieces = ndimage.label(mask)
+    if num_pieces <= 1:
+        return [_piece_rings(mask, simplify_tolerance)] if num_pieces else []
+    sizes = ndimage.sum_labels(mask, pieces, range(1, num_pieces + 1))
+    boxes = ndimage.find_objects(pieces)
+    polygons = []
+    for piece_id in 1 + np.argsort(-sizes, kind="stable"):
+        rows, cols = boxes[piece_id - 1]
+        piece_rings = _piece_rings(pieces[rows, cols] == piece_id, simplify_tolerance)
+        polygons.append([ring + (cols.start, rows.start) for ring in piece_rings])
+    return polygons
+
+
+def nucleus_outline(mask: np.ndarray, simplify_tolerance: float = 0.0) -> List[np.ndarray]:
+    """``[exterior, hole, ...]`` of the mask's largest 4-connected piece only (smaller pieces, also
+    those touching it only at a corner, are dropped); ``[]`` for an empty mask. Rings as in
+    :func:`nucleus_polygons`, which keeps every piece."""
+    mask = np.asarray(mask, bool)
+    pieces, num_pieces = ndimage.label(mask)
+    if num_pieces > 1:
+        mask = pieces == 1 + int(np.argmax(ndimage.sum_labels(mask, pieces, range(1, num_pieces + 1))))
+    return _piece_rings(mask, simplify_tolerance) if num_pieces else []
+
+
 def _coordinates_json(ring: np.ndarray) -> list:
     # Integers stay integers (a third shorter than "12.0"); others keep 1/1000 pixel.
     if np.all(ring == np.round(ring)):
@@ -230,13 +253,13 @@ def write_geojson(path, result: PredictionResult, simplify_tolerance: float = 0.
     """QuPath-ready GeoJSON FeatureCollection of nucleus polygons; returns the number written.
 
     One Feature per nucleus: a Polygon in level-0 slide coordinates (pixel edges on integers;
-    exterior and holes, closed rings), ``properties`` as QuPath 0.4+ exports detections
+    exterior and holes, closed rings), or a MultiPolygon, largest piece first, for a nucleus in
+    several 4-connected pieces (:func:`nucleus_polygons`); ``properties`` as QuPath 0.4+ exports detections
     (``objectType`` "detection", ``classification`` {name, color}, numeric ``measurements``
     {score, label_id} and ``isLocked``), and a UUID ``id`` that is the same on every run for the
     same source and label id. ``simplify_tolerance`` is in analysed-level pixels (0: exact
-    pixel-edge outlines, area = pixel count of the nucleus's largest 4-connected piece, see
-    :func:`nucleus_outline`). Written as a stream, one feature per line, so
-    a slide's million nuclei never sit in memory as Python dicts.
+    pixel-edge outlines, area = the nucleus's pixel count). Written as a stream, one feature per
+    line, so a slide's million nuclei never sit in memory as Python dicts.
     """
     label_map, scores, num_labels = _check_result(result, path)
     origin_x, origin_y = (float(v) for v in result.origin)
@@ -250,16 +273,16 @@ def write_geojson(path, result: PredictionResult, simplify_tolerance: float = 0.
             if box is None:
                 continue
             rows, cols = box
-            rings = nucleus_outline(label_map[rows, cols] == label_id, simplify_tolerance)
-            coordinates = []
-            for ring in rings:
-                level0 = np.column_stack([_level0(ring[:, 0] + cols.start, downsample, origin_x),
-                                          _level0(ring[:, 1] + rows.start, downsample, origin_y)])
-                coordinates.append(_coordinates_json(level0))
+            polygons = [[_coordinates_json(np.column_stack([
+                _level0(ring[:, 0] + cols.start, downsample, origin_x),
+                _level0(ring[:, 1] + rows.start, downsample, origin_y)])) for ring in rings]
+                for rings in nucleus_polygons(label_map[rows, cols] == label_id, simplify_tolerance)]
+            geometry = ({"type": "Polygon", "coordinates": polygons[0]} if len(polygons) == 1
+                        else {"type": "MultiPolygon", "coordinates": polygons})
             feature = {
                 "type": "Feature",
                 "id": str(uuid.uuid5(_GEOJSON_ID_NAMESPACE, f"{id_prefix}{label_id}")),
-                "geometry": {"type": "Polygon", "coordinates": coordinates},
+                "geometry": geometry,
                 "properties": {
                     "objectType": "detection",
                     "classification": classification,
