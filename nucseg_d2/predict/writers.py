@@ -233,11 +233,8 @@ def nucleus_outline(mask: np.ndarray, simplify_tolerance: float = 0.0) -> List[n
     """``[exterior, hole, ...]`` of the mask's largest 4-connected piece only (smaller pieces, also
     those touching it only at a corner, are dropped); ``[]`` for an empty mask. Rings as in
     :func:`nucleus_polygons`, which keeps every piece."""
-    mask = np.asarray(mask, bool)
-    pieces, num_pieces = ndimage.label(mask)
-    if num_pieces > 1:
-        mask = pieces == 1 + int(np.argmax(ndimage.sum_labels(mask, pieces, range(1, num_pieces + 1))))
-    return _piece_rings(mask, simplify_tolerance) if num_pieces else []
+    polygons = nucleus_polygons(mask, simplify_tolerance)
+    return polygons[0] if polygons else []
 
 
 def _coordinates_json(ring: np.ndarray) -> list:
@@ -254,9 +251,9 @@ def write_geojson(path, result: PredictionResult, simplify_tolerance: float = 0.
 
     One Feature per nucleus: a Polygon in level-0 slide coordinates (pixel edges on integers;
     exterior and holes, closed rings), or a MultiPolygon, largest piece first, for a nucleus in
-    several 4-connected pieces (:func:`nucleus_polygons`); ``properties`` as QuPath 0.4+ exports detections
-    (``objectType`` "detection", ``classification`` {name, color}, numeric ``measurements``
-    {score, label_id} and ``isLocked``), and a UUID ``id`` that is the same on every run for the
+    several 4-connected pieces (:func:`nucleus_polygons`); ``properties`` as QuPath 0.4+ exports
+    detections (``objectType`` "detection", ``classification`` {name, color}, numeric
+    ``measurements`` {score, label_id} and ``isLocked``), and a UUID ``id`` that is the same on every run for the
     same source and label id. ``simplify_tolerance`` is in analysed-level pixels (0: exact
     pixel-edge outlines, area = the nucleus's pixel count). Written as a stream, one feature per
     line, so a slide's million nuclei never sit in memory as Python dicts.
