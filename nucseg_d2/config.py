@@ -63,6 +63,10 @@ def add_nucseg_config(cfg):
     # from P2 and train it with a second semantic loss (L_semseg2). Training only.
     _C.MODEL.NUCSEG.FUSION_ON = False
     _C.MODEL.NUCSEG.FUSION_IN_FEATURE = "p2"  # FPN level the fused map is made from
+    # Where each ROI's mask logits are pasted in training: "predicted", its regressed box (paper
+    # Eq. 1), or "proposal", the box the logits were pooled from and loss_mask scores them in.
+    # The two differ by the box regression (several pixels early in training, see docs/MODEL.md).
+    _C.MODEL.NUCSEG.FUSION_BOXES = "predicted"
     # Auxiliary semantic branch (paper Sec. 3.2) built from MODEL.SEM_SEG_HEAD (L_semseg1).
     _C.MODEL.NUCSEG.SEMANTIC_ON = False
     # Also return the semantic branch's map at inference (visualisation only; costs a forward).
@@ -156,6 +160,9 @@ def validate_nucseg_config(cfg):
         raise NucleiConfigError(f"TEST.NUCLEI.METRICS: unknown metrics {unknown}; known: {sorted(ALL_METRICS)}")
 
 
+FUSION_BOX_CHOICES = ("predicted", "proposal")
+
+
 def _validate_model_branches(cfg):
     """Loss weights >= 0; the semantic branch and feature fusion on only in a model that builds
     them (PanopticNucleiRCNN or a subclass), with 2 semantic classes."""
@@ -163,6 +170,9 @@ def _validate_model_branches(cfg):
     negative = {key: value for key, value in nucseg.LOSS_WEIGHTS.items() if value < 0}
     if negative:
         raise NucleiConfigError(f"MODEL.NUCSEG.LOSS_WEIGHTS must be >= 0, got {negative}")
+    if nucseg.FUSION_BOXES not in FUSION_BOX_CHOICES:
+        raise NucleiConfigError(
+            f"MODEL.NUCSEG.FUSION_BOXES must be one of {FUSION_BOX_CHOICES}, got {nucseg.FUSION_BOXES!r}")
     branches_on = [key for key in ("SEMANTIC_ON", "FUSION_ON") if nucseg[key]]
     if not branches_on:
         return

@@ -1,7 +1,9 @@
 """PanopticNucleiRCNN and NucleiROIHeads: Eq. 4 losses, one backbone pass, instance-only
 inference, the ROI heads' training outputs, and checkpoints shared with the baseline."""
+import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -13,12 +15,13 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from nucseg_d2 import add_nucseg_config
-from nucseg_d2.config import merge_config_file
+from nucseg_d2.config import NucleiConfigError, merge_config_file, validate_nucseg_config
 from nucseg_d2.modeling import NucleiROIHeads, PanopticNucleiRCNN
 
 from model_inputs import synthetic_training_input
 
-BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "Base-Nuclei-RCNN-FPN.yaml"
+REPO = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO / "configs" / "Base-Nuclei-RCNN-FPN.yaml"
 SEVEN_LOSSES = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask",
                 "loss_sem_seg", "loss_fusion"}
 NEW_BRANCHES = ("sem_seg_head.", "feature_fusion.")
@@ -96,6 +99,44 @@ def test_training_gives_the_seven_losses_of_eq4_all_finite(batch):
     sum(losses.values()).backward()
     for branch in (model.sem_seg_head, model.feature_fusion, model.roi_heads.mask_head, model.backbone):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.parameters())
+
+
+@pytest.mark.parametrize("fusion_boxes, field", [("predicted", "pred_boxes"), ("proposal", "proposal_boxes")])
+def test_fusion_pastes_each_mask_at_the_configured_box(batch, fusion_boxes, field):
+    cfg = _small_cfg()
+    cfg.MODEL.NUCSEG.FUSION_BOXES = fusion_boxes
+    model = _build(cfg)
+    positive_rois, fusion_inputs = [], []
+    model.roi_heads.register_forward_hook(lambda m, inputs, output: positive_rois.extend(output[0]))
+    model.feature_fusion.register_forward_hook(lambda m, inputs, output: fusion_inputs.append(inputs))
+    _train_losses(model, batch)
+    _, mask_logits, boxes, _ = fusion_inputs[0]
+    for rois, pasted_boxes, logits in zip(positive_rois, boxes, mask_logits):
+        assert torch.equal(pasted_boxes, rois.get(field).tensor) and len(logits) == len(rois)
+    # The choice matters: an untrained box head moves the proposals.
+    assert not torch.allclose(positive_rois[0].pred_boxes.tensor, positive_rois[0].proposal_boxes.tensor)
+
+
+def test_fusion_box_offsets_script_measures_both_boxes_on_the_same_rois(batch):
+    spec = importlib.util.spec_from_file_location("fusion_box_offsets", REPO / "scripts" / "fusion_box_offsets.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = _build(_small_cfg())
+    row = script.measure(model, [batch, batch], seed=0)
+    assert row["rois"] > 0 and 0 < row["iou_median"] <= 1 and row["centre_offset_px_mean"] > 0
+    assert 0 <= row["proposal_gt_iou"] <= 1 and 0 <= row["predicted_gt_iou"] <= 1
+    # Same ROIs, different paste boxes: the two fusion losses are finite and not equal.
+    assert np.isfinite(row["loss_fusion_predicted"]) and np.isfinite(row["loss_fusion_proposal"])
+    assert row["loss_fusion_predicted"] != row["loss_fusion_proposal"]
+
+
+def test_unknown_fusion_boxes_is_refused():
+    cfg = _small_cfg()
+    cfg.MODEL.NUCSEG.FUSION_BOXES = "ground_truth"
+    with pytest.raises(ValueError, match="fusion_boxes"):
+        _build(cfg)
+    with pytest.raises(NucleiConfigError, match="MODEL.NUCSEG.FUSION_BOXES.*ground_truth"):
+        validate_nucseg_config(cfg)
 
 
 def test_each_loss_weight_scales_its_term(batch):

@@ -105,6 +105,7 @@ class PanopticNucleiRCNN(NucleiRCNN):
         sem_seg_head: Optional[nn.Module] = None,
         feature_fusion: Optional[FeatureFusion] = None,
         fusion_in_feature: str = "p2",
+        fusion_boxes: str = "predicted",
         sem_seg_ignore_value: int = 255,
         loss_weights: Optional[Dict[str, float]] = None,
         return_semantic: bool = False,
@@ -115,6 +116,8 @@ class PanopticNucleiRCNN(NucleiRCNN):
             sem_seg_head: the semantic branch (Detectron2 sem-seg head interface) or None.
             feature_fusion: a FeatureFusion or None; needs ``roi_heads`` to be NucleiROIHeads.
             fusion_in_feature: the backbone feature the fusion map is made from.
+            fusion_boxes: where each mask is pasted: "predicted", its ROI's regressed box (paper
+                Eq. 1), or "proposal", the box its logits were pooled from.
             sem_seg_ignore_value: target value of padding / unlabelled pixels.
             loss_weights: multiplier per loss name (names missing here get 1).
             return_semantic: also return the semantic head's map at inference.
@@ -133,6 +136,9 @@ class PanopticNucleiRCNN(NucleiRCNN):
         self.sem_seg_head = sem_seg_head
         self.feature_fusion = feature_fusion
         self.fusion_in_feature = fusion_in_feature
+        if fusion_boxes not in ("predicted", "proposal"):
+            raise ValueError(f"fusion_boxes must be 'predicted' or 'proposal', got {fusion_boxes!r}")
+        self.fusion_box_field = "pred_boxes" if fusion_boxes == "predicted" else "proposal_boxes"
         self.sem_seg_ignore_value = sem_seg_ignore_value
         self.loss_weights = dict(loss_weights or {})
         self.return_semantic = return_semantic
@@ -153,6 +159,7 @@ class PanopticNucleiRCNN(NucleiRCNN):
                 )
             ret["feature_fusion"] = build_feature_fusion(cfg, output_shape)
         ret["fusion_in_feature"] = nucseg.FUSION_IN_FEATURE
+        ret["fusion_boxes"] = nucseg.FUSION_BOXES
         ret["sem_seg_ignore_value"] = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
         ret["loss_weights"] = {name: nucseg.LOSS_WEIGHTS[key] for name, key in LOSS_WEIGHT_KEYS.items()}
         ret["return_semantic"] = nucseg.RETURN_SEMANTIC
@@ -178,7 +185,7 @@ class PanopticNucleiRCNN(NucleiRCNN):
             fused = self.feature_fusion(
                 features[self.fusion_in_feature],
                 [x.mask_logits for x in positive_rois],
-                [x.pred_boxes.tensor for x in positive_rois],
+                [x.get(self.fusion_box_field).tensor for x in positive_rois],
                 images.tensor.shape[-2:],
             )
             losses["loss_fusion"] = fusion_loss(fused, gt_sem_seg, self.sem_seg_ignore_value)

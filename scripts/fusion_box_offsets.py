@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""How far apart are the two boxes feature fusion could paste a mask at, in training?
+
+In training each positive ROI's mask logits are pooled from, and scored by loss_mask in, its
+proposal box; the paper's Eq. 1 pastes them at the box the box head regressed from that proposal
+(MODEL.NUCSEG.FUSION_BOXES "predicted"), the alternative is the proposal itself ("proposal").
+For each checkpoint this runs the training forward pass on the same fixed training batches and
+prints, over the positive ROIs: the IoU between the two boxes, the distance between their
+centres, each box's IoU with its matched ground-truth nucleus, and loss_fusion with either box.
+
+    python scripts/fusion_box_offsets.py --config-file results/tnbc_proposed_cpu1100/config.yaml \
+        --weights output/tnbc_proposed_cpu1100/model_0000274.pth output/tnbc_proposed_cpu1100/model_final.pth
+"""
+import argparse
+import os
+import platform
+import sys
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+from detectron2.structures import pairwise_iou
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import EventStorage
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from nucseg_d2.config import build_nuclei_cfg  # noqa: E402
+from nucseg_d2.data import NucleiDatasetMapper  # noqa: E402
+
+
+def fixed_batches(cfg, num_batches: int, seed: int):
+    """``num_batches`` training batches (random crops and augmentation), the same on every call."""
+    seed_all_rng(seed)
+    records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
+    mapper = NucleiDatasetMapper(cfg, is_train=True)
+    rng = np.random.default_rng(seed)
+    batch_size = cfg.SOLVER.IMS_PER_BATCH
+    return [[mapper(records[i]) for i in rng.integers(len(records), size=batch_size)] for _ in range(num_batches)]
+
+
+def measure(model, batches, seed: int) -> dict:
+    """Box statistics over the positive ROIs, and the mean loss_fusion for each choice of box."""
+    positive_rois = []
+    hook = model.roi_heads.register_forward_hook(lambda m, inputs, output: positive_rois.extend(output[0]))
+    fusion_losses = {}
+    model.train()
+    with torch.no_grad(), EventStorage(0):
+        for field in ("pred_boxes", "proposal_boxes"):
+            model.fusion_box_field = field
+            losses = []
+            for batch in batches:
+                torch.manual_seed(seed)  # the same ROI sampling for both boxes
+                losses.append(float(model(batch)["loss_fusion"]))
+            fusion_losses[field] = float(np.mean(losses))
+            if field == "pred_boxes":
+                hook.remove()
+    iou, centre_offset, proposal_gt, predicted_gt = [], [], [], []
+    for rois in positive_rois:
+        if len(rois) == 0:  # a crop without nuclei has no positive ROIs (and no gt_boxes field)
+            continue
+        proposal, predicted, gt = rois.proposal_boxes, rois.pred_boxes, rois.gt_boxes
+        iou.append(torch.diag(pairwise_iou(proposal, predicted)))
+        centre_offset.append((proposal.get_centers() - predicted.get_centers()).norm(dim=1))
+        proposal_gt.append(torch.diag(pairwise_iou(proposal, gt)))
+        predicted_gt.append(torch.diag(pairwise_iou(predicted, gt)))
+    iou, centre_offset, proposal_gt, predicted_gt = (torch.cat(v).numpy() for v in
+                                                     (iou, centre_offset, proposal_gt, predicted_gt))
+    return {
+        "rois": len(iou),
+        "iou_median": float(np.median(iou)), "iou_below_0.7": float(np.mean(iou < 0.7)),
+        "centre_offset_px_mean": float(centre_offset.mean()),
+        "proposal_gt_iou": float(proposal_gt.mean()), "predicted_gt_iou": float(predicted_gt.mean()),
+        "loss_fusion_predicted": fusion_losses["pred_boxes"], "loss_fusion_proposal": fusion_losses["proposal_boxes"],
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", required=True, help="a proposed-model run's config.yaml")
+    parser.add_argument("--weights", nargs="+", required=True, help="checkpoints to measure")
+    parser.add_argument("--batches", type=int, default=8, help="training batches (default 8)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    cfg = build_nuclei_cfg(args.config_file, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    if not cfg.MODEL.NUCSEG.FUSION_ON:
+        parser.error(f"{args.config_file}: MODEL.NUCSEG.FUSION_ON is off; nothing is pasted")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    batches = fixed_batches(cfg, args.batches, args.seed)
+    print(f"# {platform.node()} {platform.machine()}, torch threads {torch.get_num_threads()}, "
+          f"{args.batches} batches of {cfg.SOLVER.IMS_PER_BATCH} from {cfg.DATASETS.TRAIN[0]}")
+    columns = None
+    for weights in args.weights:
+        model = build_model(cfg)
+        DetectionCheckpointer(model).load(weights)
+        row = measure(model, batches, args.seed)
+        if columns is None:
+            columns = list(row)
+            print("| checkpoint | " + " | ".join(columns) + " |")
+            print("|" + "---|" * (len(columns) + 1))
+        print(f"| {weights} | " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
+                                            for c in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()
