@@ -160,9 +160,6 @@ def validate_nucseg_config(cfg):
         raise NucleiConfigError(f"TEST.NUCLEI.METRICS: unknown metrics {unknown}; known: {sorted(ALL_METRICS)}")
 
 
-FUSION_BOX_CHOICES = ("predicted", "proposal")
-
-
 def _validate_model_branches(cfg):
     """Loss weights >= 0; the semantic branch and feature fusion on only in a model that builds
     them (PanopticNucleiRCNN or a subclass), with 2 semantic classes."""
@@ -170,15 +167,16 @@ def _validate_model_branches(cfg):
     negative = {key: value for key, value in nucseg.LOSS_WEIGHTS.items() if value < 0}
     if negative:
         raise NucleiConfigError(f"MODEL.NUCSEG.LOSS_WEIGHTS must be >= 0, got {negative}")
-    if nucseg.FUSION_BOXES not in FUSION_BOX_CHOICES:
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from .modeling.meta_arch import FUSION_BOX_FIELDS, PanopticNucleiRCNN
+
+    if nucseg.FUSION_BOXES not in FUSION_BOX_FIELDS:
         raise NucleiConfigError(
-            f"MODEL.NUCSEG.FUSION_BOXES must be one of {FUSION_BOX_CHOICES}, got {nucseg.FUSION_BOXES!r}")
+            f"MODEL.NUCSEG.FUSION_BOXES must be one of {sorted(FUSION_BOX_FIELDS)}, got {nucseg.FUSION_BOXES!r}")
     branches_on = [key for key in ("SEMANTIC_ON", "FUSION_ON") if nucseg[key]]
     if not branches_on:
         return
-    from detectron2.modeling import META_ARCH_REGISTRY
-
-    from .modeling.meta_arch import PanopticNucleiRCNN
 
     architecture = cfg.MODEL.META_ARCHITECTURE
     if architecture in META_ARCH_REGISTRY and not issubclass(META_ARCH_REGISTRY.get(architecture), PanopticNucleiRCNN):

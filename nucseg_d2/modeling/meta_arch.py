@@ -12,6 +12,9 @@ from torch import nn
 from .fusion import FeatureFusion, build_feature_fusion, fusion_loss
 from .roi_heads import NucleiROIHeads
 
+# MODEL.NUCSEG.FUSION_BOXES -> the positive ROIs' field whose boxes feature fusion pastes at.
+FUSION_BOX_FIELDS = {"predicted": "pred_boxes", "proposal": "proposal_boxes"}
+
 __all__ = ["NucleiRCNN", "PanopticNucleiRCNN"]
 
 
@@ -136,9 +139,9 @@ class PanopticNucleiRCNN(NucleiRCNN):
         self.sem_seg_head = sem_seg_head
         self.feature_fusion = feature_fusion
         self.fusion_in_feature = fusion_in_feature
-        if fusion_boxes not in ("predicted", "proposal"):
-            raise ValueError(f"fusion_boxes must be 'predicted' or 'proposal', got {fusion_boxes!r}")
-        self.fusion_box_field = "pred_boxes" if fusion_boxes == "predicted" else "proposal_boxes"
+        if fusion_boxes not in FUSION_BOX_FIELDS:
+            raise ValueError(f"fusion_boxes must be one of {sorted(FUSION_BOX_FIELDS)}, got {fusion_boxes!r}")
+        self.fusion_box_field = FUSION_BOX_FIELDS[fusion_boxes]
         self.sem_seg_ignore_value = sem_seg_ignore_value
         self.loss_weights = dict(loss_weights or {})
         self.return_semantic = return_semantic

@@ -253,8 +253,8 @@ def write_geojson(path, result: PredictionResult, simplify_tolerance: float = 0.
     exterior and holes, closed rings), or a MultiPolygon, largest piece first, for a nucleus in
     several 4-connected pieces (:func:`nucleus_polygons`); ``properties`` as QuPath 0.4+ exports
     detections (``objectType`` "detection", ``classification`` {name, color}, numeric
-    ``measurements`` {score, label_id} and ``isLocked``), and a UUID ``id`` that is the same on every run for the
-    same source and label id. ``simplify_tolerance`` is in analysed-level pixels (0: exact
+    ``measurements`` {score, label_id} and ``isLocked``), and a UUID ``id`` that is the same on
+    every run for the same source and label id. ``simplify_tolerance`` is in analysed-level pixels (0: exact
     pixel-edge outlines, area = the nucleus's pixel count). Written as a stream, one feature per
     line, so a slide's million nuclei never sit in memory as Python dicts.
     """
