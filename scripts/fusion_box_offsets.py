@@ -30,6 +30,7 @@ sys.path.insert(0, REPO)
 
 from nucseg_d2.config import build_nuclei_cfg  # noqa: E402
 from nucseg_d2.data import NucleiDatasetMapper  # noqa: E402
+from nucseg_d2.modeling.meta_arch import FUSION_BOX_FIELDS  # noqa: E402
 
 
 def fixed_batches(cfg, num_batches: int, seed: int):
@@ -49,15 +50,14 @@ def measure(model, batches, seed: int) -> dict:
     fusion_losses = {}
     model.train()
     with torch.no_grad(), EventStorage(0):
-        for field in ("pred_boxes", "proposal_boxes"):
+        for choice, field in FUSION_BOX_FIELDS.items():
             model.fusion_box_field = field
             losses = []
             for batch in batches:
                 torch.manual_seed(seed)  # the same ROI sampling for both boxes
                 losses.append(float(model(batch)["loss_fusion"]))
-            fusion_losses[field] = float(np.mean(losses))
-            if field == "pred_boxes":
-                hook.remove()
+            fusion_losses[choice] = float(np.mean(losses))
+            hook.remove()  # the ROIs of the first pass are the ROIs of every pass
     iou, centre_offset, proposal_gt, predicted_gt = [], [], [], []
     for rois in positive_rois:
         if len(rois) == 0:  # a crop without nuclei has no positive ROIs (and no gt_boxes field)
@@ -74,7 +74,7 @@ def measure(model, batches, seed: int) -> dict:
         "iou_median": float(np.median(iou)), "iou_below_0.7": float(np.mean(iou < 0.7)),
         "centre_offset_px_mean": float(centre_offset.mean()),
         "proposal_gt_iou": float(proposal_gt.mean()), "predicted_gt_iou": float(predicted_gt.mean()),
-        "loss_fusion_predicted": fusion_losses["pred_boxes"], "loss_fusion_proposal": fusion_losses["proposal_boxes"],
+        **{f"loss_fusion_{choice}": loss for choice, loss in fusion_losses.items()},
     }
 
 
