@@ -15,6 +15,7 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 
 from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg, check_run_inputs
 from nucseg_d2.data import NucleiDataError, NucleiDatasetMapper, register_tnbc_cross_validation
+from nucseg_d2.engine import TrainingTimeLimit, TrainingTimeLimitReached
 from nucseg_d2.evaluation import NucleiEvaluator
 
 
@@ -38,6 +39,19 @@ class Trainer(DefaultTrainer):
             evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder,
                                             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE))
         return DatasetEvaluators(evaluators)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        if self.cfg.SOLVER.NUCLEI.TIME_LIMIT_S > 0:
+            # First, so that it stops before any other hook starts an iteration.
+            hooks.insert(0, TrainingTimeLimit(self.cfg.SOLVER.NUCLEI.TIME_LIMIT_S))
+        return hooks
+
+    def train(self):
+        try:
+            return super().train()
+        except TrainingTimeLimitReached:
+            return self._last_eval_results
 
 
 def setup(args):

@@ -42,6 +42,13 @@ def add_nucseg_config(cfg):
     # train_net.py registers them for this K (K = 5 is registered on import).
     _C.DATASETS.TNBC_NUM_FOLDS = 5
 
+    # ---------------------------------------------------------------- training
+    _C.SOLVER.NUCLEI = CN()
+    # Seconds of training after which the run stops early, saves model_final and evaluates it
+    # (nucseg_d2.engine.TrainingTimeLimit); 0 = train the whole schedule. For commands with a
+    # hard wall-clock limit (the GPU device's 10 minutes); the log names where it stopped.
+    _C.SOLVER.NUCLEI.TIME_LIMIT_S = 0  # whole seconds
+
     # ---------------------------------------------------------------- post-processing
     # Instances -> label map, shared by evaluator and predictor (defaults of the paper's code).
     _C.TEST.NUCLEI = CN()
@@ -124,6 +131,8 @@ def validate_nucseg_config(cfg):
             raise NucleiConfigError(f"INPUT.AUG.{key} must be a range (low, high) with 0 <= low <= high, got {aug[key]}")
     if cfg.INPUT.MIN_FRAGMENT_AREA < 0:
         raise NucleiConfigError(f"INPUT.MIN_FRAGMENT_AREA must be >= 0, got {cfg.INPUT.MIN_FRAGMENT_AREA}")
+    if cfg.SOLVER.NUCLEI.TIME_LIMIT_S < 0:
+        raise NucleiConfigError(f"SOLVER.NUCLEI.TIME_LIMIT_S must be >= 0 (0 = no limit), got {cfg.SOLVER.NUCLEI.TIME_LIMIT_S}")
     nuclei = cfg.TEST.NUCLEI
     for key in ("SCORE_THRESH", "MASK_THRESH", "MAX_OVERLAP"):
         if not 0.0 <= nuclei[key] <= 1.0:

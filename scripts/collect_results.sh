@@ -5,16 +5,25 @@
 #
 #   bash scripts/collect_results.sh OUTPUT_DIR RUN_NAME      # a train_net.py OUTPUT_DIR
 #   bash scripts/collect_results.sh OUT_FOLDER RUN_NAME      # what gpu_train_eval.sh left in $OUT
+#   bash scripts/collect_results.sh OUT_FOLDER/NAME.tar RUN  # one run of gpu_timed_runs.sh
 # RESULTS_DIR (default results/ of the repository) is where RUN_NAME/ goes.
 set -euo pipefail
 SRC=$(realpath "$1"); RUN=$2
 cd "$(dirname "$0")/.."
 DEST=${RESULTS_DIR:-results}/$RUN
+if [[ -f $SRC ]]; then
+  unpacked=$(mktemp -d); trap 'rm -rf "$unpacked"' EXIT
+  tar -C "$unpacked" -xf "$SRC"; SRC=$unpacked
+fi
 mkdir -p "$DEST"
 # The run's log goes along as log.txt: results_table --cost reads the timings from it, and it
 # names the machine and the software the run had.
 if [[ -f "$SRC/inference.tar" ]]; then
   tar -C "$DEST" -xf "$SRC/inference.tar" && cp -r "$DEST"/inference/. "$DEST"/ && rm -r "$DEST/inference"
+  cp "$SRC/training_metrics.json" "$DEST/training_metrics.json"
+  cp "$SRC/train_eval.log" "$DEST/log.txt"
+elif [[ -f "$SRC/train_eval.log" ]]; then
+  cp -r "$SRC"/inference/. "$DEST"/
   cp "$SRC/training_metrics.json" "$DEST/training_metrics.json"
   cp "$SRC/train_eval.log" "$DEST/log.txt"
 else

@@ -1,5 +1,6 @@
 """scripts/collect_results.sh: what a GPU run returned, or a train_net OUTPUT_DIR, becomes a
 results folder the tables can read (per-image CSV, training metrics, config, the run's log)."""
+import json
 import os
 import re
 import subprocess
@@ -94,3 +95,36 @@ def test_the_gpu_script_runs_end_to_end_on_the_cpu_and_its_return_is_collected(t
     # Detectron2 times the iterations after its first few; the timings come from the returned log.
     cost_row = cost_table([("cpu-check", str(run))], "nuclei_synthetic_val").splitlines()[2]
     assert re.match(r"\| cpu-check \| \d+ \| [\d:.]+ \| [\d.]+ \| [\d.]+ \|$", cost_row), cost_row
+
+
+@pytest.mark.slow
+def test_the_timed_gpu_script_sizes_one_schedule_for_both_runs_and_their_tars_are_collected(tmp_path):
+    """scripts/gpu_timed_runs.sh on the CPU with two small configs side by side: calibration, one
+    schedule sized to the deadline for both, evaluation, and one NAME.tar per run in $OUT that
+    collect_results.sh turns into a results folder."""
+    root = SCRIPT.parents[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, NUCSEG_CACHE=str(tmp_path / "cache"),
+               WORK=str(tmp_path / "work"), DEADLINE_S="100", CAL_ITERS="3", EVAL_S="20", MIN_ITERS="2")
+    tiny = ["MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "2", "INPUT.CROP.SIZE", "[128, 128]",
+            "TEST.DETECTIONS_PER_IMAGE", "50", "SEED", "7"]
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu_timed_runs.sh"), "proposed=configs/demo.yaml",
+                           "baseline=configs/demo_maskrcnn.yaml", "--", *tiny],
+                          env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    schedule = re.search(r"schedule: (\d+) iterations, warm-up (\d+), lr steps \((\d+), (\d+)\), time limit (\d+) s",
+                         done.stdout)
+    assert schedule, done.stdout[-3000:]
+    iters, warmup, step1, step2, limit = map(int, schedule.groups())
+    assert iters >= 2 and (warmup, step1, step2) == (iters // 11, iters * 3 // 4, iters * 10 // 11)
+    assert 0 < limit < 100
+    assert sorted(p.name for p in out.iterdir()) == ["baseline.tar", "proposed.tar"]
+    for name in ("proposed", "baseline"):
+        run = _collect(out / f"{name}.tar", tmp_path / "results" / name)
+        config = (run / "config.yaml").read_text()
+        assert f"MAX_ITER: {iters}\n" in config and f"TIME_LIMIT_S: {limit}\n" in config
+        trained = [json.loads(line) for line in (run / "training_metrics.json").read_text().splitlines()]
+        assert any("total_loss" in row for row in trained)
+        assert list((run / "nuclei_synthetic_val" / "label_maps").glob("*.png"))
+        assert "Overall training speed" in (run / "log.txt").read_text()

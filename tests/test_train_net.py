@@ -157,3 +157,28 @@ def test_images_without_nuclei_train_and_evaluate(tmp_path):
     # Nothing to find; whatever the untrained model predicts, the scores are defined numbers.
     assert summary["num_images"] == 2
     assert all(0.0 <= summary["mean"][k] <= 1.0 for k in ("aji", "dice1", "pq"))
+
+
+def test_time_limit_stops_training_saves_and_evaluates_the_weights_it_reached(tmp_path, caplog, monkeypatch):
+    import itertools
+    import nucseg_d2.engine
+
+    # A clock that advances 10 s at each reading: the 1 s limit is past before the second
+    # iteration, but the first one always runs, so exactly one iteration is trained.
+    ticks = itertools.count(0.0, 10.0)
+    monkeypatch.setattr(nucseg_d2.engine, "perf_counter", lambda: next(ticks))
+    output_dir = tmp_path / "out"
+    results = _run("--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "SOLVER.MAX_ITER", "5",
+                   "SOLVER.NUCLEI.TIME_LIMIT_S", "1", "OUTPUT_DIR", str(output_dir))
+    trained = [row["iteration"] for row in _read_metrics_json(output_dir) if "total_loss" in row]
+    assert trained == [0]
+    assert any(row.get("time_limit_stop_iter") == 1 for row in _read_metrics_json(output_dir))
+    assert (output_dir / "model_final.pth").is_file()
+    assert (output_dir / "inference/nuclei_synthetic_val/metrics.json").is_file()
+    assert set(results) == {"nuclei"}  # the evaluation results, returned as train() returns them
+    assert "Training time limit of 1 s reached after 1 of 5 iterations" in caplog.text
+
+
+def test_negative_time_limit_is_refused():
+    with pytest.raises(train_net.NucleiConfigError, match="SOLVER.NUCLEI.TIME_LIMIT_S must be >= 0"):
+        _run("--config-file", str(ROOT / "configs/demo.yaml"), "SOLVER.NUCLEI.TIME_LIMIT_S", "-1")

@@ -1,0 +1,51 @@
+"""Training hooks that Detectron2's DefaultTrainer lacks."""
+import logging
+from time import perf_counter
+
+from detectron2.engine import HookBase
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingTimeLimitReached(BaseException):
+    """Raised between iterations to end training early; not an ``Exception``, so the training
+    loop ends (running every hook's ``after_train``) without logging it as a failure."""
+
+
+class TrainingTimeLimit(HookBase):
+    """End training after ``seconds`` of wall time, as if the schedule ended there.
+
+    A device command has a hard wall-clock limit; a run that would overrun it is better stopped
+    early, with its final weights saved and evaluated, than killed with nothing to show. Before
+    an iteration starts past the limit (the first one always runs), the trainer's ``max_iter`` becomes the number of
+    iterations done (so Detectron2's ``EvalHook`` runs its final evaluation), ``model_final`` is
+    saved, and :class:`TrainingTimeLimitReached` ends the loop; the caller catches it.
+    """
+
+    def __init__(self, seconds: float):
+        if seconds <= 0:
+            raise ValueError(f"time limit must be positive, got {seconds}")
+        self.seconds = float(seconds)
+        self._start = None
+
+    def before_train(self):
+        self._start = perf_counter()
+
+    def before_step(self):
+        trainer = self.trainer
+        elapsed = perf_counter() - self._start
+        # At least one iteration, so that there are weights worth saving and evaluating.
+        if elapsed < self.seconds or trainer.iter <= trainer.start_iter:
+            return
+        scheduled = trainer.max_iter
+        trainer.max_iter = trainer.iter
+        logger.warning(
+            "Training time limit of %.0f s reached after %d of %d iterations (%.0f s): "
+            "stopping here, saving model_final and evaluating these weights.",
+            self.seconds, trainer.iter, scheduled, elapsed,
+        )
+        trainer.storage.put_scalar("time_limit_stop_iter", trainer.iter, smoothing_hint=False)
+        checkpointer = getattr(trainer, "checkpointer", None)
+        if checkpointer is not None:
+            checkpointer.save("model_final", iteration=trainer.iter - 1)
+        raise TrainingTimeLimitReached(trainer.iter)

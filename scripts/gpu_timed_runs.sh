@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# One device command that trains several configs side by side on one GPU, all for the same number
+# of iterations, as many as fit before a wall-clock deadline, and evaluates each on its
+# DATASETS.TEST with the full metrics suite. A session's device time is one 10-minute command, so
+# the schedule is sized on the machine itself rather than guessed beforehand.
+#
+#   DEADLINE_S=540 bash scripts/gpu_timed_runs.sh NAME=CONFIG [NAME=CONFIG ...] [-- KEY VALUE ...]
+#   e.g. bash scripts/gpu_timed_runs.sh tnbc_proposed=configs/tnbc.yaml \
+#          tnbc_maskrcnn=configs/tnbc_maskrcnn.yaml -- SOLVER.AMP.ENABLED True SOLVER.IMS_PER_BATCH 16
+#
+# Phases, each timed in the output:
+#   install    the carried kit (.device/kit), when detectron2 is not importable;
+#   calibrate  CAL_ITERS iterations of every config at once: proves the code path on this machine,
+#              fills the records cache and measures seconds per iteration and the fixed start cost;
+#   train      ITERS = what the slowest measured run fits before DEADLINE_S, less EVAL_S for the
+#              evaluations, with 10 % to spare; the CPU route's schedule scaled to it (warm-up 1/11,
+#              lr steps at 3/4 and 10/11); a run slower than measured stops at its time limit
+#              (SOLVER.NUCLEI.TIME_LIMIT_S) and is evaluated, one that still nears the deadline is
+#              interrupted (SIGINT), and either is collected all the same;
+#   collect    $OUT/NAME.tar per run (config.yaml, train_eval.log, training_metrics.json,
+#              inference/<data set>/{metrics.json,per_image.csv,label_maps/}), for
+#              scripts/collect_results.sh; checkpoints stay behind.
+# KEY VALUE pairs after -- go to every run (after the config, before the schedule).
+# Environment: OUT (required), DEADLINE_S (540), CAL_ITERS (30), EVAL_S (60), MIN_ITERS (12),
+# PYTHON (python3), NUCSEG_DATASETS (.device/data), NUCSEG_CACHE (/tmp/nucseg_cache), WORK (a new
+# folder under /tmp: the runs' output directories, checkpoints included).
+# Checked on the CPU first: tests/test_collect_results.py runs it on the synthetic demo config.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT to the folder whose files come back}
+DEADLINE_S=${DEADLINE_S:-540}; CAL_ITERS=${CAL_ITERS:-30}; EVAL_S=${EVAL_S:-60}; MIN_ITERS=${MIN_ITERS:-12}
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export NUCSEG_DATASETS=${NUCSEG_DATASETS:-$PWD/.device/data}
+export NUCSEG_CACHE=${NUCSEG_CACHE:-/tmp/nucseg_cache}
+run_start=$(date +%s); phase_start=$run_start
+phase() { local now; now=$(date +%s); echo "[phase] $1: $((now - phase_start)) s (total $((now - run_start)) s)"; phase_start=$now; }
+elapsed() { echo $(( $(date +%s) - run_start )); }
+
+NAMES=(); CONFIGS=()
+while [[ $# -gt 0 && $1 != "--" ]]; do
+  if [[ $1 != *=* ]]; then echo "error: expected NAME=CONFIG, got '$1'" >&2; exit 2; fi
+  NAMES+=("${1%%=*}"); CONFIGS+=("${1#*=}"); shift
+done
+[[ $# -gt 0 ]] && shift
+OPTS=("$@")
+if [[ ${#NAMES[@]} -eq 0 ]]; then echo "usage: $0 NAME=CONFIG [NAME=CONFIG ...] [-- KEY VALUE ...]" >&2; exit 2; fi
+for config in "${CONFIGS[@]}"; do
+  [[ -f $config ]] || { echo "error: $config: config file not found" >&2; exit 2; }
+done
+
+if ! "$PYTHON" -c "import detectron2" 2>/dev/null; then
+  bash .device/kit/install.sh "$PWD/.device/site"
+  export PYTHONPATH="$PWD/.device/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PYTHON" -c "import torch, detectron2; print('torch', torch.__version__, 'detectron2', detectron2.__version__,
+  'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
+nproc
+# Workers per run: the cores less one per trainer, shared out, at least one each.
+WORKERS=$(( ($(nproc) - ${#NAMES[@]}) / ${#NAMES[@]} )); (( WORKERS < 1 )) && WORKERS=1
+WORK=${WORK:-$(mktemp -d /tmp/nucseg_runs.XXXXXX)}
+mkdir -p "$WORK"
+phase install
+
+# A run's own threads stay few: the GPU does the arithmetic, the cores go to the data workers.
+# STOP_AFTER (seconds; 0 = never) interrupts a run that overruns, which still writes its log.
+train() {  # train CONFIG LOGFILE [KEY VALUE ...]
+  local config=$1 log=$2; shift 2
+  OMP_NUM_THREADS=2 timeout --signal=INT --kill-after=10 "${STOP_AFTER:-0}" \
+    "$PYTHON" train_net.py --config-file "$config" \
+    ${OPTS[@]+"${OPTS[@]}"} DATALOADER.NUM_WORKERS "$WORKERS" "$@" > "$log" 2>&1
+}
+
+pids=()
+for i in "${!NAMES[@]}"; do
+  train "${CONFIGS[$i]}" "$WORK/cal_${NAMES[$i]}.log" OUTPUT_DIR "$WORK/cal_${NAMES[$i]}" \
+    SOLVER.MAX_ITER "$CAL_ITERS" SOLVER.CHECKPOINT_PERIOD 1000000 DATASETS.TEST "()" &
+  pids+=($!)
+done
+failed=0
+for i in "${!pids[@]}"; do
+  if ! wait "${pids[$i]}"; then
+    echo "calibration of ${NAMES[$i]} failed:"; tail -n 30 "$WORK/cal_${NAMES[$i]}.log"; failed=1
+  fi
+done
+if (( failed )); then
+  for name in "${NAMES[@]}"; do tail -c 3000000 "$WORK/cal_$name.log" > "$OUT/cal_$name.log"; done
+  exit 1
+fi
+cal_wall_s=$(( $(date +%s) - phase_start ))
+# Detectron2's metrics.json: "time" is the median seconds/iteration of the last 20-iteration window.
+# The time to train is what is left less a run's fixed cost (start, data, model: what calibration
+# took besides iterating), EVAL_S and COLLECT_S; ITERS is what the slowest run fits in it with 10 %
+# to spare, and the same time is each run's SOLVER.NUCLEI.TIME_LIMIT_S, so a run slower than
+# measured stops early and is still evaluated.
+read -r ITERS TIME_LIMIT_S < <("$PYTHON" - "$WORK" "$CAL_ITERS" "$cal_wall_s" "$(( DEADLINE_S - $(elapsed) ))" "$EVAL_S" "${NAMES[@]}" <<'PY'
+import json, math, sys
+work, cal_iters, cal_wall, left, eval_s, names = sys.argv[1], *map(float, sys.argv[2:6]), sys.argv[6:]
+times = []
+for name in names:
+    with open(f"{work}/cal_{name}/metrics.json") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    timed = [r["time"] for r in rows if "time" in r]
+    if not timed:
+        sys.exit(f"error: calibration of {name} logged no iteration time")
+    print(f"calibration {name}: {timed[-1]:.4f} s/iteration", file=sys.stderr)
+    times.append(timed[-1])
+s_per_iter = max(times)
+fixed = max(0.0, cal_wall - cal_iters * s_per_iter)
+collect_s = 15
+train_s = left - fixed - eval_s - collect_s
+iters = math.floor(train_s / (1.1 * s_per_iter))
+print(f"time left {left:.0f} s: fixed {fixed:.0f} s, evaluation {eval_s:.0f} s, collect {collect_s} s,"
+      f" training {train_s:.0f} s = {iters} iterations at {s_per_iter:.4f} s + 10 %", file=sys.stderr)
+print(iters, max(1, math.floor(train_s)))
+PY
+)
+phase calibrate
+if (( ITERS < MIN_ITERS )); then echo "error: only $ITERS iterations fit before the deadline (MIN_ITERS $MIN_ITERS)" >&2; exit 1; fi
+WARMUP=$((ITERS / 11)); STEP1=$((ITERS * 3 / 4)); STEP2=$((ITERS * 10 / 11))
+echo "schedule: $ITERS iterations, warm-up $WARMUP, lr steps ($STEP1, $STEP2), time limit $TIME_LIMIT_S s"
+
+STOP_AFTER=$(( DEADLINE_S - $(elapsed) - 10 ))
+pids=()
+for i in "${!NAMES[@]}"; do
+  train "${CONFIGS[$i]}" "$WORK/${NAMES[$i]}.log" OUTPUT_DIR "$WORK/${NAMES[$i]}" \
+    SOLVER.MAX_ITER "$ITERS" SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.STEPS "($STEP1, $STEP2)" \
+    SOLVER.CHECKPOINT_PERIOD "$ITERS" SOLVER.NUCLEI.TIME_LIMIT_S "$TIME_LIMIT_S" &
+  pids+=($!)
+done
+statuses=()
+for i in "${!pids[@]}"; do
+  status=0; wait "${pids[$i]}" || status=$?
+  statuses+=("$status")
+done
+phase train_and_eval
+
+for i in "${!NAMES[@]}"; do
+  name=${NAMES[$i]}; dir=$WORK/$name; pack=$WORK/pack_$name
+  echo "== $name: exit ${statuses[$i]}"
+  grep -E "Overall training speed|Total inference time|copypaste|^error" "$WORK/$name.log" | cut -c1-220 || true
+  if [[ ${statuses[$i]} -ne 0 ]]; then tail -n 25 "$WORK/$name.log"; fi
+  rm -rf "$pack"; mkdir -p "$pack"
+  tail -c 4000000 "$WORK/$name.log" > "$pack/train_eval.log"
+  if [[ -f $dir/config.yaml ]]; then cp "$dir/config.yaml" "$pack/config.yaml"; fi
+  if [[ -f $dir/metrics.json ]]; then cp "$dir/metrics.json" "$pack/training_metrics.json"; fi
+  if [[ -d $dir/inference ]]; then cp -r "$dir/inference" "$pack/inference"; fi
+  tar -C "$pack" -cf "$OUT/$name.tar" .
+done
+ls -la "$OUT"
+phase collect
+for status in "${statuses[@]}"; do (( status == 0 )) || exit "$status"; done
