@@ -12,6 +12,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg, check_run_inputs
 from nucseg_d2.data import NucleiDataError, NucleiDatasetMapper, register_tnbc_cross_validation
@@ -63,6 +65,8 @@ def setup(args):
     check_run_inputs(cfg, eval_only=args.eval_only, resume=args.resume)
     cfg.freeze()
     default_setup(cfg, args)
+    # This package's warnings (e.g. a training time limit reached) go to the run's log.txt too.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="nucseg_d2")
     return cfg
 
 

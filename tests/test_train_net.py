@@ -177,6 +177,7 @@ def test_time_limit_stops_training_saves_and_evaluates_the_weights_it_reached(tm
     assert (output_dir / "inference/nuclei_synthetic_val/metrics.json").is_file()
     assert set(results) == {"nuclei"}  # the evaluation results, returned as train() returns them
     assert "Training time limit of 1 s reached after 1 of 5 iterations" in caplog.text
+    assert "Training time limit of 1 s reached" in (output_dir / "log.txt").read_text()
 
 
 def test_negative_time_limit_is_refused():
