@@ -45,8 +45,8 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         hooks = super().build_hooks()
         if self.cfg.SOLVER.NUCLEI.TIME_LIMIT_S > 0:
-            # First, so that it stops before any other hook starts an iteration.
-            hooks.insert(0, TrainingTimeLimit(self.cfg.SOLVER.NUCLEI.TIME_LIMIT_S))
+            # Last, so that the other hooks (lr schedule, writers) have finished the iteration it ends.
+            hooks.append(TrainingTimeLimit(self.cfg.SOLVER.NUCLEI.TIME_LIMIT_S))
         return hooks
 
     def train(self):

@@ -3,6 +3,7 @@ import logging
 from time import perf_counter
 
 from detectron2.engine import HookBase
+from detectron2.utils import comm
 
 logger = logging.getLogger(__name__)
 
@@ -16,10 +17,13 @@ class TrainingTimeLimit(HookBase):
     """End training after ``seconds`` of wall time, as if the schedule ended there.
 
     A device command has a hard wall-clock limit; a run that would overrun it is better stopped
-    early, with its final weights saved and evaluated, than killed with nothing to show. Before
-    an iteration starts past the limit (the first one always runs), the trainer's ``max_iter`` becomes the number of
+    early, with its final weights saved and evaluated, than killed with nothing to show. After
+    the first iteration that ends past the limit, the trainer's ``max_iter`` becomes the number of
     iterations done (so Detectron2's ``EvalHook`` runs its final evaluation), ``model_final`` is
-    saved, and :class:`TrainingTimeLimitReached` ends the loop; the caller catches it.
+    saved with the trainer's state (``--resume`` continues at the next iteration, towards the
+    configured ``SOLVER.MAX_ITER``), and :class:`TrainingTimeLimitReached` ends the loop; the
+    caller catches it. Register it last, so that every other hook has finished the iteration.
+    With several processes, the main process's clock decides for all of them.
     """
 
     def __init__(self, seconds: float):
@@ -31,21 +35,23 @@ class TrainingTimeLimit(HookBase):
     def before_train(self):
         self._start = perf_counter()
 
-    def before_step(self):
+    def after_step(self):
         trainer = self.trainer
         elapsed = perf_counter() - self._start
-        # At least one iteration, so that there are weights worth saving and evaluating.
-        if elapsed < self.seconds or trainer.iter <= trainer.start_iter:
+        stop = elapsed >= self.seconds and trainer.iter + 1 < trainer.max_iter
+        if comm.get_world_size() > 1:
+            stop = comm.all_gather(stop)[0]
+        if not stop:
             return
         scheduled = trainer.max_iter
-        trainer.max_iter = trainer.iter
+        trainer.max_iter = trainer.iter + 1
         logger.warning(
             "Training time limit of %.0f s reached after %d of %d iterations (%.0f s): "
             "stopping here, saving model_final and evaluating these weights.",
-            self.seconds, trainer.iter, scheduled, elapsed,
+            self.seconds, trainer.max_iter, scheduled, elapsed,
         )
-        trainer.storage.put_scalar("time_limit_stop_iter", trainer.iter, smoothing_hint=False)
+        trainer.storage.put_scalar("time_limit_stop_iter", trainer.max_iter, smoothing_hint=False)
         checkpointer = getattr(trainer, "checkpointer", None)
         if checkpointer is not None:
-            checkpointer.save("model_final", iteration=trainer.iter - 1)
-        raise TrainingTimeLimitReached(trainer.iter)
+            checkpointer.save("model_final")
+        raise TrainingTimeLimitReached(trainer.max_iter)

@@ -120,7 +120,8 @@ def test_the_timed_gpu_script_sizes_one_schedule_for_both_runs_and_their_tars_ar
     iters, warmup, step1, step2, limit = map(int, schedule.groups())
     assert iters == 12 and (warmup, step1, step2) == (1, 9, 10)
     assert 0 < limit < 900
-    assert sorted(p.name for p in out.iterdir()) == ["baseline.tar", "proposed.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["baseline.tar", "gpu_timed_runs.log", "proposed.tar"]
+    assert "[phase] collect" in (out / "gpu_timed_runs.log").read_text()
     for name in ("proposed", "baseline"):
         run = _collect(out / f"{name}.tar", tmp_path / "results" / name)
         config = (run / "config.yaml").read_text()

@@ -159,12 +159,12 @@ def test_images_without_nuclei_train_and_evaluate(tmp_path):
     assert all(0.0 <= summary["mean"][k] <= 1.0 for k in ("aji", "dice1", "pq"))
 
 
-def test_time_limit_stops_training_saves_and_evaluates_the_weights_it_reached(tmp_path, caplog, monkeypatch):
+def test_time_limit_stops_training_saves_and_evaluates_the_weights_it_reached(tmp_path, monkeypatch):
     import itertools
     import nucseg_d2.engine
 
-    # A clock that advances 10 s at each reading: the 1 s limit is past before the second
-    # iteration, but the first one always runs, so exactly one iteration is trained.
+    # A clock that advances 10 s at each reading: the 1 s limit is past when the first
+    # iteration ends, so exactly one iteration is trained.
     ticks = itertools.count(0.0, 10.0)
     monkeypatch.setattr(nucseg_d2.engine, "perf_counter", lambda: next(ticks))
     output_dir = tmp_path / "out"
@@ -176,8 +176,15 @@ def test_time_limit_stops_training_saves_and_evaluates_the_weights_it_reached(tm
     assert (output_dir / "model_final.pth").is_file()
     assert (output_dir / "inference/nuclei_synthetic_val/metrics.json").is_file()
     assert set(results) == {"nuclei"}  # the evaluation results, returned as train() returns them
-    assert "Training time limit of 1 s reached after 1 of 5 iterations" in caplog.text
-    assert "Training time limit of 1 s reached" in (output_dir / "log.txt").read_text()
+    assert "Training time limit of 1 s reached after 1 of 5 iterations" in (output_dir / "log.txt").read_text()
+
+    # --resume, without the limit, continues at the next iteration towards the configured schedule.
+    monkeypatch.undo()
+    _run("--config-file", str(ROOT / "configs/demo.yaml"), "--resume", *TINY, "SOLVER.MAX_ITER", "5",
+         "OUTPUT_DIR", str(output_dir))
+    trained = [row["iteration"] for row in _read_metrics_json(output_dir) if "total_loss" in row]
+    assert trained[0] == 0 and trained[-1] == 4
+    assert "Starting training from iteration 1" in (output_dir / "log.txt").read_text()
 
 
 def test_negative_time_limit_is_refused():
