@@ -18,19 +18,18 @@ fi
 mkdir -p "$DEST"
 # The run's log goes along as log.txt: results_table --cost reads the timings from it, and it
 # names the machine and the software the run had.
+if [[ -f "$SRC/train_eval.log" ]]; then  # what a device script returned
+  log=train_eval.log; training_metrics=training_metrics.json
+else  # a train_net.py OUTPUT_DIR
+  log=log.txt; training_metrics=metrics.json
+fi
 if [[ -f "$SRC/inference.tar" ]]; then
   tar -C "$DEST" -xf "$SRC/inference.tar" && cp -r "$DEST"/inference/. "$DEST"/ && rm -r "$DEST/inference"
-  cp "$SRC/training_metrics.json" "$DEST/training_metrics.json"
-  cp "$SRC/train_eval.log" "$DEST/log.txt"
-elif [[ -f "$SRC/train_eval.log" ]]; then
-  cp -r "$SRC"/inference/. "$DEST"/
-  cp "$SRC/training_metrics.json" "$DEST/training_metrics.json"
-  cp "$SRC/train_eval.log" "$DEST/log.txt"
 else
   cp -r "$SRC"/inference/. "$DEST"/
-  cp "$SRC/metrics.json" "$DEST/training_metrics.json"
-  cp "$SRC/log.txt" "$DEST/log.txt"
 fi
+cp "$SRC/$training_metrics" "$DEST/training_metrics.json"
+cp "$SRC/$log" "$DEST/log.txt"
 cp "$SRC/config.yaml" "$DEST/config.yaml"
 find "$DEST" -name '*.pth' -delete
 du -sh "$DEST"

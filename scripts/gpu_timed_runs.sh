@@ -36,14 +36,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder whose files come back}
 DEADLINE_S=${DEADLINE_S:-540}; CAL_ITERS=${CAL_ITERS:-60}; EVAL_S=${EVAL_S:-60}; MIN_ITERS=${MIN_ITERS:-12}
 SPARE=${SPARE:-1.3}; MAX_ITERS=${MAX_ITERS:-0}
-PYTHON=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
-export NUCSEG_DATASETS=${NUCSEG_DATASETS:-$PWD/.device/data}
-export NUCSEG_CACHE=${NUCSEG_CACHE:-/tmp/nucseg_cache}
 exec > >(tee "$OUT/gpu_timed_runs.log") 2>&1
-run_start=$(date +%s); phase_start=$run_start
-phase() { local now; now=$(date +%s); echo "[phase] $1: $((now - phase_start)) s (total $((now - run_start)) s)"; phase_start=$now; }
-elapsed() { echo $(( $(date +%s) - run_start )); }
+source scripts/device_env.sh
 
 NAMES=(); CONFIGS=()
 while [[ $# -gt 0 && $1 != "--" ]]; do
@@ -58,13 +52,7 @@ for config in "${CONFIGS[@]}"; do
   [[ -f $config ]] || { echo "error: $config: config file not found" >&2; exit 2; }
 done
 
-if ! "$PYTHON" -c "import detectron2" 2>/dev/null; then
-  bash .device/kit/install.sh "$PWD/.device/site"
-  export PYTHONPATH="$PWD/.device/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-"$PYTHON" -c "import torch, detectron2; print('torch', torch.__version__, 'detectron2', detectron2.__version__,
-  'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
+use_detectron2
 nproc
 # Workers per run: the cores less one per trainer, shared out, at least one each.
 WORKERS=$(( ($(nproc) - ${#NAMES[@]}) / ${#NAMES[@]} )); (( WORKERS < 1 )) && WORKERS=1

@@ -13,19 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=$1; RUN_NAME=$2; shift 2
 OUT=${OUT:?set OUT to the folder whose files come back}
-PYTHON=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
-export NUCSEG_DATASETS=${NUCSEG_DATASETS:-$PWD/.device/data}
-export NUCSEG_CACHE=${NUCSEG_CACHE:-/tmp/nucseg_cache}
-phase_start=$(date +%s); run_start=$phase_start
-phase() { local now; now=$(date +%s); echo "[phase] $1: $((now - phase_start)) s (total $((now - run_start)) s)"; phase_start=$now; }
-
-if ! "$PYTHON" -c "import detectron2" 2>/dev/null; then
-  bash .device/kit/install.sh "$PWD/.device/site"
-  export PYTHONPATH="$PWD/.device/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-"$PYTHON" -c "import torch, detectron2; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'detectron2', detectron2.__version__)"
+source scripts/device_env.sh
+use_detectron2
 phase install
 
 WORK=/tmp/nucseg_runs/$RUN_NAME
