@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Fill the ignored ``.device/`` folder that a GPU device command carries: the detectron2 kit and
-the data sets a run needs, in a form that fits the device's 64 MiB carry limit.
+the data sets a run needs, in a form that fits the device's 64 MiB limit on what travels.
 
-    python scripts/prepare_device_data.py tnbc            # kit + TNBC       (~33 MiB)
-    python scripts/prepare_device_data.py kumar           # kit + Kumar     (~50 MiB)
+    python scripts/prepare_device_data.py tnbc            # kit + TNBC       (~27 MiB)
+    python scripts/prepare_device_data.py kumar           # kit + Kumar     (~45 MiB)
 
+The limit counts the whole working tree that travels (tracked and untracked-not-ignored files) plus
+the carry folder, so the script adds the two and fails when they exceed it. The kit's detectron2
+wheel is carried without its compiled extension (6 MB), which the kit's install.sh never unpacks.
 TNBC is copied as is. Kumar's LZW TIFFs (67 MB) are re-encoded as lossless WebP (about 41 MB),
 and every re-encoded image is decoded again and compared with the original pixel by pixel, so a
 run on the copy sees exactly the pixels of the original. Both data sets together do not fit one
@@ -14,7 +17,10 @@ Then: ``run`` with ``carry: [".device"]`` and ``bash scripts/gpu_train_eval.sh .
 import argparse
 import os
 import shutil
+import stat
+import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import tifffile
@@ -53,6 +59,49 @@ def reencode_lossless_webp(tiff_path, webp_path):
     with Image.open(webp_path) as decoded:
         if not np.array_equal(np.asarray(decoded.convert(mode)), pixels):
             raise DevicePrepError(f"{webp_path}: the re-encoded pixels differ from {tiff_path}")
+
+
+def working_tree_bytes(repo):
+    """Bytes of the files a device command sends besides the carry: git's tracked files and the
+    untracked files it does not ignore. None when ``repo`` is not a git checkout."""
+    try:
+        listing = subprocess.run(["git", "-C", repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                 check=True, capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    total = 0
+    for name in filter(None, listing.decode("utf-8", "surrogateescape").split("\0")):
+        path = os.path.join(repo, name)
+        if os.path.lexists(path):  # a tracked file deleted from the work tree does not travel
+            total += os.lstat(path).st_size
+    return total
+
+
+def _make_writable(path):
+    """Copies of the read-only shared kit and data stay read-only; the next run must replace them."""
+    for folder, _, files in os.walk(path):
+        for entry in [folder] + [os.path.join(folder, name) for name in files]:
+            os.chmod(entry, os.stat(entry).st_mode | stat.S_IWUSR)
+
+
+def _strip_compiled_extension(wheel):
+    """Rewrite a detectron2 wheel without its ``.so`` files, every other entry byte for byte."""
+    slim = wheel + ".slim"
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(slim, "w") as target:
+        for info in source.infolist():
+            if not info.filename.endswith(".so"):
+                target.writestr(info, source.read(info))
+    os.replace(slim, wheel)
+
+
+def _copy_kit(source, dest):
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("site"))
+    _make_writable(dest)
+    wheels = os.path.join(dest, "wheels")
+    for name in sorted(os.listdir(wheels)) if os.path.isdir(wheels) else ():
+        # install.sh unpacks only detectron2's Python code (its _C is a CUDA 12 build the device cannot use).
+        if name.startswith("sal_detectron2-") and name.endswith(".whl"):
+            _strip_compiled_extension(os.path.join(wheels, name))
 
 
 def _copy_tnbc(source, dest):
@@ -116,9 +165,10 @@ def prepare(datasets, data_root, kit, dest):
         shutil.rmtree(staging)
     os.makedirs(os.path.join(staging, "data"))
     try:
-        shutil.copytree(kit, os.path.join(staging, "kit"), ignore=shutil.ignore_patterns("site"))
+        _copy_kit(kit, os.path.join(staging, "kit"))
         for name in datasets:
             COPIERS[name](os.path.join(data_root, name), os.path.join(staging, "data", name))
+            _make_writable(os.path.join(staging, "data", name))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -137,15 +187,25 @@ def main(argv=None):
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
     parser.add_argument("--kit", default=DEFAULT_KIT)
     parser.add_argument("--dest", default=os.path.join(REPO_ROOT, ".device"))
+    parser.add_argument("--repo", default=REPO_ROOT, help="the checkout whose working tree travels with the carry")
     args = parser.parse_args(argv)
     try:
-        total = prepare(args.datasets, args.data_root, args.kit, args.dest)
+        carry = prepare(args.datasets, args.data_root, args.kit, args.dest)
     except (DevicePrepError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.dest}: {total / 2**20:.1f} MiB to carry (limit {CARRY_LIMIT_BYTES / 2**20:.0f} MiB)")
+    tree = working_tree_bytes(args.repo)
+    if tree is None:
+        print(f"warning: {args.repo} is not a git checkout; its working tree, which travels too, is not counted",
+              file=sys.stderr)
+        tree = 0
+    total = carry + tree
+    mib = 2**20
+    print(f"{args.dest}: {carry / mib:.1f} MiB to carry + {tree / mib:.1f} MiB of working tree = "
+          f"{total / mib:.1f} MiB (limit {CARRY_LIMIT_BYTES / mib:.0f} MiB)")
     if total > CARRY_LIMIT_BYTES:
-        print(f"error: {args.dest} is over the device's carry limit; prepare fewer data sets per run",
+        print(f"error: carry and working tree together are over the device's limit by "
+              f"{(total - CARRY_LIMIT_BYTES) / mib:.1f} MiB; prepare fewer data sets per run or commit less",
               file=sys.stderr)
         return 3
     return 0

@@ -1,6 +1,9 @@
 """scripts/prepare_device_data.py: the GPU carry folder holds pixel-identical data that fits."""
 import csv
 import importlib.util
+import stat
+import subprocess
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +118,56 @@ def test_over_the_carry_limit_is_an_error(kumar_root, kit, tmp_path, monkeypatch
     monkeypatch.setattr(prep, "CARRY_LIMIT_BYTES", 1000)
     dest = tmp_path / "device"
     assert prep.main(["kumar", "--data-root", str(kumar_root), "--kit", str(kit), "--dest", str(dest)]) == 3
+
+
+def _write_wheel(path, entries):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as wheel:
+        for name, payload in entries.items():
+            wheel.writestr(name, payload)
+
+
+def test_detectron2_wheel_travels_without_its_compiled_extension_and_copies_are_writable(kumar_root, kit, tmp_path):
+    detectron2_entries = {
+        "detectron2/__init__.py": b"__version__ = '0.7.2'\n",
+        "detectron2/_C.cpython-310-x86_64-linux-gnu.so": bytes(range(256)) * 64,
+        "detectron2/layers/nms.py": b"def nms(): pass\n",
+        "sal_detectron2-0.7.2.dist-info/RECORD": b"detectron2/__init__.py,,\n",
+    }
+    _write_wheel(kit / "wheels" / "sal_detectron2-0.7.2-cp310-none-any.whl", detectron2_entries)
+    _write_wheel(kit / "wheels" / "pycocotools-2.0-cp312-abi3-linux.whl", {"pycocotools/_mask.so": b"\x7fELF"})
+    for path in [kit, *kit.rglob("*")]:  # the shared kit is read-only
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    dest = tmp_path / "device"
+    args = ["kumar", "--data-root", str(kumar_root), "--kit", str(kit), "--dest", str(dest)]
+    assert prep.main(args) == 0
+
+    with zipfile.ZipFile(dest / "kit" / "wheels" / "sal_detectron2-0.7.2-cp310-none-any.whl") as slim:
+        kept = {name: slim.read(name) for name in slim.namelist()}
+    assert kept == {name: data for name, data in detectron2_entries.items() if not name.endswith(".so")}
+    other = "pycocotools-2.0-cp312-abi3-linux.whl"
+    assert (dest / "kit" / "wheels" / other).read_bytes() == (kit / "wheels" / other).read_bytes()
+    assert all(p.stat().st_mode & stat.S_IWUSR for p in [dest, *dest.rglob("*")])
+    assert prep.main(args) == 0  # the writable copies can be replaced by the next run
+
+
+def test_the_working_tree_that_travels_counts_against_the_limit(kumar_root, kit, tmp_path, monkeypatch, capsys):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("output/\n")
+    (repo / "tracked.txt").write_bytes(b"t" * 100)
+    (repo / "untracked.txt").write_bytes(b"u" * 50)
+    (repo / "output").mkdir()
+    (repo / "output" / "ignored.bin").write_bytes(b"i" * 10_000)
+    subprocess.run(["git", "-C", str(repo), "add", "tracked.txt"], check=True)
+    assert prep.working_tree_bytes(str(repo)) == 100 + 50 + len("output/\n")
+    assert prep.working_tree_bytes(str(tmp_path / "not_a_checkout")) is None
+
+    dest = tmp_path / "device"
+    args = ["kumar", "--data-root", str(kumar_root), "--kit", str(kit), "--dest", str(dest), "--repo", str(repo)]
+    assert prep.main(args) == 0
+    carry = prep.folder_bytes(dest)
+    monkeypatch.setattr(prep, "CARRY_LIMIT_BYTES", carry + 100)  # the carry fits alone, not with the tree
+    capsys.readouterr()
+    assert prep.main(args) == 3
+    assert "working tree" in capsys.readouterr().err
