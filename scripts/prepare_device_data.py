@@ -145,8 +145,16 @@ def _exclude_from_git(dest):
             f.write(("\n" if existing and existing[-1] else "") + entry + "\n")
 
 
-def prepare(datasets, data_root, kit, dest):
-    """Build ``dest/kit`` and ``dest/data/<set>`` (replacing earlier sets); returns total bytes."""
+class CarryTooLargeError(DevicePrepError):
+    pass
+
+
+def prepare(datasets, data_root, kit, dest, tree_bytes=0):
+    """Build ``dest/kit`` and ``dest/data/<set>`` (replacing earlier sets); returns the carry's bytes.
+
+    The new carry replaces the old one only when it and ``tree_bytes`` (the working tree that travels
+    beside it) fit the device's limit; otherwise the old carry stays and CarryTooLargeError is raised.
+    """
     unknown = [name for name in datasets if name not in COPIERS]
     if unknown:
         raise DevicePrepError(f"unknown data set(s) {unknown}; choose from {sorted(COPIERS)}")
@@ -172,6 +180,14 @@ def prepare(datasets, data_root, kit, dest):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    carry = folder_bytes(staging)
+    if carry + tree_bytes > CARRY_LIMIT_BYTES:
+        shutil.rmtree(staging)
+        mib = 2**20
+        raise CarryTooLargeError(
+            f"{carry / mib:.1f} MiB to carry + {tree_bytes / mib:.1f} MiB of working tree = "
+            f"{(carry + tree_bytes) / mib:.1f} MiB, over the device's limit of {CARRY_LIMIT_BYTES / mib:.0f} MiB; "
+            f"prepare fewer data sets per run or commit less ({dest} left as it was)")
     # A carry holds what the next command needs and nothing more: sets from earlier runs go.
     for part in ("kit", "data"):
         if os.path.isdir(os.path.join(dest, part)):
@@ -189,25 +205,22 @@ def main(argv=None):
     parser.add_argument("--dest", default=os.path.join(REPO_ROOT, ".device"))
     parser.add_argument("--repo", default=REPO_ROOT, help="the checkout whose working tree travels with the carry")
     args = parser.parse_args(argv)
-    try:
-        carry = prepare(args.datasets, args.data_root, args.kit, args.dest)
-    except (DevicePrepError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     tree = working_tree_bytes(args.repo)
     if tree is None:
         print(f"warning: {args.repo} is not a git checkout; its working tree, which travels too, is not counted",
               file=sys.stderr)
         tree = 0
-    total = carry + tree
+    try:
+        carry = prepare(args.datasets, args.data_root, args.kit, args.dest, tree_bytes=tree)
+    except CarryTooLargeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (DevicePrepError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     mib = 2**20
     print(f"{args.dest}: {carry / mib:.1f} MiB to carry + {tree / mib:.1f} MiB of working tree = "
-          f"{total / mib:.1f} MiB (limit {CARRY_LIMIT_BYTES / mib:.0f} MiB)")
-    if total > CARRY_LIMIT_BYTES:
-        print(f"error: carry and working tree together are over the device's limit by "
-              f"{(total - CARRY_LIMIT_BYTES) / mib:.1f} MiB; prepare fewer data sets per run or commit less",
-              file=sys.stderr)
-        return 3
+          f"{(carry + tree) / mib:.1f} MiB (limit {CARRY_LIMIT_BYTES / mib:.0f} MiB)")
     return 0
 
 

@@ -76,9 +76,9 @@ def test_the_gpu_script_runs_end_to_end_on_the_cpu_and_its_return_is_collected(t
     is to be checked before device minutes are spent: its $OUT must hold what comes back (at most 8
     files) and collect_results.sh must turn that into a results folder the tables read."""
     root = SCRIPT.parents[1]
-    out = tmp_path / "out"
-    out.mkdir()
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, NUCSEG_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "out"  # the script creates it
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, NUCSEG_CACHE=str(tmp_path / "cache"),
+               DEADLINE_S="1000", EVAL_S="100")
     tiny = ["MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "5", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(100,)",
             "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "INPUT.CROP.SIZE", "[128, 128]",
             "TEST.DETECTIONS_PER_IMAGE", "50", "SEED", "7"]
@@ -89,12 +89,24 @@ def test_the_gpu_script_runs_end_to_end_on_the_cpu_and_its_return_is_collected(t
     returned = sorted(p.name for p in out.iterdir())
     assert returned == ["config.yaml", "inference.tar", "train_eval.log", "training_metrics.json"]
     run = _collect(out, tmp_path / "results")
+    # The deadline less the evaluation's share and the seconds already spent bounds the training.
+    limit = int(re.search(r"TIME_LIMIT_S: (\d+)\n", (run / "config.yaml").read_text()).group(1))
+    assert 850 <= limit <= 900
     table = results_table([("cpu-check", str(run))], "nuclei_synthetic_val", ["aji"])
     assert table.splitlines()[2].startswith("| cpu-check | ")
     assert list((run / "nuclei_synthetic_val" / "label_maps").glob("*.png"))
     # Detectron2 times the iterations after its first few; the timings come from the returned log.
     cost_row = cost_table([("cpu-check", str(run))], "nuclei_synthetic_val").splitlines()[2]
     assert re.match(r"\| cpu-check \| \d+ \| [\d:.]+ \| [\d.]+ \| [\d.]+ \|$", cost_row), cost_row
+
+
+def test_the_gpu_script_refuses_a_deadline_that_leaves_no_time_to_train(tmp_path):
+    root = SCRIPT.parents[1]
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, DEADLINE_S="30", EVAL_S="60")
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu_train_eval.sh"), "configs/demo.yaml", "cpu-check"],
+                          env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "no time left to train (DEADLINE_S=30, EVAL_S=60)" in done.stderr
+    assert not list((tmp_path / "out").iterdir())
 
 
 @pytest.mark.slow

@@ -118,6 +118,7 @@ def test_over_the_carry_limit_is_an_error(kumar_root, kit, tmp_path, monkeypatch
     monkeypatch.setattr(prep, "CARRY_LIMIT_BYTES", 1000)
     dest = tmp_path / "device"
     assert prep.main(["kumar", "--data-root", str(kumar_root), "--kit", str(kit), "--dest", str(dest)]) == 3
+    assert not (dest / "data").exists() and not (dest / "kit").exists() and not (dest / ".partial").exists()
 
 
 def _write_wheel(path, entries):
@@ -167,7 +168,9 @@ def test_the_working_tree_that_travels_counts_against_the_limit(kumar_root, kit,
     args = ["kumar", "--data-root", str(kumar_root), "--kit", str(kit), "--dest", str(dest), "--repo", str(repo)]
     assert prep.main(args) == 0
     carry = prep.folder_bytes(dest)
+    before = {p.relative_to(dest): p.stat().st_mtime_ns for p in dest.rglob("*")}
     monkeypatch.setattr(prep, "CARRY_LIMIT_BYTES", carry + 100)  # the carry fits alone, not with the tree
     capsys.readouterr()
     assert prep.main(args) == 3
-    assert "working tree" in capsys.readouterr().err
+    assert "MiB of working tree" in capsys.readouterr().err
+    assert {p.relative_to(dest): p.stat().st_mtime_ns for p in dest.rglob("*")} == before  # the old carry stays
