@@ -1,0 +1,108 @@
+"""postprocess_sweep: every threshold setting scored on the same detections, by hand; the CLI on
+the synthetic data and its refusals."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+
+from nucseg_d2.evaluation.postprocess_sweep import SweepError, best_setting, main, sweep_postprocess
+from nucseg_d2.predict.predictor import build_predict_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "demo.yaml")
+SIZE = (20, 20)
+
+
+def _image_with_a_haloed_nucleus_and_a_false_positive():
+    """Nuclei A (16 px) and B (16 px). Detections: A exact (score 0.9, prob 0.9); B exact (prob 0.7)
+    with a 20-px ring of prob 0.45 around it (score 0.55); a 9-px false positive (score 0.45)."""
+    gt = np.zeros(SIZE, np.int32)
+    gt[2:6, 2:6] = 1
+    gt[10:14, 10:14] = 2
+    a, b, fp = (np.zeros(SIZE, np.float32) for _ in range(3))
+    a[2:6, 2:6] = 0.9
+    b[9:15, 9:15] = 0.45
+    b[10:14, 10:14] = 0.7
+    fp[16:19, 1:4] = 0.8
+    instances = Instances(SIZE)
+    instances.pred_masks = torch.tensor(np.stack([a, b, fp]))
+    instances.scores = torch.tensor([0.9, 0.55, 0.45])
+    instances.pred_classes = torch.zeros(3, dtype=torch.int64)
+    return "img", gt, instances
+
+
+def test_each_setting_is_scored_on_the_same_detections_and_the_best_is_picked():
+    grid = {"score_thresh": (0.4, 0.5), "mask_thresh": (0.4, 0.5), "max_overlap": (0.7,)}
+    rows = sweep_postprocess([_image_with_a_haloed_nucleus_and_a_false_positive()], grid, metrics=("aji", "dice1"))
+    settings = [(row["score_thresh"], row["mask_thresh"]) for row in rows]
+    assert settings == [(0.4, 0.4), (0.4, 0.5), (0.5, 0.4), (0.5, 0.5)]
+    # AJI = 32 matched pixels over 32 + the extra pixels of the setting: halo 20, false positive 9.
+    expected_aji = [32 / (32 + 20 + 9), 32 / (32 + 9), 32 / (32 + 20), 1.0]
+    assert [row["aji"] for row in rows] == pytest.approx(expected_aji)
+    assert [row["pooled_aji"] for row in rows] == pytest.approx(expected_aji)
+    assert [row["mean_num_pred"] for row in rows] == [3, 3, 2, 2]
+    assert rows[1]["dice1"] == pytest.approx(2 * 32 / (32 + 41))
+    best = best_setting(rows)
+    assert (best["score_thresh"], best["mask_thresh"], best["aji"]) == (0.5, 0.5, 1.0)
+
+
+def test_ties_go_to_the_first_setting_and_bad_selections_are_errors():
+    rows = [{"score_thresh": 0.3, "aji": 0.5}, {"score_thresh": 0.4, "aji": 0.5}, {"score_thresh": 0.5, "aji": 0.4}]
+    assert best_setting(rows)["score_thresh"] == 0.3
+    with pytest.raises(SweepError, match="'hausdorff' is not among"):
+        best_setting(rows, "hausdorff")
+    with pytest.raises(SweepError, match="no images"):
+        sweep_postprocess([])
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(build_predict_cfg(CONFIG, ["MODEL.DEVICE", "cpu"]))
+    path = str(tmp_path_factory.mktemp("weights") / "demo_untrained.pth")
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def test_cli_writes_every_setting_with_the_configs_own_and_the_overrides(tmp_path, weights, capsys):
+    out = tmp_path / "sweep"
+    # The config's own setting (0.5, 0.5, 0.7) is added to a grid that lacks it.
+    assert main(["--config-file", CONFIG, "--weights", weights, "--dataset", "nuclei_synthetic_val",
+                 "--output-dir", str(out), "--score-thresh", "0.3,0.6", "--mask-thresh", "0.5",
+                 "--max-overlap", "0.7", "MODEL.RPN.POST_NMS_TOPK_TEST", "64", "TEST.DETECTIONS_PER_IMAGE", "32"]) == 0
+    with open(out / "sweep.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(row["score_thresh"]) for row in rows] == [0.3, 0.5, 0.6]
+    assert {"aji", "aji_plus", "paper_aji", "dice1", "pq", "pooled_aji", "mean_num_pred"} <= set(rows[0])
+    best = json.loads((out / "best.json").read_text())
+    assert best["dataset"] == "nuclei_synthetic_val" and best["images"] > 0
+    assert best["config_setting"]["score_thresh"] == 0.5
+    assert best["overrides"].startswith(f"TEST.NUCLEI.SCORE_THRESH {best['best']['score_thresh']} ")
+    assert "TEST.NUCLEI.MAX_OVERLAP 0.7" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset", "tnbc_test"], "tnbc_test is a test split"),
+    (["--dataset", "nuclei_synthetic_val", "--score-thresh", "0.5,1.5"], "--score-thresh: expected values in"),
+    (["--dataset", "nuclei_synthetic_val", "--mask-thresh", "half"], "--mask-thresh: expected comma-separated"),
+    (["--dataset", "nuclei_synthetic_val", "--score-thresh", "0.01"], "below the model's"),
+    (["--dataset", "no_such_set"], "no_such_set"),
+])
+def test_cli_refusals_are_one_clear_line_and_write_nothing(tmp_path, weights, capsys, extra, message):
+    out = tmp_path / "sweep"
+    args = ["--config-file", CONFIG, "--weights", weights, "--output-dir", str(out), *extra,
+            "MODEL.RPN.POST_NMS_TOPK_TEST", "8", "TEST.DETECTIONS_PER_IMAGE", "8"]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_names_missing_weights(tmp_path, capsys):
+    assert main(["--config-file", CONFIG, "--weights", str(tmp_path / "none.pth"), "--dataset", "nuclei_synthetic_val",
+                 "--output-dir", str(tmp_path / "sweep")]) == 2
+    assert "none.pth: weights not found" in capsys.readouterr().err
