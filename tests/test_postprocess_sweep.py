@@ -3,6 +3,7 @@ the synthetic data and its refusals."""
 import csv
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -106,3 +107,12 @@ def test_cli_names_missing_weights(tmp_path, capsys):
     assert main(["--config-file", CONFIG, "--weights", str(tmp_path / "none.pth"), "--dataset", "nuclei_synthetic_val",
                  "--output-dir", str(tmp_path / "sweep")]) == 2
     assert "none.pth: weights not found" in capsys.readouterr().err
+
+
+def test_the_tuning_script_names_a_run_that_was_not_trained(tmp_path):
+    done = subprocess.run(["bash", os.path.join(REPO, "scripts", "tune_postprocess.sh"), "never_trained"],
+                          env=dict(os.environ, RUNS_DIR=str(tmp_path), RESULTS_DIR=str(tmp_path / "results")),
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert f"{tmp_path}/never_trained/config.yaml not found" in done.stderr
+    assert not (tmp_path / "results").exists()
