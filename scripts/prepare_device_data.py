@@ -87,10 +87,13 @@ def _make_writable(path):
 def _strip_compiled_extension(wheel):
     """Rewrite a detectron2 wheel without its ``.so`` files, every other entry byte for byte."""
     slim = wheel + ".slim"
-    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(slim, "w") as target:
-        for info in source.infolist():
-            if not info.filename.endswith(".so"):
-                target.writestr(info, source.read(info))
+    try:
+        with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(slim, "w") as target:
+            for info in source.infolist():
+                if not info.filename.endswith(".so"):
+                    target.writestr(info, source.read(info))
+    except zipfile.BadZipFile as e:
+        raise DevicePrepError(f"{wheel}: not a readable wheel ({e})") from e
     os.replace(slim, wheel)
 
 

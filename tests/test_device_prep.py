@@ -26,11 +26,19 @@ def _load_script():
 
 
 prep = _load_script()
+REAL_WORKING_TREE_BYTES = prep.working_tree_bytes
 RECTANGLE_XML = (
     "<Annotations><Annotation><Regions><Region><Vertices>"
     '<Vertex X="1" Y="1"/><Vertex X="4" Y="1"/><Vertex X="4" Y="3"/><Vertex X="1" Y="3"/>'
     "</Vertices></Region></Regions></Annotation></Annotations>"
 )
+
+
+@pytest.fixture(autouse=True)
+def empty_working_tree(monkeypatch):
+    """The checkout these tests run in would count towards the limit; its size is not under test
+    (but in test_the_working_tree_that_travels_counts_against_the_limit, which restores it)."""
+    monkeypatch.setattr(prep, "working_tree_bytes", lambda repo: 0)
 
 
 @pytest.fixture()
@@ -151,7 +159,16 @@ def test_detectron2_wheel_travels_without_its_compiled_extension_and_copies_are_
     assert prep.main(args) == 0  # the writable copies can be replaced by the next run
 
 
+def test_a_corrupt_detectron2_wheel_is_named(kumar_root, kit, tmp_path, capsys):
+    (kit / "wheels" / "sal_detectron2-0.7.2-cp310-none-any.whl").write_bytes(b"not a zip")
+    dest = tmp_path / "device"
+    assert prep.main(["kumar", "--data-root", str(kumar_root), "--kit", str(kit), "--dest", str(dest)]) == 2
+    assert "sal_detectron2-0.7.2-cp310-none-any.whl: not a readable wheel" in capsys.readouterr().err
+    assert not dest.exists() or not list(dest.iterdir())
+
+
 def test_the_working_tree_that_travels_counts_against_the_limit(kumar_root, kit, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prep, "working_tree_bytes", REAL_WORKING_TREE_BYTES)
     repo = tmp_path / "repo"
     repo.mkdir()
     subprocess.run(["git", "init", "-q", str(repo)], check=True)

@@ -37,19 +37,42 @@ def _image_with_a_haloed_nucleus_and_a_false_positive():
     return "img", gt, instances
 
 
+def _second_image_with_two_overlapping_detections():
+    """A 10x10 image, one 20-px nucleus (rows 2-5, cols 2-6). Detections: the nucleus exactly
+    (score 0.9) and a 12-px mask (rows 2-5, cols 5-7) 8/12 covered by it (score 0.8)."""
+    gt = np.zeros((10, 10), np.int32)
+    gt[2:6, 2:7] = 1
+    first, second = np.zeros((2, 10, 10), np.float32)
+    first[2:6, 2:7] = 0.9
+    second[2:6, 5:8] = 0.9
+    instances = Instances((10, 10))
+    instances.pred_masks = torch.tensor(np.stack([first, second]))
+    instances.scores = torch.tensor([0.9, 0.8])
+    instances.pred_classes = torch.zeros(2, dtype=torch.int64)
+    return "small", gt, instances
+
+
 def test_each_setting_is_scored_on_the_same_detections_and_the_best_is_picked():
-    grid = {"score_thresh": (0.4, 0.5), "mask_thresh": (0.4, 0.5), "max_overlap": (0.7,)}
-    rows = sweep_postprocess([_image_with_a_haloed_nucleus_and_a_false_positive()], grid, metrics=("aji", "dice1"))
-    settings = [(row["score_thresh"], row["mask_thresh"]) for row in rows]
-    assert settings == [(0.4, 0.4), (0.4, 0.5), (0.5, 0.4), (0.5, 0.5)]
-    # AJI = 32 matched pixels over 32 + the extra pixels of the setting: halo 20, false positive 9.
-    expected_aji = [32 / (32 + 20 + 9), 32 / (32 + 9), 32 / (32 + 20), 1.0]
-    assert [row["aji"] for row in rows] == pytest.approx(expected_aji)
-    assert [row["pooled_aji"] for row in rows] == pytest.approx(expected_aji)
-    assert [row["mean_num_pred"] for row in rows] == [3, 3, 2, 2]
-    assert rows[1]["dice1"] == pytest.approx(2 * 32 / (32 + 41))
+    grid = {"score_thresh": (0.4, 0.5), "mask_thresh": (0.4, 0.5), "max_overlap": (0.3, 0.7)}
+    images = [_image_with_a_haloed_nucleus_and_a_false_positive(), _second_image_with_two_overlapping_detections()]
+    rows = sweep_postprocess(images, grid, metrics=("aji", "dice1"))
+    settings = [(row["score_thresh"], row["mask_thresh"], row["max_overlap"]) for row in rows]
+    assert settings == [(s, m, o) for s in (0.4, 0.5) for m in (0.4, 0.5) for o in (0.3, 0.7)]
+    # First image: AJI = 32 matched pixels over 32 + the extra pixels of the setting (halo 20,
+    # false positive 9); the overlap rule never applies. Second image: the second mask's free 4 px
+    # are kept at overlap 0.7 (8/12 covered) and dropped at 0.3: AJI 20/24 or 1.
+    first = {(0.4, 0.4): (32, 61), (0.4, 0.5): (32, 41), (0.5, 0.4): (32, 52), (0.5, 0.5): (32, 32)}
+    second = {0.3: (20, 20), 0.7: (20, 24)}
+    for row, (score, mask, overlap) in zip(rows, settings):
+        (i1, u1), (i2, u2) = first[(score, mask)], second[overlap]
+        assert row["aji"] == pytest.approx((i1 / u1 + i2 / u2) / 2)
+        assert row["pooled_aji"] == pytest.approx((i1 + i2) / (u1 + u2))
+        assert row["mean_num_pred"] == ((3 if score == 0.4 else 2) + (1 if overlap == 0.3 else 2)) / 2
     best = best_setting(rows)
-    assert (best["score_thresh"], best["mask_thresh"], best["aji"]) == (0.5, 0.5, 1.0)
+    assert (best["score_thresh"], best["mask_thresh"], best["max_overlap"], best["aji"]) == (0.5, 0.5, 0.3, 1.0)
+    one_image = sweep_postprocess(images[:1], {"score_thresh": (0.4,), "mask_thresh": (0.5,), "max_overlap": (0.7,)},
+                                  metrics=("dice1",))
+    assert one_image[0]["dice1"] == pytest.approx(2 * 32 / (32 + 41))
 
 
 def test_ties_go_to_the_first_setting_and_bad_selections_are_errors():
@@ -83,24 +106,38 @@ def test_cli_writes_every_setting_with_the_configs_own_and_the_overrides(tmp_pat
     best = json.loads((out / "best.json").read_text())
     assert best["dataset"] == "nuclei_synthetic_val" and best["images"] > 0
     assert best["config_setting"]["score_thresh"] == 0.5
-    assert best["overrides"].startswith(f"TEST.NUCLEI.SCORE_THRESH {best['best']['score_thresh']} ")
+    highest = max(float(row["aji"]) for row in rows)
+    first_highest = next(row for row in rows if float(row["aji"]) == highest)
+    assert best["best"]["aji"] == pytest.approx(highest)
+    assert best["overrides"] == (f"TEST.NUCLEI.SCORE_THRESH {float(first_highest['score_thresh'])} "
+                                 f"TEST.NUCLEI.MASK_THRESH 0.5 TEST.NUCLEI.MAX_OVERLAP 0.7")
     assert "TEST.NUCLEI.MAX_OVERLAP 0.7" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--dataset", "tnbc_test"], "tnbc_test is a test split"),
+    (["--dataset", "kumar_test_same_organ"], "kumar_test_same_organ is a test split"),
+    (["--dataset", "nuclei_synthetic_val", "--select", "score_thresh"], "--select 'score_thresh': choose one of"),
+    (["--dataset", "nuclei_synthetic_val", "MODEL.NO_SUCH_KEY", "1"], "MODEL.NO_SUCH_KEY"),
     (["--dataset", "nuclei_synthetic_val", "--score-thresh", "0.5,1.5"], "--score-thresh: expected values in"),
     (["--dataset", "nuclei_synthetic_val", "--mask-thresh", "half"], "--mask-thresh: expected comma-separated"),
     (["--dataset", "nuclei_synthetic_val", "--score-thresh", "0.01"], "below the model's"),
     (["--dataset", "no_such_set"], "no_such_set"),
 ])
-def test_cli_refusals_are_one_clear_line_and_write_nothing(tmp_path, weights, capsys, extra, message):
+def test_cli_refusals_name_the_problem_and_write_nothing(tmp_path, weights, capsys, extra, message):
     out = tmp_path / "sweep"
     args = ["--config-file", CONFIG, "--weights", weights, "--output-dir", str(out), *extra,
             "MODEL.RPN.POST_NMS_TOPK_TEST", "8", "TEST.DETECTIONS_PER_IMAGE", "8"]
     assert main(args) == 2
-    assert message in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert message in error and error.startswith("error: ")
     assert not out.exists()
+
+
+def test_an_option_after_the_overrides_is_named(tmp_path, weights, capsys):
+    assert main(["--config-file", CONFIG, "--weights", weights, "--dataset", "nuclei_synthetic_val",
+                 "--output-dir", str(tmp_path / "sweep"), "TEST.DETECTIONS_PER_IMAGE", "8", "--select", "pq"]) == 2
+    assert "--select comes after the config overrides" in capsys.readouterr().err
 
 
 def test_cli_names_missing_weights(tmp_path, capsys):

@@ -20,6 +20,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..config import NucleiConfigError
 from ..data.readers import NucleiDataError
 from ..modeling.postprocess import instances_to_label_map
 from ..predict.predictor import CheckpointError, build_predict_cfg
@@ -122,11 +123,28 @@ def _run_model(cfg, weights: str, dataset: str) -> List[Tuple[str, np.ndarray, o
     return images
 
 
+def _is_test_split(dataset: str) -> bool:
+    """``tnbc_test``, ``kumar_test_same_organ``, ``tnbc_cv5_fold0_test``: a name with a word "test"."""
+    return "test" in dataset.lower().split("_")
+
+
+def _selectable_columns() -> List[str]:
+    return metric_keys(SWEEP_METRICS) + ["pooled_aji"]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        if "test" in args.dataset.lower():
+        if _is_test_split(args.dataset):
             raise SweepError(f"{args.dataset} is a test split: post-processing is chosen on validation data only")
+        if args.select not in _selectable_columns():
+            raise SweepError(f"--select {args.select!r}: choose one of {_selectable_columns()}")
+        options_after_overrides = [item for item in args.opts if item.startswith("--")]
+        if options_after_overrides:
+            raise SweepError(f"{options_after_overrides[0]} comes after the config overrides (KEY VALUE ...), "
+                             "which must be last")
+        # Sorted, without repeats, so that the order of the rows (and which of equal settings wins)
+        # does not depend on the values given or on the config's own setting.
         grid = {key: _parse_values(getattr(args, key), "--" + key.replace("_", "-")) for key in SETTING_KEYS}
         for path, what in ((args.config_file, "config file"), (args.weights, "weights")):
             if not os.path.isfile(path):
@@ -137,30 +155,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SweepError(f"--score-thresh {min(grid['score_thresh'])} is below the model's "
                              f"MODEL.ROI_HEADS.SCORE_THRESH_TEST {detection_floor}: those detections never exist")
         config_setting = {key: float(cfg.TEST.NUCLEI[CONFIG_KEYS[key]]) for key in SETTING_KEYS}
-        for key, value in config_setting.items():  # the config's own setting is always a row, for comparison
-            if value not in grid[key]:
-                grid[key] = tuple(sorted(grid[key] + (value,)))
+        # The config's own setting is always a row, to compare the chosen one with.
+        grid = {key: tuple(sorted(set(values) | {config_setting[key]})) for key, values in grid.items()}
         images = _run_model(cfg, args.weights, args.dataset)
         rows = sweep_postprocess(images, grid)
         best = best_setting(rows, args.select)
-    except (SweepError, NucleiDataError, CheckpointError) as e:
+    except (SweepError, NucleiDataError, NucleiConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    baseline = next(row for row in rows if all(row[key] == config_setting[key] for key in SETTING_KEYS))
+    config_row = next(row for row in rows if all(row[key] == config_setting[key] for key in SETTING_KEYS))
     os.makedirs(args.output_dir, exist_ok=True)
     write_csv_atomic(os.path.join(args.output_dir, "sweep.csv"), rows)
     overrides = " ".join(f"TEST.NUCLEI.{CONFIG_KEYS[key]} {best[key]}" for key in SETTING_KEYS)
     write_json_atomic(os.path.join(args.output_dir, "best.json"), {
         "dataset": args.dataset, "images": len(images), "config_file": args.config_file, "weights": args.weights,
-        "select": args.select, "best": dict(best), "config_setting": dict(baseline), "overrides": overrides,
+        "select": args.select, "best": dict(best), "config_setting": dict(config_row), "overrides": overrides,
     })
-    columns = list(SETTING_KEYS) + [args.select, "pooled_aji", "dice1", "pq", "mean_num_pred"]
+    columns = list(dict.fromkeys(list(SETTING_KEYS) + [args.select, "pooled_aji", "dice1", "pq", "mean_num_pred"]))
     gt_nuclei = np.mean([len(np.unique(gt[gt > 0])) for _, gt, _ in images])
     print(f"{args.dataset}: {len(images)} images ({gt_nuclei:.1f} nuclei per image), {len(rows)} settings")
     print(" ".join(f"{c:>13}" for c in columns))
     for row in sorted(rows, key=lambda row: -row[args.select])[:10]:
         print(" ".join(f"{row[c]:>13.4f}" for c in columns))
-    print(f"config's setting: {args.select} {baseline[args.select]:.4f}; best: {best[args.select]:.4f} with\n"
+    print(f"config's setting: {args.select} {config_row[args.select]:.4f}; best: {best[args.select]:.4f} with\n"
           f"  {overrides}\n(chosen on {args.dataset}; {os.path.join(args.output_dir, 'sweep.csv')})")
     return 0
 
