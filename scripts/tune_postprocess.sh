@@ -37,5 +37,9 @@ cp "$EVAL/config.yaml" "$DEST.partial/config.yaml"
 cp "$EVAL/log.txt" "$DEST.partial/eval_log.txt"
 cp "$SWEEP/best.json" "$DEST.partial/postprocess_sweep.json"
 rm -rf "$DEST"; mv "$DEST.partial" "$DEST"
-"$PYTHON" -m nucseg_d2.evaluation.results_table --dataset "$TEST" --run "$RUN=$RESULTS_DIR/$RUN" \
-  --run "$RUN with thresholds chosen on $VAL=$DEST"
+tuned_run="$RUN with thresholds chosen on $VAL=$DEST"
+if [[ -f $RESULTS_DIR/$RUN/$TEST/per_image.csv ]]; then  # the run's own results, at the config's thresholds
+  "$PYTHON" -m nucseg_d2.evaluation.results_table --dataset "$TEST" --run "$RUN=$RESULTS_DIR/$RUN" --run "$tuned_run"
+else
+  "$PYTHON" -m nucseg_d2.evaluation.results_table --dataset "$TEST" --run "$tuned_run"
+fi

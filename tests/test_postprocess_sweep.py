@@ -4,10 +4,12 @@ import csv
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
@@ -153,3 +155,36 @@ def test_the_tuning_script_names_a_run_that_was_not_trained(tmp_path):
     assert done.returncode == 2
     assert f"{tmp_path}/never_trained/config.yaml not found" in done.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_the_tuning_script_scores_val_and_test_with_the_thresholds_it_chose(tmp_path):
+    """scripts/tune_postprocess.sh on an (untrained) demo run: the chosen thresholds are those the
+    evaluation used, and the validation figures it reports equal the sweep's best."""
+    run = tmp_path / "runs" / "demo_run"
+    run.mkdir(parents=True)
+    cfg = build_predict_cfg(CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.RPN.POST_NMS_TOPK_TEST", "64",
+                                     "TEST.DETECTIONS_PER_IMAGE", "32", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.01"])
+    (run / "config.yaml").write_text(cfg.dump())
+    torch.manual_seed(0)
+    torch.save({"model": build_model(cfg).state_dict()}, run / "model_final.pth")
+    results = tmp_path / "results"
+    env = dict(os.environ, RUNS_DIR=str(tmp_path / "runs"), RESULTS_DIR=str(results), PYTHON=sys.executable,
+               NUCSEG_CACHE=str(tmp_path / "cache"))
+    command = ["bash", os.path.join(REPO, "scripts", "tune_postprocess.sh"), "demo_run", "nuclei_synthetic_val",
+               "nuclei_synthetic_train"]
+    for _ in range(2):  # a second run replaces the first's results
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    tuned = results / "demo_run_pp"
+    assert sorted(p.name for p in tuned.iterdir()) == ["config.yaml", "eval_log.txt", "nuclei_synthetic_train",
+                                                       "nuclei_synthetic_val", "postprocess_sweep.json"]
+    best = json.loads((tuned / "postprocess_sweep.json").read_text())
+    assert best == json.loads((results / "postprocess_sweeps" / "demo_run_nuclei_synthetic_val" / "best.json").read_text())
+    used = yaml.safe_load((tuned / "config.yaml").read_text())["TEST"]["NUCLEI"]
+    assert [used["SCORE_THRESH"], used["MASK_THRESH"], used["MAX_OVERLAP"]] == [
+        best["best"]["score_thresh"], best["best"]["mask_thresh"], best["best"]["max_overlap"]]
+    val = json.loads((tuned / "nuclei_synthetic_val" / "metrics.json").read_text())
+    assert val["mean"]["aji"] == pytest.approx(best["best"]["aji"])
+    assert (tuned / "nuclei_synthetic_train" / "per_image.csv").is_file()
+    assert (tuned / "eval_log.txt").read_text().count("Rank of current process") == 1
