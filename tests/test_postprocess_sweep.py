@@ -86,19 +86,10 @@ def test_ties_go_to_the_first_setting_and_bad_selections_are_errors():
         sweep_postprocess([])
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model(build_predict_cfg(CONFIG, ["MODEL.DEVICE", "cpu"]))
-    path = str(tmp_path_factory.mktemp("weights") / "demo_untrained.pth")
-    torch.save({"model": model.state_dict()}, path)
-    return path
-
-
-def test_cli_writes_every_setting_with_the_configs_own_and_the_overrides(tmp_path, weights, capsys):
+def test_cli_writes_every_setting_with_the_configs_own_and_the_overrides(tmp_path, untrained_demo_weights, capsys):
     out = tmp_path / "sweep"
     # The config's own setting (0.5, 0.5, 0.7) is added to a grid that lacks it.
-    assert main(["--config-file", CONFIG, "--weights", weights, "--dataset", "nuclei_synthetic_val",
+    assert main(["--config-file", CONFIG, "--weights", untrained_demo_weights, "--dataset", "nuclei_synthetic_val",
                  "--output-dir", str(out), "--score-thresh", "0.3,0.6", "--mask-thresh", "0.5",
                  "--max-overlap", "0.7", "MODEL.RPN.POST_NMS_TOPK_TEST", "64", "TEST.DETECTIONS_PER_IMAGE", "32"]) == 0
     with open(out / "sweep.csv", newline="") as f:
@@ -126,9 +117,9 @@ def test_cli_writes_every_setting_with_the_configs_own_and_the_overrides(tmp_pat
     (["--dataset", "nuclei_synthetic_val", "--score-thresh", "0.01"], "below the model's"),
     (["--dataset", "no_such_set"], "no_such_set"),
 ])
-def test_cli_refusals_name_the_problem_and_write_nothing(tmp_path, weights, capsys, extra, message):
+def test_cli_refusals_name_the_problem_and_write_nothing(tmp_path, untrained_demo_weights, capsys, extra, message):
     out = tmp_path / "sweep"
-    args = ["--config-file", CONFIG, "--weights", weights, "--output-dir", str(out), *extra,
+    args = ["--config-file", CONFIG, "--weights", untrained_demo_weights, "--output-dir", str(out), *extra,
             "MODEL.RPN.POST_NMS_TOPK_TEST", "8", "TEST.DETECTIONS_PER_IMAGE", "8"]
     assert main(args) == 2
     error = capsys.readouterr().err
@@ -136,8 +127,8 @@ def test_cli_refusals_name_the_problem_and_write_nothing(tmp_path, weights, caps
     assert not out.exists()
 
 
-def test_an_option_after_the_overrides_is_named(tmp_path, weights, capsys):
-    assert main(["--config-file", CONFIG, "--weights", weights, "--dataset", "nuclei_synthetic_val",
+def test_an_option_after_the_overrides_is_named(tmp_path, untrained_demo_weights, capsys):
+    assert main(["--config-file", CONFIG, "--weights", untrained_demo_weights, "--dataset", "nuclei_synthetic_val",
                  "--output-dir", str(tmp_path / "sweep"), "TEST.DETECTIONS_PER_IMAGE", "8", "--select", "pq"]) == 2
     assert "--select comes after the config overrides" in capsys.readouterr().err
 
@@ -180,7 +171,8 @@ def test_the_tuning_script_scores_val_and_test_with_the_thresholds_it_chose(tmp_
     assert sorted(p.name for p in tuned.iterdir()) == ["config.yaml", "eval_log.txt", "nuclei_synthetic_train",
                                                        "nuclei_synthetic_val", "postprocess_sweep.json"]
     best = json.loads((tuned / "postprocess_sweep.json").read_text())
-    assert best == json.loads((results / "postprocess_sweeps" / "demo_run_nuclei_synthetic_val" / "best.json").read_text())
+    sweep = results / "postprocess_sweeps" / "demo_run_nuclei_synthetic_val"
+    assert best == json.loads((sweep / "best.json").read_text())
     used = yaml.safe_load((tuned / "config.yaml").read_text())["TEST"]["NUCLEI"]
     assert [used["SCORE_THRESH"], used["MASK_THRESH"], used["MAX_OVERLAP"]] == [
         best["best"]["score_thresh"], best["best"]["mask_thresh"], best["best"]["max_overlap"]]

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import tifffile
 import torch
 from detectron2.modeling import build_model
@@ -22,16 +21,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "demo.yaml")
 # Few proposals keep the untrained demo model fast on the CPU.
 FAST = ["--opts", "MODEL.RPN.POST_NMS_TOPK_TEST", "64", "TEST.DETECTIONS_PER_IMAGE", "32"]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """An untrained demo-model checkpoint (outputs are random; the plumbing is what is tested)."""
-    torch.manual_seed(0)
-    model = build_model(build_predict_cfg(CONFIG, ["MODEL.DEVICE", "cpu"]))
-    path = str(tmp_path_factory.mktemp("weights") / "demo_untrained.pth")
-    torch.save({"model": model.state_dict()}, path)
-    return path
 
 
 def _images(folder, count, size=(96, 128)):
@@ -49,14 +38,14 @@ def _run(inputs, output, weights, *extra, opts=()):
                  "--quiet", *extra, *FAST, *opts])
 
 
-def test_folder_with_a_corrupt_file_reports_it_and_finishes_the_rest(tmp_path, weights, capsys):
+def test_folder_with_a_corrupt_file_reports_it_and_finishes_the_rest(tmp_path, untrained_demo_weights, capsys):
     folder = tmp_path / "in"
     good = _images(folder, 2)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (folder / "empty.tif").write_bytes(b"")
     (folder / "notes.txt").write_text("not an image")  # ignored in a folder
     output = tmp_path / "out"
-    assert _run([str(folder)], output, weights) == 1
+    assert _run([str(folder)], output, untrained_demo_weights) == 1
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "broken.png" in errors[0] and "empty.tif" in errors[1]
@@ -72,18 +61,18 @@ def test_folder_with_a_corrupt_file_reports_it_and_finishes_the_rest(tmp_path, w
 
     # Re-run: finished inputs are skipped, the broken one is tried (and reported) again.
     stamp = os.path.getmtime(output / "img0_labels.tif")
-    assert _run([str(folder)], output, weights) == 1
+    assert _run([str(folder)], output, untrained_demo_weights) == 1
     assert "0 done, 2 skipped (outputs exist), 2 failed" in capsys.readouterr().out
     assert os.path.getmtime(output / "img0_labels.tif") == stamp
     # A missing output makes its input run again; --overwrite redoes everything.
     os.remove(output / "img1_overlay.png")
-    assert _run(good, output, weights) == 0
+    assert _run(good, output, untrained_demo_weights) == 0
     assert "1 done, 1 skipped" in capsys.readouterr().out
-    assert _run(good, output, weights, "--overwrite", "--formats", "labels") == 0
+    assert _run(good, output, untrained_demo_weights, "--overwrite", "--formats", "labels") == 0
     assert "2 done, 0 skipped" in capsys.readouterr().out
 
 
-def test_glob_list_file_and_all_background_image(tmp_path, weights, capsys):
+def test_glob_list_file_and_all_background_image(tmp_path, untrained_demo_weights, capsys):
     paths = _images(tmp_path / "in", 2, size=(64, 64))
     blank = str(tmp_path / "in" / "blank.jpg")
     Image.fromarray(np.full((80, 80, 3), 240, np.uint8)).save(blank)
@@ -92,22 +81,22 @@ def test_glob_list_file_and_all_background_image(tmp_path, weights, capsys):
     assert expand_inputs([str(listing)]) == [str(tmp_path / "in" / "img1.png"), blank]
     assert expand_inputs([str(tmp_path / "in" / "*.png"), paths[0]]) == paths
     output = tmp_path / "out"
-    assert _run([str(listing)], output, weights, "--formats", "labels", "csv",
+    assert _run([str(listing)], output, untrained_demo_weights, "--formats", "labels", "csv",
                 opts=["TEST.NUCLEI.SCORE_THRESH", "1.0"]) == 0
     assert "2 inputs: 2 done" in capsys.readouterr().out
     assert tifffile.imread(output / "blank_labels.tif").max() == 0
     assert (output / "blank_nuclei.csv").read_text().splitlines()[0].startswith("id,")
     document = tmp_path / "report.docx"
     document.write_bytes(b"PK\x03\x04")
-    assert _run([str(document)], output, weights) == 1
+    assert _run([str(document)], output, untrained_demo_weights) == 1
     assert re.search(r"error: .*report.docx: unsupported format .docx", capsys.readouterr().err)
 
 
-def test_setup_errors_are_one_clear_line(tmp_path, weights, capsys):
+def test_setup_errors_are_one_clear_line(tmp_path, untrained_demo_weights, capsys):
     image = _images(tmp_path / "in", 1)[0]
     occupied = tmp_path / "file"
     occupied.write_text("")
-    assert _run([image], occupied, weights) == 2
+    assert _run([image], occupied, untrained_demo_weights) == 2
     assert re.search(r"error: output folder .*file cannot be written", capsys.readouterr().err)
     assert _run([image], tmp_path / "out", str(tmp_path / "missing.pth")) == 2
     assert "missing.pth: checkpoint file not found" in capsys.readouterr().err
@@ -122,16 +111,16 @@ def test_setup_errors_are_one_clear_line(tmp_path, weights, capsys):
     twin = tmp_path / "other" / "img0.jpg"
     twin.parent.mkdir()
     Image.open(image).convert("RGB").save(twin)
-    assert _run([image, str(twin)], tmp_path / "out", weights) == 2
+    assert _run([image, str(twin)], tmp_path / "out", untrained_demo_weights) == 2
     assert "share a name" in capsys.readouterr().err
 
 
-def test_slide_with_level_and_roi(tmp_path, weights):
+def test_slide_with_level_and_roi(tmp_path, untrained_demo_weights):
     image, _ = generate_tile(np.random.default_rng(0), (512, 512))
     slide = str(tmp_path / "slide.tif")
     write_pyramidal_tiff(slide, lambda y0, y1, x0, x1: image[y0:y1, x0:x1], 512, 512, num_levels=2)
     output = tmp_path / "out"
-    assert _run([slide], output, weights, "--level", "1", "--roi", "64", "32", "256", "300",
+    assert _run([slide], output, untrained_demo_weights, "--level", "1", "--roi", "64", "32", "256", "300",
                 "--tile-size", "96", "--overlap", "32", opts=["TEST.NUCLEI.SCORE_THRESH", "0.0"]) == 0
     with tifffile.TiffFile(output / "slide_labels.tif") as labels:
         assert labels.pages[0].shape == (150, 128)
@@ -147,13 +136,13 @@ def test_slide_with_level_and_roi(tmp_path, weights):
     assert 64 <= min(xs) and max(xs) <= 64 + 256 and 32 <= min(ys) and max(ys) <= 32 + 300
 
 
-def test_two_cpu_processes_shard_the_inputs(tmp_path, weights):
+def test_two_cpu_processes_shard_the_inputs(tmp_path, untrained_demo_weights):
     _images(tmp_path / "in", 5, size=(64, 64))
     (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
     paths = expand_inputs([str(tmp_path / "in")])  # broken.png, img0.png, ..., img4.png
     output = tmp_path / "out"
     command = [sys.executable, "-m", "nucseg_d2.predict", str(tmp_path / "in"), "--config-file", CONFIG,
-               "--weights", weights, "--output", str(output), "--formats", "labels", "--quiet",
+               "--weights", untrained_demo_weights, "--output", str(output), "--formats", "labels", "--quiet",
                "--num-gpus", "2", "--dist-url", "auto", *FAST]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
