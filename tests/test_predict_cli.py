@@ -64,10 +64,15 @@ def test_folder_with_a_corrupt_file_reports_it_and_finishes_the_rest(tmp_path, u
     assert _run([str(folder)], output, untrained_demo_weights) == 1
     assert "0 done, 2 skipped (outputs exist), 2 failed" in capsys.readouterr().out
     assert os.path.getmtime(output / "img0_labels.tif") == stamp
-    # A missing output makes its input run again; --overwrite redoes everything.
+    # A missing output makes its input run again, writing only what is missing: a GeoJSON
+    # edited (in QuPath, say) since is kept; --overwrite redoes everything.
     os.remove(output / "img1_overlay.png")
+    (output / "img1.geojson").write_text('{"edited": true}')
     assert _run(good, output, untrained_demo_weights) == 0
-    assert "1 done, 1 skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 done, 1 skipped" in out and "img1.png: keeping its existing coco, csv, geojson, labels" in out
+    assert (output / "img1_overlay.png").is_file()
+    assert (output / "img1.geojson").read_text() == '{"edited": true}'
     assert _run(good, output, untrained_demo_weights, "--overwrite", "--formats", "labels") == 0
     assert "2 done, 0 skipped" in capsys.readouterr().out
 
@@ -113,6 +118,25 @@ def test_setup_errors_are_one_clear_line(tmp_path, untrained_demo_weights, capsy
     Image.open(image).convert("RGB").save(twin)
     assert _run([image, str(twin)], tmp_path / "out", untrained_demo_weights) == 2
     assert "share a name" in capsys.readouterr().err
+    assert _run([image], tmp_path / "out", untrained_demo_weights, "--batch-size", "-1") == 2
+    assert "error: --batch-size must be >= 1 (got -1)" in capsys.readouterr().err
+    assert _run([image], tmp_path / "out", untrained_demo_weights, "--mpp", "0") == 2
+    assert "error: --mpp must be > 0 micrometres per pixel (got 0.0)" in capsys.readouterr().err
+    assert not os.listdir(tmp_path / "out")
+
+
+def test_output_folder_may_be_the_input_folder(tmp_path, untrained_demo_weights, capsys):
+    folder = tmp_path / "in"
+    _images(folder, 2, size=(64, 64))
+    assert _run([str(folder)], folder, untrained_demo_weights) == 0
+    captured = capsys.readouterr()
+    assert "2 inputs: 2 done" in captured.out and "note:" not in captured.err
+    assert (folder / "img0_labels.tif").is_file() and (folder / "img1_overlay.png").is_file()
+    # On the re-run the outputs lying beside the images are not taken for new inputs.
+    assert _run([str(folder)], folder, untrained_demo_weights) == 0
+    captured = capsys.readouterr()
+    assert "2 inputs: 0 done, 2 skipped" in captured.out
+    assert "note: 4 file(s) in the output folder named as nucseg-predict outputs" in captured.err
 
 
 def test_slide_with_level_and_roi(tmp_path, untrained_demo_weights):

@@ -249,6 +249,15 @@ def test_small_and_all_background_images():
     assert blank.scores.shape == (0,) and blank.scores.dtype == np.float32
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tile_size": 256, "overlap": 256}, "0 <= overlap < tile_size, got 256, 256"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+])
+def test_bad_tiling_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NucleiPredictor(model=LabelStandIn(), **kwargs)
+
+
 def test_stitching_on_a_real_kumar_label_map():
     labels = sorted(glob.glob(os.path.join(KUMAR, "labels", "*.png")))
     if not labels:

@@ -6,7 +6,8 @@ Inputs are images, folders, globs or text files listing paths (one a line, relat
 list's folder). Per input ``<stem>`` the outputs are ``<stem>_labels.tif``, ``<stem>.geojson``,
 ``<stem>_coco.json``, ``<stem>_nuclei.csv`` (or ``.parquet``) and ``<stem>_overlay.png`` (see
 ``--formats``). Inputs whose outputs all exist are skipped unless ``--overwrite``, so an
-interrupted batch resumes where it stopped. A failing input is reported on one line and the batch
+interrupted batch resumes where it stopped; of an input whose outputs partly exist, only the missing
+ones are written (a GeoJSON edited in QuPath is never replaced unasked). A failing input is reported on one line and the batch
 goes on; the exit status is 1 when any input failed, 2 when nothing could start (bad checkpoint,
 config or output folder).
 
@@ -96,19 +97,30 @@ def _is_within(path: str, folder: str) -> bool:
     return os.path.dirname(os.path.realpath(path)) == os.path.realpath(folder)
 
 
+def is_output_file(path: str) -> bool:
+    """Whether the file name is one this tool writes (``<stem>_labels.tif``, ``<stem>_overlay.png``, ...)."""
+    return os.path.basename(path).lower().endswith(tuple(FORMATS.values()))
+
+
 def expand_inputs(specs: Sequence[str], output_dir: Optional[str] = None) -> List[str]:
     """Files to process, in order, without duplicates.
 
-    A folder gives its image/slide files (not recursive, hidden files and the output folder's
-    files excluded); a glob its matches with an image/slide suffix; a ``.txt``/``.lst`` file
+    A folder gives its image/slide files (not recursive; hidden files, and files in the output
+    folder named as this tool's outputs, excluded); a glob its matches with an image/slide suffix; a ``.txt``/``.lst`` file
     the paths it lists; anything else is taken as a file, so a missing one fails by name later.
     """
     paths: List[str] = []
+    earlier_outputs: List[str] = []
 
     def supported(path):
-        return (os.path.isfile(path) and path.lower().endswith(INPUT_SUFFIXES)
-                and not os.path.basename(path).startswith(".")
-                and not (output_dir and _is_within(path, output_dir)))
+        if not (os.path.isfile(path) and path.lower().endswith(INPUT_SUFFIXES)
+                and not os.path.basename(path).startswith(".")):
+            return False
+        # Outputs written into the input folder (--output = the input folder) are not inputs.
+        if output_dir and _is_within(path, output_dir) and is_output_file(path):
+            earlier_outputs.append(path)
+            return False
+        return True
 
     for spec in specs:
         if os.path.isdir(spec) or (any(ch in spec for ch in "*?[") and not os.path.exists(spec)):
@@ -129,6 +141,9 @@ def expand_inputs(specs: Sequence[str], output_dir: Optional[str] = None) -> Lis
                         paths.append(line if os.path.isabs(line) else os.path.join(base, line))
         else:
             paths.append(spec)
+    if earlier_outputs:
+        print(f"note: {len(earlier_outputs)} file(s) in the output folder named as nucseg-predict outputs "
+              f"(e.g. {os.path.basename(earlier_outputs[0])}) are not taken as inputs", file=sys.stderr)
     unique, seen = [], set()
     for path in paths:
         key = os.path.abspath(path)
@@ -202,11 +217,17 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
     todo = []
     for image_id, path in inputs:
         paths = output_paths(path, args.output, args.formats)
-        if not args.overwrite and all(os.path.isfile(p) for p in paths.values()):
-            summary["skipped"].append(path)
-            print(f"{tag}{path}: skipped (outputs exist; --overwrite to redo)", flush=True)
-        else:
-            todo.append((image_id, path, paths))
+        if not args.overwrite:
+            existing = sorted(name for name, p in paths.items() if os.path.isfile(p))
+            if len(existing) == len(paths):
+                summary["skipped"].append(path)
+                print(f"{tag}{path}: skipped (outputs exist; --overwrite to redo)", flush=True)
+                continue
+            if existing:
+                print(f"{tag}{path}: keeping its existing {', '.join(existing)} output(s), writing the "
+                      f"others (--overwrite to redo all)", flush=True)
+                paths = {name: p for name, p in paths.items() if name not in existing}
+        todo.append((image_id, path, paths))
     if not todo:
         return summary
 
@@ -308,6 +329,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.overlap < 0 or args.tile_size <= args.overlap:
         print(f"error: need 0 <= --overlap < --tile-size (got {args.overlap}, {args.tile_size})", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+    if args.batch_size is not None and args.batch_size < 1:
+        print(f"error: --batch-size must be >= 1 (got {args.batch_size})", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+    if args.mpp is not None and not args.mpp > 0:
+        print(f"error: --mpp must be > 0 micrometres per pixel (got {args.mpp})", file=sys.stderr)
         return EXIT_SETUP_ERROR
     if not os.path.isfile(args.config_file):
         print(f"error: config file not found: {args.config_file}", file=sys.stderr)

@@ -148,6 +148,8 @@ class NucleiPredictor:
             raise ValueError("give a config (file or CfgNode), or a ready model")
         if tile_size <= 0 or not 0 <= overlap < tile_size:
             raise ValueError(f"need tile_size > 0 and 0 <= overlap < tile_size, got {tile_size}, {overlap}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (or None for the device's default), got {batch_size}")
         self.cfg = build_predict_cfg(cfg_or_config_file, opts) if cfg_or_config_file is not None else None
         nuclei = self.cfg.TEST.NUCLEI if self.cfg is not None else None
         self.score_thresh = score_thresh if score_thresh is not None else (nuclei.SCORE_THRESH if nuclei else 0.5)
@@ -182,7 +184,7 @@ class NucleiPredictor:
         self.model = model.to(self.device).eval()
         self.weights = weights
         self.tile_size, self.overlap = int(tile_size), int(overlap)
-        self.batch_size = int(batch_size or (4 if self.device.type == "cuda" else 1))
+        self.batch_size = int(batch_size if batch_size is not None else (4 if self.device.type == "cuda" else 1))
         self.transforms = TTA_TRANSFORMS if tta else ("identity",)
         self.progress = progress
         self.last_timing: Dict[str, float] = {}
