@@ -15,6 +15,7 @@ from nucseg_d2.data.readers import (
     read_label_map,
     read_monuseg_xml,
     read_rgb_image,
+    composite_on_white,
     read_tnbc_gt,
 )
 
@@ -110,6 +111,52 @@ def test_16bit_colour_image_is_scaled_not_truncated(tmp_path, suffix):
         image = read_rgb_image(path)
     # Scaled: 500 -> 2, 65280 -> 254; keeping the high byte (Pillow's default) would give 1, 255.
     assert image[0, 0].tolist() == [2, 254, 255]
+
+
+def test_transparent_pixels_become_white_glass(tmp_path):
+    # Straight alpha: colour 100 at alpha 0, 51, 255 gives 255, 100 * 0.2 + 255 * 0.8 = 224, 100.
+    rgba = np.full((1, 3, 4), 100, np.uint8)
+    rgba[0, :, 3] = (0, 51, 255)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "crop.png")
+    with pytest.warns(UserWarning, match="crop.png: transparent pixels composited onto white"):
+        image = read_rgb_image(tmp_path / "crop.png")
+    assert image[0].tolist() == [[255] * 3, [224] * 3, [100] * 3]
+    # TIFF associated (premultiplied) alpha: stored colour 20 at alpha 51 is 20 + 255 * 0.8 = 224.
+    premultiplied = rgba.copy()
+    premultiplied[0, :, :3] = np.array([0, 20, 100])[:, None]
+    tifffile.imwrite(tmp_path / "assoc.tif", premultiplied, photometric="rgb", extrasamples=["assocalpha"])
+    with pytest.warns(UserWarning, match="transparent"):
+        assert read_rgb_image(tmp_path / "assoc.tif")[0].tolist() == [[255] * 3, [224] * 3, [100] * 3]
+    # Grey + alpha, tagged: composited, then replicated.
+    tifffile.imwrite(tmp_path / "grey_alpha.tif", rgba[..., 2:], photometric="minisblack",
+                     planarconfig="contig", extrasamples=["unassalpha"])
+    with pytest.warns(UserWarning, match="greyscale"):
+        assert read_rgb_image(tmp_path / "grey_alpha.tif")[0].tolist() == [[255] * 3, [224] * 3, [100] * 3]
+    assert composite_on_white(rgba[..., :3]).tolist() == rgba[..., :3].tolist()
+
+
+def test_extra_channels_not_tagged_as_alpha(tmp_path):
+    two = np.full((2, 2, 2), 90, np.uint8)
+    two[..., 1] = 0  # would make the image white if taken for alpha
+    tifffile.imwrite(tmp_path / "two.tif", two, photometric="minisblack", planarconfig="contig")
+    with pytest.raises(NucleiDataError, match="two.tif: 2 channels, the second not tagged as alpha"):
+        read_rgb_image(tmp_path / "two.tif")
+    four = np.full((2, 2, 4), 90, np.uint8)
+    four[..., 3] = 0
+    tifffile.imwrite(tmp_path / "four.tif", four, photometric="rgb", extrasamples=["unspecified"])
+    with pytest.warns(UserWarning, match="4th channel not tagged as alpha, ignored"):
+        assert (read_rgb_image(tmp_path / "four.tif") == 90).all()
+
+
+def test_8bit_data_in_16bit_file_is_not_darkened_and_signed_8bit_is_refused(tmp_path):
+    values = np.array([[0, 17], [128, 255]], np.uint16)
+    tifffile.imwrite(tmp_path / "low16.tif", np.repeat(values[..., None], 3, axis=2), photometric="rgb")
+    with pytest.warns(UserWarning, match=r"16-bit image \(uint16\) with values <= 255 read as 8-bit values"):
+        image = read_rgb_image(tmp_path / "low16.tif")
+    assert image[..., 0].tolist() == values.tolist()
+    tifffile.imwrite(tmp_path / "signed.tif", np.full((2, 2, 3), 5, np.int8), photometric="rgb")
+    with pytest.raises(NucleiDataError, match="signed.tif: unsupported image dtype int8"):
+        read_rgb_image(tmp_path / "signed.tif")
 
 
 def test_lzw_tiff_rgb_round_trip(tmp_path):
@@ -269,6 +316,25 @@ def test_tnbc_gt_uses_4_connectivity(tmp_path):
 
 
 @needs_tnbc
+@pytest.mark.parametrize("foreground", [1, 255, 65535])
+def test_tnbc_gt_accepts_any_single_foreground_value(tmp_path, foreground):
+    mask = np.zeros((4, 6), np.uint16)
+    mask[0:2, 0:2] = mask[2:4, 4:6] = foreground
+    tifffile.imwrite(tmp_path / "mask.tif", mask)
+    assert read_tnbc_gt(tmp_path / "mask.tif").max() == 2
+
+
+@pytest.mark.parametrize("values, problem", [
+    (np.array([[0, 1], [2, 2]], np.uint8), r"not a binary mask \(2 distinct foreground values, e.g. \[1, 2\]\)"),
+    (np.array([[0, 0.7], [0.7, 0]], np.float32), "binary mask of dtype float32"),
+    (np.array([[0, -3], [0, 0]], np.int16), "negative values"),
+])
+def test_tnbc_gt_refuses_what_is_not_a_binary_mask(tmp_path, values, problem):
+    tifffile.imwrite(tmp_path / "gt.tif", values)
+    with pytest.raises(NucleiDataError, match="gt.tif: .*" + problem):
+        read_tnbc_gt(tmp_path / "gt.tif")
+
+
 def test_real_tnbc_gt_component_count():
     total = 0
     for gt_path in sorted((REAL_ROOT / "tnbc").glob("GT_*/*.png")):

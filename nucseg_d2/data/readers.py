@@ -18,6 +18,7 @@ from PIL import Image
 __all__ = [
     "NucleiDataError",
     "read_rgb_image",
+    "composite_on_white",
     "read_label_map",
     "read_tnbc_gt",
     "read_monuseg_xml",
@@ -104,6 +105,35 @@ def _read_16bit_colour_png(path):
     return pixels[..., ::-1]
 
 
+def composite_on_white(pixels, premultiplied=False):
+    """(H, W, C) uint8, C = 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA) -> (H, W, 3) RGB.
+
+    Transparent pixels (outside the scanned tissue, in crops and slides) become white, i.e.
+    glass, which tissue masks and models see as background; black would look like dense stain.
+    ``premultiplied``: the colour was stored multiplied by alpha (TIFF associated alpha).
+    """
+    if pixels.shape[2] in (2, 4) and pixels[..., -1].min() < 255:
+        alpha = pixels[..., -1:].astype(np.float32) / 255.0
+        colour = pixels[..., :-1].astype(np.float32)
+        if not premultiplied:
+            colour = colour * alpha
+        pixels = np.round(np.clip(colour + 255.0 * (1.0 - alpha), 0, 255)).astype(np.uint8)
+    if pixels.shape[2] in (1, 2):
+        pixels = np.repeat(pixels[..., :1], 3, axis=2)
+    return np.ascontiguousarray(pixels[..., :3])
+
+
+def _tiff_alpha(path, channels):
+    """How a 2- or 4-channel TIFF's last channel is tagged: 'straight', 'premultiplied' or None
+    (an unspecified extra channel, which is not transparency)."""
+    with tifffile.TiffFile(path) as tif:
+        extras = tuple(tif.pages[0].extrasamples or ())
+    if channels not in (2, 4) or not extras:
+        return None
+    kind = int(extras[-1])
+    return {1: "premultiplied", 2: "straight"}.get(kind)
+
+
 def read_rgb_image(path):
     """Read an image as (H, W, 3) uint8 RGB; see docs/INTERFACES.md for the conversions applied."""
     path = os.fspath(path)
@@ -119,17 +149,35 @@ def read_rgb_image(path):
         pixels = pixels[..., None]
     if pixels.ndim != 3 or pixels.shape[2] not in (1, 2, 3, 4):
         raise NucleiDataError(f"{path}: unsupported image shape {pixels.shape}")
+    premultiplied = False
+    if suffix in _TIFF_SUFFIXES and pixels.shape[2] in (2, 4):
+        alpha = _tiff_alpha(path, pixels.shape[2])
+        if alpha is None and pixels.shape[2] == 2:
+            raise NucleiDataError(f"{path}: 2 channels, the second not tagged as alpha; expected grey, "
+                                  "grey + alpha, RGB or RGBA")
+        if alpha is None:
+            warnings.warn(f"{path}: 4th channel not tagged as alpha, ignored")
+            pixels = pixels[..., :3]
+        premultiplied = alpha == "premultiplied"
     if pixels.dtype != np.uint8:
-        if pixels.dtype.kind not in "ui" or pixels.min() < 0 or pixels.max() > 65535:
+        if pixels.dtype.itemsize == 1 or pixels.dtype.kind not in "ui" or pixels.min() < 0 \
+                or pixels.max() > 65535:
             raise NucleiDataError(
-                f"{path}: unsupported image dtype {pixels.dtype} with values outside 0..65535"
+                f"{path}: unsupported image dtype {pixels.dtype} (expected 8-bit, or 16-bit with values "
+                f"0..65535; values {pixels.min()}..{pixels.max()})"
             )
-        warnings.warn(f"{path}: 16-bit image scaled to 8-bit as round(value * 255 / 65535)")
-        pixels = np.round(pixels.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
-    if pixels.shape[2] in (1, 2):  # grey, or grey + alpha
+        if pixels.max() <= 255:
+            # 8-bit data stored in a 16-bit file: scaling by 255/65535 would make it black.
+            warnings.warn(f"{path}: 16-bit image ({pixels.dtype}) with values <= 255 read as 8-bit values")
+            pixels = pixels.astype(np.uint8)
+        else:
+            warnings.warn(f"{path}: 16-bit image ({pixels.dtype}) scaled to 8-bit as round(value * 255 / 65535)")
+            pixels = np.round(pixels.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+    if pixels.shape[2] in (2, 4) and pixels[..., -1].min() < 255:
+        warnings.warn(f"{path}: transparent pixels composited onto white")
+    if pixels.shape[2] in (1, 2):
         warnings.warn(f"{path}: greyscale image replicated to 3 RGB channels")
-        pixels = np.repeat(pixels[..., :1], 3, axis=2)
-    return np.ascontiguousarray(pixels[..., :3])
+    return composite_on_white(pixels, premultiplied=premultiplied)
 
 
 def _as_label_map(values, path):
@@ -204,11 +252,27 @@ def read_label_map(path):
 
 
 def read_tnbc_gt(path):
-    """Read a TNBC binary (0/255) GT mask; nuclei are its 4-connected components."""
+    """Read a TNBC binary (0/255) GT mask; nuclei are its 4-connected components.
+
+    Any one foreground value is accepted (0/1, 0/255, 0/65535); more than one means an instance
+    label map, whose touching nuclei would merge here, so it is refused.
+    """
     path = os.fspath(path)
     pixels = _read_pixels(path)
     if pixels.ndim == 3:
         pixels = pixels[..., : min(3, pixels.shape[2])].max(axis=2)  # ignore alpha
+    if pixels.ndim != 2:
+        raise NucleiDataError(f"{path}: binary mask must be 2-D, got shape {pixels.shape}")
+    if pixels.dtype.kind not in "uib":
+        raise NucleiDataError(f"{path}: binary mask of dtype {pixels.dtype}; expected integers 0 and one "
+                              "foreground value")
+    foreground_values = np.unique(pixels[pixels != 0])
+    if foreground_values.size and foreground_values.min() < 0:
+        raise NucleiDataError(f"{path}: binary mask has negative values (min {foreground_values.min()})")
+    if foreground_values.size > 1:
+        raise NucleiDataError(
+            f"{path}: not a binary mask ({foreground_values.size} distinct foreground values, e.g. "
+            f"{foreground_values[:3].tolist()}); for an instance label map use label_format='label_map'")
     foreground = pixels > 0
     label_map, _ = scipy.ndimage.label(foreground)  # default structure = 4-connectivity
     return label_map.astype(np.int32)

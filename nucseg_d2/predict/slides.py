@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import tifffile
 
-from ..data.readers import NucleiDataError, read_rgb_image
+from ..data.readers import NucleiDataError, composite_on_white, read_rgb_image
 from .tiling import Tile
 
 __all__ = [
@@ -247,16 +247,9 @@ class SlideSource(ImageSource):
         if pixels.ndim != 3 or pixels.shape[2] not in (1, 2, 3, 4):
             raise NucleiDataError(f"{self.path}: unsupported slide pixels of shape {pixels.shape} "
                                   "(expected grey, grey + alpha, RGB or RGBA)")
-        if pixels.shape[2] in (2, 4) and pixels[..., -1].min() < 255:
-            # Straight alpha (openslide-python un-premultiplies OpenSlide's ARGB; TIFFs written
-            # with unassociated alpha), transparent outside scanned areas: composite onto glass
-            # (white), which the tissue mask treats as background.
-            alpha = pixels[..., -1:].astype(np.float32) / 255.0
-            colour = pixels[..., :-1].astype(np.float32)
-            pixels = np.round(colour * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-        if pixels.shape[2] in (1, 2):
-            pixels = np.repeat(pixels[..., :1], 3, axis=2)
-        return np.ascontiguousarray(pixels[..., :3])
+        # Straight alpha: openslide-python un-premultiplies OpenSlide's ARGB, and tiffslide
+        # returns TIFFs' unassociated alpha as stored.
+        return composite_on_white(pixels)
 
     def read(self, y0, y1, x0, x1):
         if not (0 <= y0 < y1 <= self.height and 0 <= x0 < x1 <= self.width):
