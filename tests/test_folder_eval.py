@@ -18,7 +18,7 @@ from scipy import ndimage
 from nucseg_d2.data import register_nuclei_folder
 from nucseg_d2.data.readers import read_label_map
 from nucseg_d2.data.synthetic import generate_tile
-from nucseg_d2.evaluation.folder_eval import DEFAULT_METRICS, main
+from nucseg_d2.evaluation.folder_eval import DEFAULT_METRICS, FolderEvalError, main, read_groups_csv
 from nucseg_d2.evaluation.metrics import compute_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +155,25 @@ def test_groups_csv_gives_means_per_group(folders, tmp_path):
     # Pooled per organ: Breast sums image a (8/11) with a perfect image, so it lies strictly between.
     assert 8 / 11 < summary["groups"]["Breast"]["pooled_aji"] < 1.0
     assert _rows(out)["a"]["organ"] == "Breast"
+
+
+def test_groups_csv_as_spreadsheets_save_it(tmp_path):
+    # "CSV UTF-8" from a spreadsheet starts with a byte-order mark; cells may carry spaces.
+    groups = tmp_path / "groups.csv"
+    groups.write_bytes("image_id,organ\r\na , Estómago\r\n,\r\nb,Liver\r\n".encode("utf-8-sig"))
+    assert read_groups_csv(str(groups)) == ("organ", {"a": "Estómago", "b": "Liver"})
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("image_id,organ\na,Est\u00f3mago\n".encode("cp1252"), "groups file is not UTF-8 text .*save it as CSV UTF-8"),
+    (b"image_id,organ\na,Breast\nb,\n", "line 3: empty image_id or organ \\('b', ''\\)"),
+    (b"image_id,organ\na,Breast\nc\n", "line 3: empty image_id or organ \\('c', ''\\)"),
+])
+def test_bad_groups_csv_is_named(tmp_path, content, problem):
+    groups = tmp_path / "groups.csv"
+    groups.write_bytes(content)
+    with pytest.raises(FolderEvalError, match="groups.csv: " + problem):
+        read_groups_csv(str(groups))
 
 
 def _error_case(case, gt_dir, pred_dir, tmp_path):

@@ -93,29 +93,44 @@ def read_groups_csv(path: str, group_column: Optional[str] = None) -> Tuple[str,
     """
     if not os.path.isfile(path):
         raise FolderEvalError(f"{path}: groups file not found")
-    with open(path, newline="") as groups_file:
-        reader = csv.DictReader(groups_file)
-        columns = reader.fieldnames or []
-        if "image_id" not in columns:
-            raise FolderEvalError(f"{path}: groups file needs an 'image_id' column (columns: {columns})")
-        others = [column for column in columns if column != "image_id"]
-        if group_column is None:
-            if len(others) != 1:
-                raise FolderEvalError(
-                    f"{path}: pick the group column with --group-column (columns besides image_id: {others})"
-                )
-            group_column = others[0]
-        elif group_column not in others:
-            raise FolderEvalError(f"{path}: no column {group_column!r} (columns: {columns})")
-        group_of: Dict[str, str] = {}
-        for row in reader:
-            image_id, group = row["image_id"], row[group_column]
-            if image_id in group_of and group_of[image_id] != group:
-                raise FolderEvalError(
-                    f"{path}: image {image_id!r} is in two {group_column} groups "
-                    f"({group_of[image_id]!r} and {group!r})"
-                )
-            group_of[image_id] = group
+    try:
+        # utf-8-sig: spreadsheets save "CSV UTF-8" with a byte-order mark before the first name.
+        with open(path, newline="", encoding="utf-8-sig") as groups_file:
+            return _read_groups(path, csv.DictReader(groups_file), group_column)
+    except UnicodeDecodeError as err:
+        raise FolderEvalError(f"{path}: groups file is not UTF-8 text ({err.reason} at byte {err.start}); "
+                              "save it as CSV UTF-8") from err
+    except csv.Error as err:
+        raise FolderEvalError(f"{path}: groups file is not valid CSV ({err})") from err
+
+
+def _read_groups(path: str, reader: csv.DictReader, group_column: Optional[str]) -> Tuple[str, Dict[str, str]]:
+    columns = reader.fieldnames or []
+    if "image_id" not in columns:
+        raise FolderEvalError(f"{path}: groups file needs an 'image_id' column (columns: {columns})")
+    others = [column for column in columns if column != "image_id"]
+    if group_column is None:
+        if len(others) != 1:
+            raise FolderEvalError(
+                f"{path}: pick the group column with --group-column (columns besides image_id: {others})"
+            )
+        group_column = others[0]
+    elif group_column not in others:
+        raise FolderEvalError(f"{path}: no column {group_column!r} (columns: {columns})")
+    group_of: Dict[str, str] = {}
+    for row in reader:
+        if not any((value or "").strip() for value in row.values() if isinstance(value, str)):
+            continue  # a line of empty cells
+        image_id, group = (row["image_id"] or "").strip(), (row[group_column] or "").strip()
+        if not image_id or not group:
+            raise FolderEvalError(f"{path}: line {reader.line_num}: empty image_id or {group_column} "
+                                  f"({image_id!r}, {group!r})")
+        if image_id in group_of and group_of[image_id] != group:
+            raise FolderEvalError(
+                f"{path}: image {image_id!r} is in two {group_column} groups "
+                f"({group_of[image_id]!r} and {group!r})"
+            )
+        group_of[image_id] = group
     return group_column, group_of
 
 
