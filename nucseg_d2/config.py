@@ -1,5 +1,8 @@
 """Config keys added by nucseg-d2. Call ``add_nucseg_config(cfg)`` on a fresh ``get_cfg()``."""
 import os
+import re
+
+import yaml
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
@@ -113,7 +116,17 @@ def merge_config_file(cfg, path: str):
         cfg.merge_from_file(path)
     except KeyError as e:
         raise NucleiConfigError(f"{path}: unknown config key {e}") from e
-    except (ValueError, AssertionError, TypeError) as e:
+    except yaml.YAMLError as e:
+        # One line: command-line tools print the last line of an error only.
+        problem = re.sub(r"\s+", " ", str(e)).strip()
+        raise NucleiConfigError(f"{path}: not valid YAML: {problem}") from e
+    except OSError as e:
+        raise NucleiConfigError(f"{path}: cannot read it or a _BASE_ file it names: {e}") from e
+    except TypeError as e:
+        if "NoneType" in str(e):  # yaml.safe_load of an empty file gives None
+            raise NucleiConfigError(f"{path}: the config file or a _BASE_ file it names is empty") from e
+        raise NucleiConfigError(f"{path}: {e}") from e
+    except (ValueError, AssertionError) as e:
         raise NucleiConfigError(f"{path}: {e}") from e
 
 
@@ -126,9 +139,14 @@ def validate_nucseg_config(cfg):
         if not 0.0 <= value <= 1.0:
             raise NucleiConfigError(f"INPUT.AUG.{key} must be a probability in [0, 1], got {value}")
     for key in ("GAUSSIAN_BLUR_SIGMA", "GAUSSIAN_NOISE_STD", "EMBOSS_STRENGTH", "SHARPEN_STRENGTH"):
-        low, high = aug[key]
-        if not 0 <= low <= high:
-            raise NucleiConfigError(f"INPUT.AUG.{key} must be a range (low, high) with 0 <= low <= high, got {aug[key]}")
+        value = aug[key]
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and 0 <= value[0] <= value[1]):
+            raise NucleiConfigError(f"INPUT.AUG.{key} must be a range (low, high) with 0 <= low <= high, got {value}")
+    if not 0.0 <= aug.STAIN_JITTER_SCALE < 1.0:
+        # The HED scale is drawn from U(1 - s, 1 + s): s >= 1 could flip a stain's sign.
+        raise NucleiConfigError(f"INPUT.AUG.STAIN_JITTER_SCALE must be in [0, 1), got {aug.STAIN_JITTER_SCALE}")
+    if aug.STAIN_JITTER_SHIFT < 0:
+        raise NucleiConfigError(f"INPUT.AUG.STAIN_JITTER_SHIFT must be >= 0, got {aug.STAIN_JITTER_SHIFT}")
     if cfg.INPUT.MIN_FRAGMENT_AREA < 0:
         raise NucleiConfigError(f"INPUT.MIN_FRAGMENT_AREA must be >= 0, got {cfg.INPUT.MIN_FRAGMENT_AREA}")
     if cfg.SOLVER.NUCLEI.TIME_LIMIT_S < 0:

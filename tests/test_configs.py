@@ -73,11 +73,28 @@ def test_build_nuclei_cfg_from_file_or_node_with_overrides():
         ("tnbc.yaml", ["DATASETS.TNBC_NUM_FOLDS", "1"], r"TNBC_NUM_FOLDS: .* 2\.\.\d+, got 1"),
         ("tnbc.yaml", ["DATASETS.TNBC_NUM_FOLDS", "20"], r"TNBC_NUM_FOLDS: .* 2\.\.\d+, got 20"),
         ("tnbc.yaml", ["MODEL.META_ARCHITECTURE", "GeneralizedRCNN"], "SEMANTIC_ON and FUSION_ON: True, but .*GeneralizedRCNN"),
+        ("tnbc.yaml", ["INPUT.AUG.GAUSSIAN_BLUR_SIGMA", "(0.5,)"], r"GAUSSIAN_BLUR_SIGMA must be a range .* got \(0.5,\)"),
+        ("tnbc.yaml", ["INPUT.AUG.SHARPEN_STRENGTH", "(0.1, 0.2, 0.3)"], "SHARPEN_STRENGTH must be a range"),
+        ("tnbc.yaml", ["INPUT.AUG.STAIN_JITTER_SCALE", "1.5"], r"STAIN_JITTER_SCALE must be in \[0, 1\), got 1.5"),
+        ("tnbc.yaml", ["INPUT.AUG.STAIN_JITTER_SHIFT", "-0.1"], "STAIN_JITTER_SHIFT must be >= 0"),
     ],
 )
 def test_values_the_model_would_misuse_are_rejected_naming_the_key(config, overrides, problem):
     with pytest.raises(NucleiConfigError, match=problem):
         build_nuclei_cfg(CONFIGS[0].parent / config, overrides)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("MODEL:\n\tDEVICE: cpu\n", r"bad.yaml: not valid YAML: .*found character '\\t' that cannot start any token"),
+    ("MODEL: {DEVICE: 'cpu\n", "bad.yaml: not valid YAML: "),
+    ("", "bad.yaml: the config file or a _BASE_ file it names is empty"),
+    ('_BASE_: "nope.yaml"\n', "bad.yaml: cannot read it or a _BASE_ file it names: .*nope.yaml"),
+])
+def test_unreadable_config_files_are_one_line_naming_the_file(tmp_path, text, problem):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(NucleiConfigError, match=problem) as caught:
+        build_nuclei_cfg(tmp_path / "bad.yaml")
+    assert "\n" not in str(caught.value)
 
 
 def test_run_inputs_are_checked_before_a_model_is_built(tmp_path):
