@@ -15,7 +15,6 @@ if [[ -f $SRC ]]; then
   unpacked=$(mktemp -d); trap 'rm -rf "$unpacked"' EXIT
   tar -C "$unpacked" -xf "$SRC"; SRC=$unpacked
 fi
-mkdir -p "$DEST"
 # The run's log goes along as log.txt: results_table --cost reads the timings from it, and it
 # names the machine and the software the run had.
 if [[ -f "$SRC/train_eval.log" ]]; then  # what a device script returned
@@ -23,6 +22,15 @@ if [[ -f "$SRC/train_eval.log" ]]; then  # what a device script returned
 else  # a train_net.py OUTPUT_DIR
   log=log.txt; training_metrics=metrics.json
 fi
+# A run interrupted before its evaluation has no inference/: say so instead of collecting half.
+missing=()
+[[ -f "$SRC/inference.tar" || -d "$SRC/inference" ]] || missing+=("inference/ (the evaluation)")
+for name in "$training_metrics" "$log" config.yaml; do [[ -f "$SRC/$name" ]] || missing+=("$name"); done
+if (( ${#missing[@]} )); then
+  echo "error: $1 lacks ${missing[*]}; nothing collected into $DEST" >&2
+  exit 1
+fi
+mkdir -p "$DEST"
 if [[ -f "$SRC/inference.tar" ]]; then
   tar -C "$DEST" -xf "$SRC/inference.tar" && cp -r "$DEST"/inference/. "$DEST"/ && rm -r "$DEST/inference"
 else

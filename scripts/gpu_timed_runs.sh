@@ -37,6 +37,9 @@ OUT=${OUT:?set OUT to the folder whose files come back}
 DEADLINE_S=${DEADLINE_S:-540}; CAL_ITERS=${CAL_ITERS:-60}; EVAL_S=${EVAL_S:-60}; MIN_ITERS=${MIN_ITERS:-12}
 SPARE=${SPARE:-1.3}; MAX_ITERS=${MAX_ITERS:-0}
 exec > >(tee "$OUT/gpu_timed_runs.log") 2>&1
+TEE_PID=$!
+# On exit, close the pipe and let tee write the last lines before the command ends.
+trap 'exec 1>&- 2>&-; wait "$TEE_PID" 2>/dev/null || true' EXIT
 source scripts/device_env.sh
 
 NAMES=(); CONFIGS=()

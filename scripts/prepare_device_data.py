@@ -2,8 +2,8 @@
 """Fill the ignored ``.device/`` folder that a GPU device command carries: the detectron2 kit and
 the data sets a run needs, in a form that fits the device's 64 MiB limit on what travels.
 
-    python scripts/prepare_device_data.py tnbc            # kit + TNBC       (~27 MiB)
-    python scripts/prepare_device_data.py kumar           # kit + Kumar     (~45 MiB)
+    .venv/bin/python scripts/prepare_device_data.py tnbc   # kit + TNBC   (~27 MiB)
+    .venv/bin/python scripts/prepare_device_data.py kumar  # kit + Kumar  (~45 MiB)
 
 The limit counts the whole working tree that travels (tracked and untracked-not-ignored files) plus
 the carry folder, so the script adds the two and fails when they exceed it. The kit's detectron2

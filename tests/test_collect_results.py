@@ -70,6 +70,23 @@ def test_missing_source_fails(tmp_path):
         _collect(tmp_path / "nothing", tmp_path / "results")
 
 
+def test_a_run_interrupted_before_its_evaluation_is_refused_by_name(tmp_path):
+    # What gpu_timed_runs.sh packs for a run it had to interrupt: the log and metrics, no inference/.
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    (pack / "train_eval.log").write_text(LOG)
+    (pack / "training_metrics.json").write_text('{"iteration": 9}\n')
+    (pack / "config.yaml").write_text("SEED: 1\n")
+    with tarfile.open(tmp_path / "proposed.tar", "w") as tar:
+        tar.add(pack, arcname=".")
+    env = dict(os.environ, RESULTS_DIR=str(tmp_path / "results"))
+    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "proposed.tar"), "run1"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "proposed.tar lacks inference/ (the evaluation); nothing collected" in done.stderr
+    assert not (tmp_path / "results").exists()
+
+
 @pytest.mark.slow
 def test_the_gpu_script_runs_end_to_end_on_the_cpu_and_its_return_is_collected(tmp_path):
     """scripts/gpu_train_eval.sh on the CPU (detectron2 importable, so no kit), as the GPU route
