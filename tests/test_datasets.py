@@ -419,7 +419,7 @@ def test_register_nuclei_folder_is_lazy(tmp_path):
 
 
 def test_synthetic_loader_arguments(tmp_path, monkeypatch):
-    synthetic = pytest.importorskip("nucseg_d2.data.synthetic")
+    from nucseg_d2.data import synthetic
     calls = []
 
     def fake_split(cache_dir, split, num_images, size, seed):
@@ -438,7 +438,6 @@ def test_synthetic_loader_arguments(tmp_path, monkeypatch):
 
 
 def test_synthetic_val_end_to_end():
-    pytest.importorskip("nucseg_d2.data.synthetic")
     dataset = DatasetCatalog.get("nuclei_synthetic_val")
     assert len(dataset) == 8
     assert all((r["height"], r["width"]) == (256, 256) and r["annotations"] for r in dataset)

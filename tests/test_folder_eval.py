@@ -152,8 +152,9 @@ def test_groups_csv_gives_means_per_group(folders, tmp_path):
         "count": 1,
         "pooled_aji": 0.0,
     }
-    # Pooled per organ: Breast sums image a (8/11) with a perfect image, so it lies strictly between.
-    assert 8 / 11 < summary["groups"]["Breast"]["pooled_aji"] < 1.0
+    # Pooled per organ: Breast sums image a's intersections and unions (32 / 44 px) with those of
+    # the perfect image b (36 / 36 px): 68 / 80.
+    assert summary["groups"]["Breast"]["pooled_aji"] == pytest.approx(68 / 80, abs=1e-12)
     assert _rows(out)["a"]["organ"] == "Breast"
 
 

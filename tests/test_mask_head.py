@@ -225,10 +225,15 @@ def test_inference_attaches_pred_masks():
     instances = Instances((64, 64))
     instances.pred_boxes = Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 30.0, 20.0]]))
     instances.pred_classes = torch.tensor([2, 0])
+    features = torch.randn(2, 256, 14, 14)
     with torch.no_grad():
-        (out,) = head(torch.randn(2, 256, 14, 14), [instances])
+        (out,) = head(features, [instances])
+        logits = head.layers(features)
     assert out.pred_masks.shape == (2, 1, 28, 28)
-    assert ((out.pred_masks >= 0) & (out.pred_masks <= 1)).all()
+    # Each ROI gets the probabilities of its own predicted class's channel.
+    expected = logits[torch.arange(2), torch.tensor([2, 0])].sigmoid()[:, None]
+    torch.testing.assert_close(out.pred_masks, expected)
+    assert not torch.allclose(out.pred_masks[0], logits[0, 0].sigmoid()[None])
 
 
 def test_empty_batch_of_rois():

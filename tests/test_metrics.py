@@ -631,6 +631,9 @@ def test_metrics_match_slow_references_on_random_maps(maps):
     got = compute_metrics(gt, pred)
     assert got["aji"] == pytest.approx(reference_aji(gt, pred, "aji"), rel=1e-12)
     assert got["paper_aji"] == pytest.approx(reference_aji(gt, pred, "paper_aji"), rel=1e-12)
+    # AJI+ (an optimal one-to-one assignment) is defined regardless of ties only where the optimum is unique.
+    if _unique_assignment(pairwise_overlap(gt, pred).iou_matrix()):
+        assert got["aji_plus"] == pytest.approx(reference_aji(gt, pred, "aji_plus"), rel=1e-12)
     for key, value in reference_glas(gt, pred).items():
         assert got[key] == pytest.approx(value, rel=1e-12), key
 

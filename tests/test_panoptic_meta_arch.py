@@ -9,7 +9,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, SEM_SEG_HEADS_REGISTRY, build_model
+from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, build_model
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
@@ -174,7 +174,6 @@ def test_backbone_runs_once_per_training_step(batch):
     assert calls == {"backbone": 1, "bottom_up": 1}
 
 
-@pytest.mark.skipif("GCNSemSegHead" not in SEM_SEG_HEADS_REGISTRY, reason="GCN head not available")
 def test_proposed_model_with_gcn_head_on_bottom_up_features(batch):
     cfg = _small_cfg()
     cfg.merge_from_list([

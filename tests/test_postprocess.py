@@ -47,7 +47,9 @@ def test_fully_covered_mask_leaves_no_gap_in_ids():
     lm = instances_to_label_map(
         _full_mask_instances([top, inside, other], [0.9, 0.8, 0.7]), max_overlap=1.0
     )
+    # "inside" has no pixel left under "top": it is dropped and "other" takes id 2, not 3.
     assert sorted(np.unique(lm)) == [0, 1, 2]
+    assert (lm[0:4, 0:4] == 1).all() and (lm[6:9, 6:9] == 2).all() and (lm > 0).sum() == 16 + 9
 
 
 def test_box_relative_probabilities_paste_into_their_box():

@@ -18,8 +18,9 @@ from nucseg_d2.predict import CheckpointError, NucleiPredictor, PredictionResult
 from nucseg_d2.predict.predictor import build_predict_cfg
 from nucseg_d2.predict.slides import SlideSource, choose_level, write_pyramidal_tiff
 from nucseg_d2.predict.tiling import tile_grid
+from real_data import REAL_DATA_ROOT  # tests/ helper
 
-KUMAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "kumar")
+KUMAR = str(REAL_DATA_ROOT / "kumar")
 
 
 # ------------------------------------------------------------------------ the stand-in model

@@ -1,4 +1,5 @@
 """End to end through train_net.py on the synthetic data: loss falls, eval is repeatable, resume works."""
+import csv
 import json
 import math
 import sys
@@ -154,9 +155,14 @@ def test_images_without_nuclei_train_and_evaluate(tmp_path):
          "DATASETS.TRAIN", "('test_empty_folder',)", "DATASETS.TEST", "('test_empty_folder',)",
          "OUTPUT_DIR", str(tmp_path / "out"))
     summary = json.loads((tmp_path / "out/inference/test_empty_folder/metrics.json").read_text())
-    # Nothing to find; whatever the untrained model predicts, the scores are defined numbers.
     assert summary["num_images"] == 2
-    assert all(0.0 <= summary["mean"][k] <= 1.0 for k in ("aji", "dice1", "pq"))
+    # Nothing to find: an image scores 1.0 where nothing was predicted, else 0.0 (metrics.py's
+    # convention), whatever the untrained model predicts.
+    with open(tmp_path / "out/inference/test_empty_folder/per_image.csv") as rows:
+        for row in csv.DictReader(rows):
+            assert int(row["num_gt"]) == 0
+            expected = 1.0 if int(row["num_pred"]) == 0 else 0.0
+            assert [float(row[k]) for k in ("aji", "dice1", "pq")] == [expected] * 3, row
 
 
 def test_time_limit_stops_training_saves_and_evaluates_the_weights_it_reached(tmp_path, monkeypatch):
