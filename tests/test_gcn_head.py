@@ -172,7 +172,20 @@ def test_head_output_size_on_odd_feature_maps(channels_by_name):
         logits, losses = head(features)
     assert losses == {}
     assert logits.shape == (2, 2, 100, 132)  # 4 x the stride-4 map, as SemSegFPNHead
-    assert torch.isfinite(logits).all()
+    names = list(channels_by_name)
+    with torch.no_grad():
+        # The wiring by hand, coarsest level first: GCN, lateral BR, sum with the upsampled
+        # coarser result, top-down BR; the 1x1 predictor at the finest level; then x4 bilinear.
+        x = head.lateral_refine[names[3]](head.gcn[names[3]](features[names[3]]))
+        for name in reversed(names[:3]):
+            lateral = head.lateral_refine[name](head.gcn[name](features[name]))
+            x = head.top_down_refine[name](lateral + F.interpolate(x, size=lateral.shape[-2:], mode="bilinear"))
+        expected = F.interpolate(head.predictor(x), scale_factor=4, mode="bilinear")
+        torch.testing.assert_close(logits, expected)
+        # The coarsest level reaches every output pixel through the top-down path.
+        perturbed = dict(features, **{names[3]: features[names[3]] + 1.0})
+        changed = (head(perturbed)[0] - logits).abs()
+    assert changed[:, :, 0, 0].min() > 0 and changed[:, :, -1, -1].min() > 0
 
 
 def test_head_loss_is_weighted_cross_entropy_ignoring_ignore_value():
