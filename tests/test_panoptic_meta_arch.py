@@ -11,7 +11,7 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, build_model
 from detectron2.modeling.roi_heads import build_roi_heads
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from nucseg_d2 import add_nucseg_config
@@ -122,8 +122,18 @@ def test_fusion_box_offsets_script_measures_both_boxes_on_the_same_rois(batch):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     model = _build(_small_cfg())
+    seen = []  # every pass's positive ROIs: 2 box choices x 2 batches x 2 images
+    model.roi_heads.register_forward_hook(lambda m, inputs, output: seen.extend(output[0]))
     row = script.measure(model, [batch, batch], seed=0)
-    assert row["rois"] > 0 and 0 < row["iou_median"] <= 1 and row["centre_offset_px_mean"] > 0
+    assert len(seen) == 8
+    first, second = seen[:4], seen[4:]
+    # The same ROIs under both choices (the same sampling), so the losses differ by the box only.
+    for a, b in zip(first, second):
+        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
+    assert row["rois"] == sum(len(r) for r in first) > 0
+    iou = torch.cat([torch.diag(pairwise_iou(r.proposal_boxes, r.pred_boxes)) for r in first])
+    assert row["iou_median"] == pytest.approx(float(np.median(iou.numpy())), abs=1e-6)
+    assert 0 < row["iou_median"] < 1 and row["centre_offset_px_mean"] > 0
     assert 0 <= row["proposal_gt_iou"] <= 1 and 0 <= row["predicted_gt_iou"] <= 1
     # Same ROIs, different paste boxes: the two fusion losses are finite and not equal.
     assert np.isfinite(row["loss_fusion_predicted"]) and np.isfinite(row["loss_fusion_proposal"])
