@@ -6,10 +6,10 @@ Inputs are images, folders, globs or text files listing paths (one a line, relat
 list's folder). Per input ``<stem>`` the outputs are ``<stem>_labels.tif``, ``<stem>.geojson``,
 ``<stem>_coco.json``, ``<stem>_nuclei.csv`` (or ``.parquet``) and ``<stem>_overlay.png`` (see
 ``--formats``). Inputs whose outputs all exist are skipped unless ``--overwrite``, so an
-interrupted batch resumes where it stopped; of an input whose outputs partly exist, only the missing
-ones are written (a GeoJSON edited in QuPath is never replaced unasked). A failing input is reported on one line and the batch
-goes on; the exit status is 1 when any input failed, 2 when nothing could start (bad checkpoint,
-config or output folder).
+interrupted batch resumes where it stopped; of an input whose outputs partly exist, only the
+missing ones are written (a GeoJSON edited in QuPath is never replaced unasked). A failing input
+is reported on one line and the batch goes on; the exit status is 1 when any input failed, 2 when
+nothing could start (bad checkpoint, config or output folder).
 
 Many inputs: ``--num-gpus N`` (processes per machine; on a machine without GPU they run on the
 CPU with the gloo backend), ``--num-machines``, ``--machine-rank``, ``--dist-url``, through
@@ -106,8 +106,9 @@ def expand_inputs(specs: Sequence[str], output_dir: Optional[str] = None) -> Lis
     """Files to process, in order, without duplicates.
 
     A folder gives its image/slide files (not recursive; hidden files, and files in the output
-    folder named as this tool's outputs, excluded); a glob its matches with an image/slide suffix; a ``.txt``/``.lst`` file
-    the paths it lists; anything else is taken as a file, so a missing one fails by name later.
+    folder named as this tool's outputs, excluded); a glob its matches with an image/slide
+    suffix; a ``.txt``/``.lst`` file the paths it lists; anything else is taken as a file, so a
+    missing one fails by name later.
     """
     paths: List[str] = []
     earlier_outputs: List[str] = []
