@@ -53,6 +53,9 @@ def _rank_decides(rank, world_size, port, result_dir):
                               "stop_iter": hook.trainer.storage.scalars.get("time_limit_stop_iter")})
         (result_dir / f"rank{rank}.json").write_text(json.dumps(decisions))
     finally:
+        # Both ranks done before the group goes: a rank destroying it while the other still
+        # talks to it makes gloo abort that other process (as nucseg_d2.predict.cli does).
+        dist.barrier()
         dist.destroy_process_group()
 
 
