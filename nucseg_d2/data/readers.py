@@ -123,15 +123,12 @@ def composite_on_white(pixels, premultiplied=False):
     return np.ascontiguousarray(pixels[..., :3])
 
 
-def _tiff_alpha(path, channels):
+def _tiff_alpha(path):
     """How a 2- or 4-channel TIFF's last channel is tagged: 'straight', 'premultiplied' or None
     (an unspecified extra channel, which is not transparency)."""
     with tifffile.TiffFile(path) as tif:
         extras = tuple(tif.pages[0].extrasamples or ())
-    if channels not in (2, 4) or not extras:
-        return None
-    kind = int(extras[-1])
-    return {1: "premultiplied", 2: "straight"}.get(kind)
+    return {1: "premultiplied", 2: "straight"}.get(int(extras[-1])) if extras else None
 
 
 def read_rgb_image(path):
@@ -151,7 +148,7 @@ def read_rgb_image(path):
         raise NucleiDataError(f"{path}: unsupported image shape {pixels.shape}")
     premultiplied = False
     if suffix in _TIFF_SUFFIXES and pixels.shape[2] in (2, 4):
-        alpha = _tiff_alpha(path, pixels.shape[2])
+        alpha = _tiff_alpha(path)
         if alpha is None and pixels.shape[2] == 2:
             raise NucleiDataError(f"{path}: 2 channels, the second not tagged as alpha; expected grey, "
                                   "grey + alpha, RGB or RGBA")
