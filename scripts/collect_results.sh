@@ -15,8 +15,9 @@ if [[ -f $SRC ]]; then
   unpacked=$(mktemp -d); trap 'rm -rf "$unpacked"' EXIT
   tar -C "$unpacked" -xf "$SRC"; SRC=$unpacked
 fi
-# The run's log goes along as log.txt: results_table --cost reads the timings from it, and it
-# names the machine and the software the run had.
+# The run's log goes along as log.txt.gz: results_table --cost reads the timings from it, and it
+# names the machine and the software the run had. Logs are kept gzip-compressed (zless reads them)
+# because a GPU command carries the whole working tree, results/ included, within 64 MiB.
 if [[ -f "$SRC/train_eval.log" ]]; then  # what a device script returned
   log=train_eval.log; training_metrics=training_metrics.json
 else  # a train_net.py OUTPUT_DIR
@@ -37,7 +38,8 @@ else
   cp -r "$SRC"/inference/. "$DEST"/
 fi
 cp "$SRC/$training_metrics" "$DEST/training_metrics.json"
-cp "$SRC/$log" "$DEST/log.txt"
+gzip -9 -n -c "$SRC/$log" > "$DEST/log.txt.gz"
+rm -f "$DEST/log.txt"  # an uncompressed log from an earlier collection would be read first
 cp "$SRC/config.yaml" "$DEST/config.yaml"
 find "$DEST" -name '*.pth' -delete
 du -sh "$DEST"

@@ -50,6 +50,7 @@ mkdir -p "$OUT/inference"
 rm -rf "${OUT:?}/inference/$TEST"
 cp -r "$OUT/test_eval/inference/$TEST" "$OUT/inference/$TEST"
 bash scripts/collect_results.sh "$OUT" "$RUN"
-cp "$OUT/test_eval/log.txt" "results/$RUN/test_eval_log.txt"
+gzip -9 -n -c "$OUT/test_eval/log.txt" > "results/$RUN/test_eval_log.txt.gz"
+rm -f "results/$RUN/test_eval_log.txt"  # an uncompressed log from an earlier run would be read first
 "$PYTHON" -m nucseg_d2.evaluation.results_table --dataset "$VAL" --curve --run "$RUN=results/$RUN"
 "$PYTHON" -m nucseg_d2.evaluation.results_table --dataset "$TEST" --run "$RUN=results/$RUN"

@@ -34,7 +34,7 @@ DEST=$RESULTS_DIR/${RUN}_pp
 rm -rf "$DEST.partial"; mkdir -p "$DEST.partial"
 cp -r "$EVAL/inference/$VAL" "$EVAL/inference/$TEST" "$DEST.partial/"
 cp "$EVAL/config.yaml" "$DEST.partial/config.yaml"
-cp "$EVAL/log.txt" "$DEST.partial/eval_log.txt"
+gzip -9 -n -c "$EVAL/log.txt" > "$DEST.partial/eval_log.txt.gz"  # compressed, as collect_results.sh keeps logs
 cp "$SWEEP/best.json" "$DEST.partial/postprocess_sweep.json"
 rm -rf "$DEST"; mv "$DEST.partial" "$DEST"
 tuned_run="$RUN with thresholds chosen on $VAL=$DEST"

@@ -1,5 +1,6 @@
 """scripts/collect_results.sh: what a GPU run returned, or a train_net OUTPUT_DIR, becomes a
 results folder the tables can read (per-image CSV, training metrics, config, the run's log)."""
+import gzip
 import json
 import os
 import re
@@ -47,7 +48,9 @@ def test_gpu_return_folder(tmp_path):
     assert (run / "training_metrics.json").read_text() == '{"iteration": 99}\n'
     assert not (run / "inference").exists()
     assert "| 0.6000 ± 0.1414 |" in results_table([("run1", str(run))], "tnbc_test", ["aji"])
-    # The log travels as log.txt, so the cost table reads the GPU run's timings.
+    # The log travels as log.txt.gz (compressed: the tree a GPU command carries is capped), and the
+    # cost table reads the GPU run's timings from it.
+    assert gzip.decompress((run / "log.txt.gz").read_bytes()).decode() == LOG
     assert "| run1 | 98 | 0:01:40 | 1.02 | 0.25 |" in cost_table([("run1", str(run))], "tnbc_test")
 
 
@@ -59,8 +62,12 @@ def test_train_net_output_dir_without_checkpoints(tmp_path):
     (output / "metrics.json").write_text('{"iteration": 9}\n')
     (output / "config.yaml").write_text("SEED: 1\n")
     (output / "log.txt").write_text(LOG)
+    stale = tmp_path / "results" / "run1" / "log.txt"  # an uncompressed log of an earlier collection
+    stale.parent.mkdir(parents=True)
+    stale.write_text("stale")
     run = _collect(output, tmp_path / "results")
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "log.txt", "tnbc_test", "training_metrics.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "log.txt.gz", "tnbc_test", "training_metrics.json"]
+    assert gzip.decompress((run / "log.txt.gz").read_bytes()).decode() == LOG
     assert not list(run.rglob("*.pth"))
     assert (run / "training_metrics.json").read_text() == '{"iteration": 9}\n'
 
@@ -158,4 +165,4 @@ def test_the_timed_gpu_script_sizes_one_schedule_for_both_runs_and_their_tars_ar
         trained = [json.loads(line) for line in (run / "training_metrics.json").read_text().splitlines()]
         assert any("total_loss" in row for row in trained)
         assert list((run / "nuclei_synthetic_val" / "label_maps").glob("*.png"))
-        assert "Overall training speed" in (run / "log.txt").read_text()
+        assert "Overall training speed" in gzip.decompress((run / "log.txt.gz").read_bytes()).decode()

@@ -1,6 +1,7 @@
 """postprocess_sweep: every threshold setting scored on the same detections, by hand; the CLI on
 the synthetic data and its refusals."""
 import csv
+import gzip
 import json
 import os
 import subprocess
@@ -168,7 +169,7 @@ def test_the_tuning_script_scores_val_and_test_with_the_thresholds_it_chose(tmp_
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     tuned = results / "demo_run_pp"
-    assert sorted(p.name for p in tuned.iterdir()) == ["config.yaml", "eval_log.txt", "nuclei_synthetic_train",
+    assert sorted(p.name for p in tuned.iterdir()) == ["config.yaml", "eval_log.txt.gz", "nuclei_synthetic_train",
                                                        "nuclei_synthetic_val", "postprocess_sweep.json"]
     best = json.loads((tuned / "postprocess_sweep.json").read_text())
     sweep = results / "postprocess_sweeps" / "demo_run_nuclei_synthetic_val"
@@ -179,4 +180,4 @@ def test_the_tuning_script_scores_val_and_test_with_the_thresholds_it_chose(tmp_
     val = json.loads((tuned / "nuclei_synthetic_val" / "metrics.json").read_text())
     assert val["mean"]["aji"] == pytest.approx(best["best"]["aji"])
     assert (tuned / "nuclei_synthetic_train" / "per_image.csv").is_file()
-    assert (tuned / "eval_log.txt").read_text().count("Rank of current process") == 1
+    assert gzip.decompress((tuned / "eval_log.txt.gz").read_bytes()).decode().count("Rank of current process") == 1

@@ -1,5 +1,6 @@
 """Results tables from per-image CSVs: hand-checked means, stds and stars."""
 import csv
+import gzip
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,22 @@ def test_cost_table_reads_training_and_inference_times_from_the_logs(tmp_path, c
     empty.mkdir()
     assert main(["--dataset", "tnbc_test", "--cost", "--run", f"E={empty}"]) == 2
     assert "no Detectron2 log" in capsys.readouterr().err
+
+
+def test_cost_table_reads_gzip_compressed_logs_and_names_a_corrupt_one(tmp_path, capsys):
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir()
+    packed.mkdir()
+    training_log = ("[t] d2.engine.hooks INFO: Overall training speed: 98 iterations in 0:01:40 (1.0204 s / it)\n"
+                    "[t] d2.evaluation.evaluator INFO: Total inference time: 0:00:01 (0.250000 s / iter per device, "
+                    "on 1 devices)\n[t] d2.engine.defaults INFO: Evaluation results for tnbc_test in csv format:\n")
+    (plain / "log.txt").write_text(training_log)
+    (packed / "log.txt.gz").write_bytes(gzip.compress(training_log.encode()))
+    rows = cost_table([("plain", str(plain)), ("packed", str(packed))], "tnbc_test").splitlines()
+    assert rows[2:] == ["| plain | 98 | 0:01:40 | 1.02 | 0.25 |", "| packed | 98 | 0:01:40 | 1.02 | 0.25 |"]
+    (packed / "test_eval_log.txt.gz").write_bytes(b"not gzip at all")
+    assert main(["--dataset", "tnbc_test", "--cost", "--run", f"P={packed}"]) == 2
+    assert f"{packed / 'test_eval_log.txt.gz'}: cannot read the log" in capsys.readouterr().err
 
 
 def test_update_markdown_regenerates_only_the_table_blocks(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ before the tables and tests (``--run NAME=DIR1,DIR2``).
     python -m nucseg_d2.evaluation.results_table --update docs/RESULTS.md   # regenerate its tables
 """
 import argparse
+import gzip
 import os
 import re
 import shlex
@@ -306,6 +307,24 @@ _TRAINING_SPEED = re.compile(r"Overall training speed: (\d+) iterations in ([\d:
 _INFERENCE_TIME = re.compile(r"Total inference time: [\d:.]+ \(([\d.]+) s / iter per device")
 _RESULTS_FOR = re.compile(r"Evaluation results for (\S+) in csv format")
 RUN_LOGS = ("log.txt", "test_eval_log.txt")  # the training log, then a separate test evaluation
+# results/ keeps its logs gzip-compressed (collect_results.sh): a GPU command carries the whole
+# working tree within 64 MiB, and Detectron2's logs compress about tenfold.
+GZIP_SUFFIX = ".gz"
+
+
+def _run_log_lines(run_dir: str, name: str):
+    """Lines of ``run_dir/name``, or of its gzip-compressed ``name.gz``; none when neither exists."""
+    path = os.path.join(run_dir, name)
+    if not os.path.isfile(path):
+        path += GZIP_SUFFIX
+        if not os.path.isfile(path):
+            return
+    try:
+        opener = gzip.open if path.endswith(GZIP_SUFFIX) else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as stream:
+            yield from stream
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a truncated file, EOFError
+        raise ValueError(f"{path}: cannot read the log ({e})") from e
 
 
 def _run_costs(run_dir: str, dataset: str) -> Tuple[Optional[re.Match], Optional[float]]:
@@ -316,31 +335,29 @@ def _run_costs(run_dir: str, dataset: str) -> Tuple[Optional[re.Match], Optional
     """
     speed, per_image, pending = None, None, None
     for name in RUN_LOGS:
-        path = os.path.join(run_dir, name)
-        if not os.path.isfile(path):
-            continue
-        with open(path, errors="replace") as f:
-            for line in f:
-                if match := _TRAINING_SPEED.search(line):
-                    speed = match
-                elif match := _INFERENCE_TIME.search(line):
-                    pending = float(match.group(1))  # per image on one device (one process)
-                elif match := _RESULTS_FOR.search(line):
-                    if match.group(1) == dataset and pending is not None:
-                        per_image = pending
-                    pending = None
+        for line in _run_log_lines(run_dir, name):
+            if match := _TRAINING_SPEED.search(line):
+                speed = match
+            elif match := _INFERENCE_TIME.search(line):
+                pending = float(match.group(1))  # per image on one device (one process)
+            elif match := _RESULTS_FOR.search(line):
+                if match.group(1) == dataset and pending is not None:
+                    per_image = pending
+                pending = None
     return speed, per_image
 
 
 def cost_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str) -> str:
     """Training iterations, wall time and s/iteration, and inference s/image on ``dataset``, per run,
-    read from the Detectron2 logs kept in each run folder (``log.txt``, ``test_eval_log.txt``)."""
+    read from the Detectron2 logs kept in each run folder (``log.txt``, ``test_eval_log.txt``, each
+    possibly gzip-compressed as ``.gz``)."""
     header = ["run", "timed iterations", "training time", "s / iteration", f"inference s / image ({dataset})"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, run_dir in _one_folder_each(runs, "cost"):
         speed, per_image = _run_costs(run_dir, dataset)
         if speed is None and per_image is None:
-            raise ValueError(f"{run_dir}: no Detectron2 log ({' or '.join(RUN_LOGS)}) with timings")
+            raise ValueError(f"{run_dir}: no Detectron2 log ({' or '.join(RUN_LOGS)}, or the same "
+                             f"gzip-compressed, {GZIP_SUFFIX}) with timings")
         cells = [name]
         cells += [speed.group(1), speed.group(2), f"{float(speed.group(3)):.2f}"] if speed else ["-"] * 3
         cells.append(f"{per_image:.2f}" if per_image is not None else "-")
