@@ -1,10 +1,12 @@
 """Small helpers shared by data, evaluation and prediction code (no model imports)."""
 import contextlib
+import logging
 import os
+import sys
 import uuid
 from typing import Dict, Iterable, Iterator, Sequence
 
-__all__ = ["atomic_path", "first_few", "files_by_stem"]
+__all__ = ["atomic_path", "first_few", "files_by_stem", "leave_distributed_worker"]
 
 
 @contextlib.contextmanager
@@ -68,3 +70,27 @@ def files_by_stem(folder: str, suffixes: Iterable[str], strip_suffix: str = "",
                              f"({os.path.basename(by_stem[stem])} and {file_name}); keep one")
         by_stem[stem] = path
     return by_stem
+
+
+def leave_distributed_worker() -> None:
+    """End a worker process that Detectron2's ``launch`` spawned, once its work is written.
+
+    The ranks meet, the process group is destroyed, logs and standard streams are flushed, and the
+    process exits with status 0 at once, skipping interpreter teardown. There, torch's gloo objects
+    that are still referenced (Detectron2 caches its gloo group) are destroyed while the interpreter
+    is shutting down, which now and then aborts a rank ("terminate called without an active
+    exception"), and ``launch`` then fails in the parent although every rank had finished.
+    Only for ``world_size > 1``: with one process, ``launch`` runs the function in its caller.
+    """
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    if not dist.is_available() or not dist.is_initialized() or comm.get_world_size() < 2:
+        raise RuntimeError("leave_distributed_worker ends a process launched with world_size > 1; "
+                           "this one is not (it would end the calling program)")
+    comm.synchronize()
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -29,7 +29,6 @@ from datetime import timedelta
 import numpy as np
 import pytest
 import torch
-import torch.distributed
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import launch
@@ -45,6 +44,7 @@ from nucseg_d2.evaluation import NucleiEvaluator
 from nucseg_d2.evaluation.folder_eval import main as folder_eval_main
 from nucseg_d2.evaluation.metrics import ALL_METRICS, compute_metrics, metric_keys
 from nucseg_d2.evaluation.reporting import json_safe
+from nucseg_d2.utils import leave_distributed_worker
 
 SIZE = 16
 IMAGE_IDS = ("a", "b", "c", "d")
@@ -290,10 +290,7 @@ def _distributed_evaluation(dataset_dir, dataset_name, output_dir, results_path)
     results = run_evaluator(NucleiEvaluator(dataset_name, output_dir=output_dir), image_ids=image_ids)
     with open(f"{results_path}.rank{rank}", "w") as f:
         json.dump({"world_size": world_size, "image_ids": image_ids, "results": results}, f)
-    # Shut gloo down before the interpreter exits: left to teardown, its threads now and then
-    # abort the process ("terminate called without an active exception"), failing launch().
-    comm.synchronize()
-    torch.distributed.destroy_process_group()
+    leave_distributed_worker()
 
 
 def test_distributed_evaluation_gathers_to_the_main_process(tiny_dataset, tmp_path):

@@ -1,13 +1,18 @@
-"""Shared helpers: atomic writes, name listings, pairing files by stem."""
+"""Shared helpers: atomic writes, name listings, pairing files by stem, leaving a worker process."""
+import logging
 import os
+import socket
+import sys
 
 import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from detectron2.data import DatasetCatalog
 
 from nucseg_d2.data.datasets import register_nuclei_folder
 from nucseg_d2.data.readers import NucleiDataError
 from nucseg_d2.evaluation.folder_eval import FolderEvalError, label_maps_by_stem
-from nucseg_d2.utils import atomic_path, files_by_stem, first_few
+from nucseg_d2.utils import atomic_path, files_by_stem, first_few, leave_distributed_worker
 
 
 def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path):
@@ -55,3 +60,34 @@ def test_callers_turn_ambiguous_names_into_their_own_errors(tmp_path):
     (labels / "a.npy").write_bytes(b"")
     with pytest.raises(FolderEvalError, match=r"two prediction files for image 'a'"):
         label_maps_by_stem(str(labels), role="prediction")
+
+
+def _worker_that_leaves(rank, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    handler = logging.FileHandler(out_dir / f"rank{rank}.log")
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("nucseg_d2.test_leave")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.info("logged before leaving")
+    sys.stdout = open(out_dir / f"rank{rank}.stdout", "w")  # buffered: written only when flushed
+    print("printed before leaving", end="")
+    leave_distributed_worker()
+    (out_dir / f"rank{rank}.after").write_text("the process went on")
+
+
+def test_leave_distributed_worker_exits_cleanly_after_flushing(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker_that_leaves, args=(port, tmp_path), nprocs=2)  # raises unless both exit with 0
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.log").read_text() == "logged before leaving\n"
+        assert (tmp_path / f"rank{rank}.stdout").read_text() == "printed before leaving"
+        assert not (tmp_path / f"rank{rank}.after").exists()
+
+
+def test_leave_distributed_worker_refuses_a_single_process():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="world_size > 1"):
+        leave_distributed_worker()

@@ -26,10 +26,10 @@ import traceback
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed
 
 from ..config import NucleiConfigError
 from ..data.readers import NucleiDataError
+from ..utils import leave_distributed_worker
 from .predictor import CheckpointError, build_predict_cfg
 from .slides import IMAGE_SUFFIXES, SLIDE_SUFFIXES
 
@@ -320,10 +320,7 @@ def _worker(args, inputs: List[Tuple[int, str]], status_file: str) -> None:
         with open(status_file, "w") as stream:
             stream.write(str(_global_status(summaries)))
     if world_size > 1:
-        # Shut the process group down before exiting: left to interpreter teardown, gloo's
-        # threads now and then abort a rank ("terminate called without an active exception").
-        comm.synchronize()
-        torch.distributed.destroy_process_group()
+        leave_distributed_worker()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
