@@ -19,6 +19,7 @@ from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg, check_run_inpu
 from nucseg_d2.data import NucleiDataError, NucleiDatasetMapper, register_tnbc_cross_validation
 from nucseg_d2.engine import TrainingTimeLimit, TrainingTimeLimitReached
 from nucseg_d2.evaluation import NucleiEvaluator
+from nucseg_d2.utils import leave_distributed_worker
 
 
 class Trainer(DefaultTrainer):
@@ -87,7 +88,7 @@ def main(args):
 
 def run(args):
     try:
-        return main(args)
+        result = main(args)
     except (NucleiDataError, NucleiConfigError) as e:
         # One clear line instead of a stack trace (the message names the file and the problem).
         # Errors raised in a DataLoader worker arrive with the worker's traceback folded into
@@ -96,6 +97,11 @@ def run(args):
         logging.getLogger("nucseg_d2").error(message)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    if comm.get_world_size() > 1:
+        # Left to interpreter teardown, gloo objects now and then abort a finished rank, and
+        # launch() then fails the whole run (nucseg_d2.utils.leave_distributed_worker).
+        leave_distributed_worker()
+    return result
 
 
 if __name__ == "__main__":

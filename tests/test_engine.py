@@ -2,12 +2,11 @@
 forever in the next collective (the gradient all-reduce on GPUs); on its own, when it stops,
 what it leaves for the trainer, what it refuses."""
 import json
-import socket
 from types import SimpleNamespace
 
 import pytest
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from process_group import free_port, join_gloo_group
 
 from nucseg_d2.engine import TrainingTimeLimit, TrainingTimeLimitReached
 from nucseg_d2.utils import leave_distributed_worker
@@ -21,12 +20,6 @@ class _Storage:
         self.scalars[name] = value
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # (ranks whose clock is past the limit, whether all ranks stop)
 SCENARIOS = [
     ((0,), True),    # only the main process is past the limit: all stop
@@ -37,7 +30,7 @@ SCENARIOS = [
 
 
 def _rank_decides(rank, world_size, port, result_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    join_gloo_group(rank, world_size, port)
     decisions = []
     for over_limit_ranks, _ in SCENARIOS:
         hook = TrainingTimeLimit(60)
@@ -59,7 +52,7 @@ def _rank_decides(rank, world_size, port, result_dir):
 
 def test_all_ranks_follow_the_main_process_clock(tmp_path):
     world_size = 2  # one spawn for all scenarios: starting the processes is most of the cost
-    mp.spawn(_rank_decides, args=(world_size, _free_port(), tmp_path), nprocs=world_size)
+    mp.spawn(_rank_decides, args=(world_size, free_port(), tmp_path), nprocs=world_size)
     per_rank = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world_size)]
     for index, (over_limit_ranks, expect_stop) in enumerate(SCENARIOS):
         expected = {"stopped": expect_stop, "max_iter": 4 if expect_stop else 10,

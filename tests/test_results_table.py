@@ -274,9 +274,12 @@ def test_cost_table_reads_gzip_compressed_logs_and_names_a_corrupt_one(tmp_path,
     (packed / "log.txt.gz").write_bytes(gzip.compress(training_log.encode()))
     rows = cost_table([("plain", str(plain)), ("packed", str(packed))], "tnbc_test").splitlines()
     assert rows[2:] == ["| plain | 98 | 0:01:40 | 1.02 | 0.25 |", "| packed | 98 | 0:01:40 | 1.02 | 0.25 |"]
-    (packed / "test_eval_log.txt.gz").write_bytes(b"not gzip at all")
-    assert main(["--dataset", "tnbc_test", "--cost", "--run", f"P={packed}"]) == 2
-    assert f"{packed / 'test_eval_log.txt.gz'}: cannot read the log" in capsys.readouterr().err
+    compressed = gzip.compress(training_log.encode())
+    damaged_data = compressed[:12] + bytes(b ^ 0xFF for b in compressed[12:-8]) + compressed[-8:]
+    for broken in (b"not gzip at all", damaged_data, compressed[: len(compressed) // 2]):
+        (packed / "test_eval_log.txt.gz").write_bytes(broken)
+        assert main(["--dataset", "tnbc_test", "--cost", "--run", f"P={packed}"]) == 2
+        assert f"{packed / 'test_eval_log.txt.gz'}: cannot read the log" in capsys.readouterr().err
 
 
 def test_update_markdown_regenerates_only_the_table_blocks(tmp_path, monkeypatch):

@@ -1,13 +1,14 @@
 """Shared helpers: atomic writes, name listings, pairing files by stem, leaving a worker process."""
 import logging
+import logging.handlers
 import os
-import socket
 import sys
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.data import DatasetCatalog
+from process_group import GROUP_TIMEOUT, free_port, join_gloo_group
 
 from nucseg_d2.data.datasets import register_nuclei_folder
 from nucseg_d2.data.readers import NucleiDataError
@@ -63,12 +64,13 @@ def test_callers_turn_ambiguous_names_into_their_own_errors(tmp_path):
 
 
 def _worker_that_leaves(rank, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    handler = logging.FileHandler(out_dir / f"rank{rank}.log")
-    handler.setLevel(logging.INFO)
+    join_gloo_group(rank, 2, port)
+    # Held in memory until the handler is closed, as logging.shutdown() does at a normal exit.
+    held = logging.handlers.MemoryHandler(capacity=100, flushLevel=logging.CRITICAL,
+                                          target=logging.FileHandler(out_dir / f"rank{rank}.log"))
     logger = logging.getLogger("nucseg_d2.test_leave")
     logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
+    logger.addHandler(held)
     logger.info("logged before leaving")
     sys.stdout = open(out_dir / f"rank{rank}.stdout", "w")  # buffered: written only when flushed
     print("printed before leaving", end="")
@@ -77,10 +79,7 @@ def _worker_that_leaves(rank, port, out_dir):
 
 
 def test_leave_distributed_worker_exits_cleanly_after_flushing(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker_that_leaves, args=(port, tmp_path), nprocs=2)  # raises unless both exit with 0
+    mp.spawn(_worker_that_leaves, args=(free_port(), tmp_path), nprocs=2)  # raises unless both exit with 0
     for rank in range(2):
         assert (tmp_path / f"rank{rank}.log").read_text() == "logged before leaving\n"
         assert (tmp_path / f"rank{rank}.stdout").read_text() == "printed before leaving"
@@ -91,3 +90,11 @@ def test_leave_distributed_worker_refuses_a_single_process():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="world_size > 1"):
         leave_distributed_worker()
+    # A group of one: launch() never spawns for it, so leaving would end the calling program.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=GROUP_TIMEOUT)
+    try:
+        with pytest.raises(RuntimeError, match="world_size > 1"):
+            leave_distributed_worker()
+    finally:
+        dist.destroy_process_group()

@@ -25,6 +25,7 @@ import os
 import re
 import shlex
 import sys
+import zlib
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -323,7 +324,8 @@ def _run_log_lines(run_dir: str, name: str):
         opener = gzip.open if path.endswith(GZIP_SUFFIX) else open
         with opener(path, "rt", encoding="utf-8", errors="replace") as stream:
             yield from stream
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a truncated file, EOFError
+    # A bad header raises gzip.BadGzipFile (an OSError), damaged data zlib.error, a cut file EOFError.
+    except (OSError, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: cannot read the log ({e})") from e
 
 

@@ -304,7 +304,8 @@ def _worker(args, inputs: List[Tuple[int, str]], status_file: str) -> None:
 
     Every rank learns the batch's status from the gathered summaries; local rank 0 writes it to
     ``status_file`` for its machine's launching process, so all ranks exit normally (a non-zero
-    exit would make torch terminate the other ranks mid-write).
+    exit would make torch terminate the other ranks mid-write). With several ranks it does not
+    return: each ends through ``leave_distributed_worker``.
     """
     from detectron2.utils import comm
 
