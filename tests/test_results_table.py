@@ -270,11 +270,11 @@ def test_cost_table_reads_gzip_compressed_logs_and_names_a_corrupt_one(tmp_path,
     training_log = ("[t] d2.engine.hooks INFO: Overall training speed: 98 iterations in 0:01:40 (1.0204 s / it)\n"
                     "[t] d2.evaluation.evaluator INFO: Total inference time: 0:00:01 (0.250000 s / iter per device, "
                     "on 1 devices)\n[t] d2.engine.defaults INFO: Evaluation results for tnbc_test in csv format:\n")
+    compressed = gzip.compress(training_log.encode())
     (plain / "log.txt").write_text(training_log)
-    (packed / "log.txt.gz").write_bytes(gzip.compress(training_log.encode()))
+    (packed / "log.txt.gz").write_bytes(compressed)
     rows = cost_table([("plain", str(plain)), ("packed", str(packed))], "tnbc_test").splitlines()
     assert rows[2:] == ["| plain | 98 | 0:01:40 | 1.02 | 0.25 |", "| packed | 98 | 0:01:40 | 1.02 | 0.25 |"]
-    compressed = gzip.compress(training_log.encode())
     damaged_data = compressed[:12] + bytes(b ^ 0xFF for b in compressed[12:-8]) + compressed[-8:]
     for broken in (b"not gzip at all", damaged_data, compressed[: len(compressed) // 2]):
         (packed / "test_eval_log.txt.gz").write_bytes(broken)

@@ -8,7 +8,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.data import DatasetCatalog
-from process_group import GROUP_TIMEOUT, free_port, join_gloo_group
+from process_group import free_port, join_gloo_group
 
 from nucseg_d2.data.datasets import register_nuclei_folder
 from nucseg_d2.data.readers import NucleiDataError
@@ -91,8 +91,7 @@ def test_leave_distributed_worker_refuses_a_single_process():
     with pytest.raises(RuntimeError, match="world_size > 1"):
         leave_distributed_worker()
     # A group of one: launch() never spawns for it, so leaving would end the calling program.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=GROUP_TIMEOUT)
+    join_gloo_group(0, 1, free_port())
     try:
         with pytest.raises(RuntimeError, match="world_size > 1"):
             leave_distributed_worker()
