@@ -16,8 +16,8 @@ def add_nucseg_config(cfg):
     _C = cfg
 
     # ---------------------------------------------------------------- input / augmentation
-    # Nuclei fragments (cut by a crop) smaller than this many pixels are dropped from both the
-    # instance masks and sem_seg, so the two targets never disagree.
+    # Nuclei smaller than this many pixels, whole (1-3 px specks in TNBC's labels) or cut by a
+    # crop, become background in both the instance targets and sem_seg, so the two never disagree.
     _C.INPUT.MIN_FRAGMENT_AREA = 8
     # Nuclei images are analysed at their native magnification: no test-time resize (Detectron2's
     # default, 800, would rescale every image). A positive value resizes the shortest edge to it
@@ -188,8 +188,9 @@ def validate_nucseg_config(cfg):
 
 
 def _validate_model_branches(cfg):
-    """Loss weights >= 0; the semantic branch and feature fusion on only in a model that builds
-    them (PanopticNucleiRCNN or a subclass), with 2 semantic classes."""
+    """Loss weights >= 0, and other than 1 only in a model that applies them; the semantic branch
+    and feature fusion on only in a model that builds them (PanopticNucleiRCNN or a subclass),
+    with 2 semantic classes."""
     nucseg = cfg.MODEL.NUCSEG
     negative = {key: value for key, value in nucseg.LOSS_WEIGHTS.items() if value < 0}
     if negative:
@@ -201,12 +202,21 @@ def _validate_model_branches(cfg):
     if nucseg.FUSION_BOXES not in FUSION_BOX_FIELDS:
         raise NucleiConfigError(
             f"MODEL.NUCSEG.FUSION_BOXES must be one of {sorted(FUSION_BOX_FIELDS)}, got {nucseg.FUSION_BOXES!r}")
+    architecture = cfg.MODEL.META_ARCHITECTURE
+    # An unregistered name is left for build_model to name.
+    not_panoptic = architecture in META_ARCH_REGISTRY and not issubclass(
+        META_ARCH_REGISTRY.get(architecture), PanopticNucleiRCNN)
+    reweighted = {key: value for key, value in nucseg.LOSS_WEIGHTS.items() if value != 1.0}
+    if not_panoptic and reweighted:
+        # Only PanopticNucleiRCNN weighs its losses: elsewhere the weights would be silently ignored.
+        raise NucleiConfigError(
+            f"MODEL.NUCSEG.LOSS_WEIGHTS {reweighted}: MODEL.META_ARCHITECTURE {architecture} does not apply them; "
+            "use PanopticNucleiRCNN (configs/Base-Panoptic-Nuclei.yaml) or leave them at 1.0"
+        )
     branches_on = [key for key in ("SEMANTIC_ON", "FUSION_ON") if nucseg[key]]
     if not branches_on:
         return
-
-    architecture = cfg.MODEL.META_ARCHITECTURE
-    if architecture in META_ARCH_REGISTRY and not issubclass(META_ARCH_REGISTRY.get(architecture), PanopticNucleiRCNN):
+    if not_panoptic:
         raise NucleiConfigError(
             f"MODEL.NUCSEG.{' and '.join(branches_on)}: True, but MODEL.META_ARCHITECTURE {architecture} "
             "builds neither branch; use PanopticNucleiRCNN (configs/Base-Panoptic-Nuclei.yaml) or set them False"

@@ -281,7 +281,10 @@ def test_all_photometric_on_keeps_segmentation():
         cfg.INPUT.AUG[key + "_PROB"] = 1.0
     cfg.INPUT.AUG.HFLIP = cfg.INPUT.AUG.VFLIP = cfg.INPUT.AUG.ROT90 = False
     augs = build_nuclei_augmentations(cfg, is_train=True)
-    assert len(augs) == 6
+    # Stain jitter unmixes H&E from true RGB, so it must run before the channel shuffle.
+    assert [type(a.aug) for a in augs] == [
+        RandomStainJitter, RandomGaussianBlur, RandomGaussianNoise, RandomEmboss, RandomSharpen, RandomChannelShuffle
+    ]
     image = _he_like_image()
     label_map = np.random.default_rng(0).integers(0, 5, size=image.shape[:2]).astype(np.int32)
     np.random.seed(0)

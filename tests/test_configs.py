@@ -69,6 +69,8 @@ def test_build_nuclei_cfg_from_file_or_node_with_overrides():
         ("tnbc.yaml", ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "1"], "NUM_CLASSES must be 2 .* got 1"),
         ("tnbc_maskrcnn.yaml", ["MODEL.NUCSEG.FUSION_ON", "True"], "FUSION_ON: True, but .*NucleiRCNN"),
         ("tnbc.yaml", ["MODEL.NUCSEG.LOSS_WEIGHTS.SEMSEG1", "-1.0"], r"LOSS_WEIGHTS must be >= 0, got \{'SEMSEG1'"),
+        ("tnbc_maskrcnn.yaml", ["MODEL.NUCSEG.LOSS_WEIGHTS.MASK", "2.0"],
+         r"LOSS_WEIGHTS \{'MASK': 2.0\}: MODEL.META_ARCHITECTURE NucleiRCNN does not apply them"),
         ("tnbc.yaml", ["INPUT.CROP.TYPE", "relative"], "fractions in \\(0, 1\\] with INPUT.CROP.TYPE relative"),
         ("tnbc.yaml", ["DATASETS.TNBC_NUM_FOLDS", "1"], r"TNBC_NUM_FOLDS: .* 2\.\.\d+, got 1"),
         ("tnbc.yaml", ["DATASETS.TNBC_NUM_FOLDS", "20"], r"TNBC_NUM_FOLDS: .* 2\.\.\d+, got 20"),

@@ -328,8 +328,9 @@ class RandomStainJitter(T.Augmentation):
 def build_nuclei_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     """Augmentations for ``NucleiDatasetMapper``.
 
-    Training order: random crop (``cfg.INPUT.CROP``), H/V flips, rot90, then photometric ones,
-    each applied with its ``cfg.INPUT.AUG.*_PROB``. The image must be RGB (stain jitter).
+    Training order: random crop (``cfg.INPUT.CROP``), H/V flips, rot90, then photometric ones
+    (stain jitter, blur, noise, emboss, sharpen, channel shuffle), each applied with its
+    ``cfg.INPUT.AUG.*_PROB``. The image must be RGB (stain jitter).
     There is no resize in training: nuclei images are used at their native magnification.
     At test time: native resolution when ``INPUT.MIN_SIZE_TEST`` is 0 (nucseg-d2's default), else the
     shortest edge resized to it (capped by ``INPUT.MAX_SIZE_TEST``), exactly as NucleiPredictor
@@ -354,16 +355,18 @@ def build_nuclei_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     if aug_cfg.ROT90:
         augs.append(RandomRotation90())
 
+    # Stain jitter comes first: its H&E unmixing assumes the image's true RGB, which the channel
+    # shuffle, noise and filters after it no longer are.
     photometric = [
+        (
+            aug_cfg.STAIN_JITTER_PROB,
+            lambda: RandomStainJitter(aug_cfg.STAIN_JITTER_SCALE, aug_cfg.STAIN_JITTER_SHIFT),
+        ),
         (aug_cfg.GAUSSIAN_BLUR_PROB, lambda: RandomGaussianBlur(aug_cfg.GAUSSIAN_BLUR_SIGMA)),
         (aug_cfg.GAUSSIAN_NOISE_PROB, lambda: RandomGaussianNoise(aug_cfg.GAUSSIAN_NOISE_STD)),
         (aug_cfg.EMBOSS_PROB, lambda: RandomEmboss(aug_cfg.EMBOSS_STRENGTH)),
         (aug_cfg.SHARPEN_PROB, lambda: RandomSharpen(aug_cfg.SHARPEN_STRENGTH)),
         (aug_cfg.CHANNEL_SHUFFLE_PROB, RandomChannelShuffle),
-        (
-            aug_cfg.STAIN_JITTER_PROB,
-            lambda: RandomStainJitter(aug_cfg.STAIN_JITTER_SCALE, aug_cfg.STAIN_JITTER_SHIFT),
-        ),
     ]
     for prob, make_aug in photometric:
         if prob > 0:
