@@ -7,9 +7,9 @@
 #   e.g. bash scripts/sweep_proposal_budget.sh kumar_ab3_cpu1100 kumar_val 2000 4000 6000
 #
 # Reads output/RUN_NAME/{config.yaml,model_final.pth} (what scripts/cpu_train_eval.sh trained).
-# Writes results/proposal_budget/RUN_NAME/budget_B/ (VAL/metrics.json, VAL/per_image.csv,
-# config.yaml, eval_log.txt.gz, with the evaluator's inference time per image) and prints the table of all
-# budgets against the first. PYTHON (.venv/bin/python), RUNS_DIR (output) and RESULTS_DIR
+# Writes results/proposal_budget/RUN_NAME_VAL/budget_B/ (VAL/metrics.json, VAL/per_image.csv,
+# config.yaml, eval_log.txt.gz with the evaluator's inference time per image) and prints the
+# table of all budgets against the first. PYTHON (.venv/bin/python), RUNS_DIR (output) and RESULTS_DIR
 # (results) move the folders.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,13 +34,13 @@ done
 table_runs=()
 for budget in "$@"; do
   # A fresh folder each time: Detectron2 appends to an existing log.txt.
-  EVAL=$RUNS_DIR/${RUN}_budget_$budget
+  EVAL=$RUNS_DIR/${RUN}_${VAL}_budget_$budget
   rm -rf "$EVAL"
   "$PYTHON" train_net.py --config-file "$SRC/config.yaml" --eval-only MODEL.WEIGHTS "$SRC/model_final.pth" \
     DATASETS.TEST "(\"$VAL\",)" MODEL.RPN.PRE_NMS_TOPK_TEST "$budget" MODEL.RPN.POST_NMS_TOPK_TEST "$budget" \
     OUTPUT_DIR "$EVAL"
   # Assembled beside the results folder and moved in whole, so an error leaves the old one as it was.
-  DEST=$RESULTS_DIR/proposal_budget/$RUN/budget_$budget
+  DEST=$RESULTS_DIR/proposal_budget/${RUN}_$VAL/budget_$budget
   rm -rf "$DEST.partial"; mkdir -p "$DEST.partial/$VAL"
   cp "$EVAL/inference/$VAL/metrics.json" "$EVAL/inference/$VAL/per_image.csv" "$DEST.partial/$VAL/"
   cp "$EVAL/config.yaml" "$DEST.partial/config.yaml"

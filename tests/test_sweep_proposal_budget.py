@@ -50,11 +50,16 @@ def test_each_budget_is_used_and_caps_the_nuclei_found(tmp_path):
     torch.manual_seed(0)
     torch.save({"model": build_model(cfg).state_dict()}, run / "model_final.pth")
 
+    # Another data set's sweep first: its results must survive the validation sweep.
+    other = _sweep(tmp_path, "demo_run", "nuclei_synthetic_train", "5")
+    assert other.returncode == 0, other.stdout[-2000:] + other.stderr[-2000:]
     done = _sweep(tmp_path, "demo_run", "nuclei_synthetic_val", "5", "60")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    sweeps = tmp_path / "results" / "proposal_budget"
+    assert (sweeps / "demo_run_nuclei_synthetic_train" / "budget_5" / "nuclei_synthetic_train" / "per_image.csv").is_file()
     found = {}
     for budget in (5, 60):
-        folder = tmp_path / "results" / "proposal_budget" / "demo_run" / f"budget_{budget}"
+        folder = sweeps / "demo_run_nuclei_synthetic_val" / f"budget_{budget}"
         assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "eval_log.txt.gz", "nuclei_synthetic_val"]
         rpn = yaml.safe_load((folder / "config.yaml").read_text())["MODEL"]["RPN"]
         assert rpn["PRE_NMS_TOPK_TEST"] == rpn["POST_NMS_TOPK_TEST"] == budget
