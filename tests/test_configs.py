@@ -87,6 +87,11 @@ def test_values_the_model_would_misuse_are_rejected_naming_the_key(config, overr
         build_nuclei_cfg(CONFIGS[0].parent / config, overrides)
 
 
+def test_loss_weights_other_than_one_pass_with_the_model_that_applies_them():
+    cfg = build_nuclei_cfg(CONFIGS[0].parent / "tnbc.yaml", ["MODEL.NUCSEG.LOSS_WEIGHTS.MASK", "2.0"])
+    assert cfg.MODEL.NUCSEG.LOSS_WEIGHTS.MASK == 2.0
+
+
 @pytest.mark.parametrize("text, problem", [
     ("MODEL:\n\tDEVICE: cpu\n", r"bad.yaml: not valid YAML: .*found character '\\t' that cannot start any token"),
     ("MODEL: {DEVICE: 'cpu\n", "bad.yaml: not valid YAML: "),

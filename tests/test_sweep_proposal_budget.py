@@ -29,6 +29,8 @@ def _sweep(tmp_path, *args):
     (["demo_run", "kumar_val", "0"], "a budget is a positive whole number, got '0'"),
     (["demo_run", "kumar_val", "2000"], "runs/demo_run/config.yaml not found"),
     (["demo_run", "kumar_val"], "usage: "),
+    (["demo_run", "kumar val", "2000"], "run and split names are letters, digits, '_', '.' and '-', got 'kumar val'"),
+    (["../demo_run", "kumar_val", "2000"], "got '../demo_run'"),
 ])
 def test_refusals_name_the_problem_and_write_nothing(tmp_path, args, problem):
     done = _sweep(tmp_path, *args)
@@ -56,7 +58,8 @@ def test_each_budget_is_used_and_caps_the_nuclei_found(tmp_path):
     done = _sweep(tmp_path, "demo_run", "nuclei_synthetic_val", "5", "60")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     sweeps = tmp_path / "results" / "proposal_budget"
-    assert (sweeps / "demo_run_nuclei_synthetic_train" / "budget_5" / "nuclei_synthetic_train" / "per_image.csv").is_file()
+    kept = sweeps / "demo_run_nuclei_synthetic_train" / "budget_5" / "nuclei_synthetic_train" / "per_image.csv"
+    assert kept.is_file()
     found = {}
     for budget in (5, 60):
         folder = sweeps / "demo_run_nuclei_synthetic_val" / f"budget_{budget}"
