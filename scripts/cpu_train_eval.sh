@@ -9,8 +9,10 @@
 #   e.g. bash scripts/cpu_train_eval.sh configs/tnbc.yaml tnbc_proposed_cpu1100 SEED 55304682
 #
 # Environment: ITERS (1100), VAL (tnbc_val), TEST (tnbc_test), PYTHON (.venv/bin/python),
-# NUCSEG_DATASETS (where tnbc/ and kumar/ lie). Run again after an interruption: training resumes
-# from the last checkpoint, and a finished training goes straight to the test evaluation.
+# NUCSEG_DATASETS (where tnbc/ and kumar/ lie), RUNS_DIR (output). Run again after an interruption:
+# training resumes from the last checkpoint with the config the run started with (its saved
+# config.yaml, not CONFIG as it reads now), and a finished training goes straight to the test
+# evaluation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $# -lt 2 ]]; then
@@ -20,7 +22,7 @@ fi
 CONFIG=$1; RUN=$2; shift 2
 PYTHON=${PYTHON:-.venv/bin/python}
 ITERS=${ITERS:-1100}; VAL=${VAL:-tnbc_val}; TEST=${TEST:-tnbc_test}
-OUT=output/$RUN
+OUT=${RUNS_DIR:-output}/$RUN
 if ! [[ $ITERS =~ ^[0-9]+$ ]] || (( ITERS < 12 )); then
   echo "ITERS must be a whole number >= 12 (the schedule needs warm-up, two lr steps and 4 evaluations), got '$ITERS'" >&2
   exit 2
@@ -32,8 +34,13 @@ SECONDS=0
 if [[ -f $OUT/model_final.pth ]]; then
   echo "$OUT/model_final.pth exists: training is done (delete $OUT to train again)"
 else
-  RESUME=(); [[ -f $OUT/last_checkpoint ]] && RESUME=(--resume)
-  "$PYTHON" train_net.py --config-file "$CONFIG" ${RESUME[@]+"${RESUME[@]}"} \
+  RESUME=(); TRAIN_CONFIG=$CONFIG
+  if [[ -f $OUT/last_checkpoint ]]; then
+    # A default changed since the start (in CONFIG or a _BASE_ of it) would otherwise change the
+    # run half-way; train_net saved the run's full config when it started.
+    RESUME=(--resume); [[ -f $OUT/config.yaml ]] && TRAIN_CONFIG=$OUT/config.yaml
+  fi
+  "$PYTHON" train_net.py --config-file "$TRAIN_CONFIG" ${RESUME[@]+"${RESUME[@]}"} \
     SOLVER.MAX_ITER "$ITERS" SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.STEPS "($STEP1, $STEP2)" \
     SOLVER.CHECKPOINT_PERIOD "$PERIOD" TEST.EVAL_PERIOD "$PERIOD" DATASETS.TEST "(\"$VAL\",)" \
     DATALOADER.NUM_WORKERS 1 OUTPUT_DIR "$OUT" "$@"
