@@ -213,6 +213,13 @@ def _validate_model_branches(cfg):
             f"MODEL.NUCSEG.LOSS_WEIGHTS {reweighted}: MODEL.META_ARCHITECTURE {architecture} does not apply them; "
             "use PanopticNucleiRCNN (configs/Base-Panoptic-Nuclei.yaml) or leave them at 1.0"
         )
+    # A weight on a branch that is off would be as silently ignored.
+    weight_of_branch = {"SEMSEG1": "SEMANTIC_ON", "SEMSEG2": "FUSION_ON"}
+    idle = {key: value for key, value in reweighted.items()
+            if key in weight_of_branch and not nucseg[weight_of_branch[key]]}
+    if idle:
+        switches = " and ".join(f"MODEL.NUCSEG.{weight_of_branch[key]}" for key in idle)
+        raise NucleiConfigError(f"MODEL.NUCSEG.LOSS_WEIGHTS {idle}: {switches} False, so nothing applies them")
     branches_on = [key for key in ("SEMANTIC_ON", "FUSION_ON") if nucseg[key]]
     if not branches_on:
         return

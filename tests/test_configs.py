@@ -71,6 +71,8 @@ def test_build_nuclei_cfg_from_file_or_node_with_overrides():
         ("tnbc.yaml", ["MODEL.NUCSEG.LOSS_WEIGHTS.SEMSEG1", "-1.0"], r"LOSS_WEIGHTS must be >= 0, got \{'SEMSEG1'"),
         ("tnbc_maskrcnn.yaml", ["MODEL.NUCSEG.LOSS_WEIGHTS.MASK", "2.0"],
          r"LOSS_WEIGHTS \{'MASK': 2.0\}: MODEL.META_ARCHITECTURE NucleiRCNN does not apply them"),
+        ("tnbc_ab3.yaml", ["MODEL.NUCSEG.LOSS_WEIGHTS.SEMSEG2", "0.5"],
+         r"LOSS_WEIGHTS \{'SEMSEG2': 0.5\}: MODEL.NUCSEG.FUSION_ON False, so nothing applies them"),
         ("tnbc.yaml", ["INPUT.CROP.TYPE", "relative"], "fractions in \\(0, 1\\] with INPUT.CROP.TYPE relative"),
         ("tnbc.yaml", ["DATASETS.TNBC_NUM_FOLDS", "1"], r"TNBC_NUM_FOLDS: .* 2\.\.\d+, got 1"),
         ("tnbc.yaml", ["DATASETS.TNBC_NUM_FOLDS", "20"], r"TNBC_NUM_FOLDS: .* 2\.\.\d+, got 20"),
@@ -88,8 +90,9 @@ def test_values_the_model_would_misuse_are_rejected_naming_the_key(config, overr
 
 
 def test_loss_weights_other_than_one_pass_with_the_model_that_applies_them():
-    cfg = build_nuclei_cfg(CONFIGS[0].parent / "tnbc.yaml", ["MODEL.NUCSEG.LOSS_WEIGHTS.MASK", "2.0"])
-    assert cfg.MODEL.NUCSEG.LOSS_WEIGHTS.MASK == 2.0
+    cfg = build_nuclei_cfg(CONFIGS[0].parent / "tnbc.yaml", ["MODEL.NUCSEG.LOSS_WEIGHTS.MASK", "2.0",
+                                                             "MODEL.NUCSEG.LOSS_WEIGHTS.SEMSEG1", "0.5"])
+    assert (cfg.MODEL.NUCSEG.LOSS_WEIGHTS.MASK, cfg.MODEL.NUCSEG.LOSS_WEIGHTS.SEMSEG1) == (2.0, 0.5)
 
 
 @pytest.mark.parametrize("text, problem", [
