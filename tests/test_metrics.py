@@ -200,6 +200,7 @@ def test_aji_breaks_iou_ties_by_intersection_not_by_id():
                       (id_p2, slice(0, 1), slice(2, 5)))
         assert aji(gt, pred) == 3 / 14
         assert paper_aji(gt, pred) == 3 / 14
+        assert aji_plus(gt, pred) == 3 / 14
 
 
 def test_glas_match_ignores_background_even_when_it_is_the_mode():
@@ -392,14 +393,14 @@ def reference_aji(gt, pred, variant):
                     used.add(option[2])
                     picked.append((gt_id, option[2], option[1], option[3]))
                     break
-    else:  # aji_plus: Hungarian on the full dense IoU matrix, as HoVer-Net does
+    else:  # aji_plus: Hungarian on the full dense IoU matrix, with HoVer-Net's 1e-6 in the union
         gt_list = sorted(gt_objects)
         iou = np.zeros((len(gt_list), len(pred_list)))
         details = {}
         for row, gt_id in enumerate(gt_list):
             for fraction, intersection, pred_id, union in candidates[gt_id]:
                 column = pred_list.index(pred_id)
-                iou[row, column] = float(fraction)
+                iou[row, column] = intersection / (union + 1e-6)
                 details[row, column] = (intersection, union)
         for row, column in zip(*linear_sum_assignment(iou, maximize=True)):
             if iou[row, column] > 0:
@@ -632,7 +633,7 @@ def test_metrics_match_slow_references_on_random_maps(maps):
     assert got["aji"] == pytest.approx(reference_aji(gt, pred, "aji"), rel=1e-12)
     assert got["paper_aji"] == pytest.approx(reference_aji(gt, pred, "paper_aji"), rel=1e-12)
     # AJI+ (an optimal one-to-one assignment) is defined regardless of ties only where the optimum is unique.
-    if _unique_assignment(pairwise_overlap(gt, pred).iou_matrix()):
+    if _unique_assignment(_aji_plus_weights(pairwise_overlap(gt, pred))):
         assert got["aji_plus"] == pytest.approx(reference_aji(gt, pred, "aji_plus"), rel=1e-12)
     for key, value in reference_glas(gt, pred).items():
         assert got[key] == pytest.approx(value, rel=1e-12), key
@@ -655,6 +656,13 @@ def _unique_argmax_everywhere(matrix, axis):
         return True
     best = matrix.max(axis=axis, keepdims=True)
     return bool(np.all(((matrix == best) & (best > 0)).sum(axis=axis) <= 1))
+
+
+def _aji_plus_weights(ov):
+    """The dense matrix AJI+'s solver maximises: HoVer-Net's intersection / (union + 1e-6)."""
+    inter = ov.intersection_matrix().astype(float)
+    union = ov.gt_areas[:, None] + ov.pred_areas[None, :] - inter
+    return inter / (union + 1e-6)
 
 
 def _unique_assignment(iou):
@@ -681,7 +689,7 @@ def _tie_free_metrics(gt, pred):
     ranked = iou + inter * 1e-9
     if _unique_argmax_everywhere(ranked, axis=1):
         keys.add("aji")
-    if _unique_assignment(iou):
+    if _unique_assignment(_aji_plus_weights(ov)):
         keys.add("aji_plus")
     if _unique_argmax_everywhere(inter, 1) and _unique_argmax_everywhere(inter, 0):
         keys.update({"object_dice", "object_f1"})

@@ -245,6 +245,10 @@ def _aji_plus_pairs(ov: PairwiseOverlap) -> np.ndarray:
     Pairs that do not overlap have IoU 0 and add nothing to the objective, so the optimum of the
     full (num_gt × num_pred) assignment problem is the union of the optima of the components of
     the bipartite "shares a pixel" graph; most components are a single pair.
+
+    The solver maximises HoVer-Net's ``intersection / (union + 1e-6)``, not the exact IoU: of two
+    predictions with the same IoU it then takes the one with the larger intersection, as AJI
+    does, instead of whichever has the smaller id.
     """
     num_pairs = ov.pair_intersection.size
     if num_pairs == 0:
@@ -260,7 +264,7 @@ def _aji_plus_pairs(ov: PairwiseOverlap) -> np.ndarray:
     single = pairs_per_component[pair_component] == 1
     chosen = [np.flatnonzero(single)]
 
-    iou = ov.pair_iou
+    tie_breaking_iou = ov.pair_intersection / (ov.pair_union + 1e-6)
     multi = np.flatnonzero(~single)
     multi = multi[np.argsort(pair_component[multi], kind="stable")]
     for group in np.split(multi, _first_per_group(pair_component[multi])[1:]):
@@ -269,7 +273,7 @@ def _aji_plus_pairs(ov: PairwiseOverlap) -> np.ndarray:
         rows, row_of_pair = np.unique(ov.pair_gt[group], return_inverse=True)
         cols, col_of_pair = np.unique(ov.pair_pred[group], return_inverse=True)
         local_iou = np.zeros((rows.size, cols.size))
-        local_iou[row_of_pair, col_of_pair] = iou[group]
+        local_iou[row_of_pair, col_of_pair] = tie_breaking_iou[group]
         local_pair = np.full((rows.size, cols.size), -1, np.int64)
         local_pair[row_of_pair, col_of_pair] = group
         matched_rows, matched_cols = linear_sum_assignment(local_iou, maximize=True)
