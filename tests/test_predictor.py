@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
@@ -319,6 +320,29 @@ def test_slide_level_and_roi(he_slide, layout):
         assert half.thumbnail(100).shape == (78, 100, 3)
     with open_image(paths[layout], mpp=0.9) as chosen:  # levels at 0.25, 0.5, 1.0 µm/px
         assert chosen.level == 1 and (chosen.height, chosen.width) == (1024, 1024)
+
+
+def test_slide_levels_with_a_fractional_downsample_read_their_own_pixels(tmp_path):
+    # 1023x1021 px: level 1 is 512x511, downsample (1023/512 + 1021/511) / 2 = 1.998. Rounding
+    # level px * downsample to level 0 read the pixel before for level px 251..511 (tiffslide
+    # truncates level0 / downsample); each block must be the level's own pixels at its place.
+    rng = np.random.default_rng(0)
+    level0 = rng.integers(0, 256, (1021, 1023, 3), dtype=np.uint8)
+    path = str(tmp_path / "odd.tif")
+    write_pyramidal_tiff(path, lambda y0, y1, x0, x1: level0[y0:y1, x0:x1], 1021, 1023, num_levels=3)
+    with tifffile.TiffFile(path) as tif:
+        stored = [level.asarray() for level in tif.series[0].levels]
+    for level, roi in ((1, None), (1, (301, 503, 600, 400)), (2, None)):
+        with SlideSource(path, level=level, roi=roi, backend="tiffslide") as slide:
+            assert slide.downsample != round(slide.downsample)
+            x_start = int(slide.origin[0] / slide.downsample)
+            y_start = int(slide.origin[1] / slide.downsample)
+            for x in range(0, slide.width - 8, 13):
+                y = x % (slide.height - 8)
+                np.testing.assert_array_equal(
+                    slide.read(y, y + 8, x, x + 8),
+                    stored[level][y_start + y : y_start + y + 8, x_start + x : x_start + x + 8],
+                    err_msg=f"level {level}, roi {roi}, block at x {x}, y {y}")
 
 
 def test_choose_level_prefers_the_coarsest_level_not_coarser_than_the_target():

@@ -229,11 +229,27 @@ class SlideSource(ImageSource):
         self.mpp = base_mpp * self.downsample if base_mpp is not None else None
         full_w, full_h = slide.dimensions
         x0, y0, x1, y1 = _clip_roi(roi, full_w, full_h, self.path, "slide")
-        self.origin = (x0, y0)
+        # The region starts on this level's pixel grid; its origin is the level-0 pixel that
+        # the backends map back to that level pixel (a shift of less than one level pixel).
+        self._level_origin = (int(x0 / self.downsample), int(y0 / self.downsample))
+        self.origin = (self._level0(self._level_origin[0]), self._level0(self._level_origin[1]))
         level_w, level_h = slide.level_dimensions[level]
         # The region at this level: never past the level's own edge (downsamples are rounded).
-        self.width = max(1, min(level_w - int(x0 / self.downsample), int(round((x1 - x0) / self.downsample))))
-        self.height = max(1, min(level_h - int(y0 / self.downsample), int(round((y1 - y0) / self.downsample))))
+        self.width = max(1, min(level_w - self._level_origin[0], int(round((x1 - x0) / self.downsample))))
+        self.height = max(1, min(level_h - self._level_origin[1], int(round((y1 - y0) / self.downsample))))
+
+    def _level0(self, level_pixel: int) -> int:
+        """The level-0 coordinate that reads ``level_pixel`` of the analysed level.
+
+        Downsamples are ratios of level sizes (4.000135, not 4), and tiffslide truncates
+        ``level0 / downsample``: rounding ``level_pixel * downsample`` may land just below it and
+        read the pixel before. The smallest level-0 pixel at or after it maps back exactly;
+        OpenSlide resamples the fractional position instead, shifted by less than one level-0 px.
+        """
+        level0 = math.ceil(level_pixel * self.downsample)
+        while int(level0 / self.downsample) < level_pixel:  # float rounding below an integer
+            level0 += 1
+        return level0
 
     def _read_level(self, level: int, x0_level0: int, y0_level0: int, width: int, height: int):
         if self.backend == "tiffslide":
@@ -254,8 +270,7 @@ class SlideSource(ImageSource):
     def read(self, y0, y1, x0, x1):
         if not (0 <= y0 < y1 <= self.height and 0 <= x0 < x1 <= self.width):
             raise ValueError(f"block [{y0}:{y1}, {x0}:{x1}] outside the {self.height}x{self.width} region")
-        location = (self.origin[0] + int(round(x0 * self.downsample)),
-                    self.origin[1] + int(round(y0 * self.downsample)))
+        location = (self._level0(self._level_origin[0] + x0), self._level0(self._level_origin[1] + y0))
         try:
             return self._read_level(self.level, *location, x1 - x0, y1 - y0)
         except NucleiDataError:
