@@ -318,8 +318,12 @@ def test_slide_level_and_roi(he_slide, layout):
         expected = read(520, 620, 340, 480).reshape(50, 2, 70, 2, 3).mean(axis=(1, 3))
         assert np.abs(block.astype(float) - expected).max() <= 1.0
         assert half.thumbnail(100).shape == (78, 100, 3)
-    with open_image(paths[layout], mpp=0.9) as chosen:  # levels at 0.25, 0.5, 1.0 µm/px
+    with pytest.warns(UserWarning, match=r"level 1 at 0\.500 µm/px instead of the requested 0\.9 µm/px"):
+        chosen = open_image(paths[layout], mpp=0.9)  # levels at 0.25, 0.5, 1.0 µm/px
+    with chosen:
         assert chosen.level == 1 and (chosen.height, chosen.width) == (1024, 1024)
+    with pytest.warns(UserWarning, match="the slide has no finer level"):
+        open_image(paths[layout], mpp=0.1).close()
 
 
 def test_slide_levels_with_a_fractional_downsample_read_their_own_pixels(tmp_path):

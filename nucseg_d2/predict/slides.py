@@ -9,7 +9,6 @@ Whole-slide formats (``.svs .ndpi .mrxs .scn .bif ...``), pyramidal ``.tif`` and
 cannot read (``.mrxs``, ``.vms``, ...) or when asked, OpenSlide. Other files are decoded whole by
 :func:`nucseg_d2.data.readers.read_rgb_image` (RGBA, greyscale and 16-bit conversions).
 """
-import logging
 import math
 import os
 import warnings
@@ -36,7 +35,6 @@ __all__ = [
     "write_pyramidal_tiff",
 ]
 
-logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
@@ -172,6 +170,20 @@ def _clip_roi(roi, width: int, height: int, path, what: str) -> Tuple[int, int, 
     return x0, y0, x1, y1
 
 
+def level0_position(level_pixel: int, downsample: float) -> int:
+    """The level-0 coordinate that reads ``level_pixel`` of a level with this ``downsample``.
+
+    Downsamples are ratios of level sizes (4.000135, not 4), and tiffslide truncates
+    ``level0 / downsample``: rounding ``level_pixel * downsample`` may land just below it and
+    read the pixel before. The smallest level-0 pixel at or after it maps back exactly;
+    OpenSlide resamples the fractional position instead, shifted by less than one level-0 px.
+    """
+    level0 = math.ceil(level_pixel * downsample)
+    while int(level0 / downsample) < level_pixel:  # float rounding below an integer
+        level0 += 1
+    return level0
+
+
 class SlideSource(ImageSource):
     """One pyramid level of a whole-slide image, optionally cropped to a region of interest.
 
@@ -216,8 +228,11 @@ class SlideSource(ImageSource):
                 level = choose_level([base_mpp * d for d in downsamples], mpp)
                 chosen = base_mpp * downsamples[level]
                 if abs(chosen - mpp) > mpp * _MPP_TOLERANCE:
-                    logger.info("%s: level %d (%.3f µm/px) is the closest at or finer than %.3f µm/px",
-                                self.path, level, chosen, mpp)
+                    # Nuclei then appear at another size than the model was trained on.
+                    why = ("the slide has no finer level" if chosen > mpp
+                           else "the closest level at or finer than it")
+                    warnings.warn(f"{self.path}: analysing level {level} at {chosen:.3f} µm/px instead of "
+                                  f"the requested {mpp} µm/px ({why}); nuclei appear at another scale")
         level = 0 if level is None else int(level)
         if not 0 <= level < slide.level_count:
             raise NucleiDataError(
@@ -232,24 +247,12 @@ class SlideSource(ImageSource):
         # The region starts on this level's pixel grid; its origin is the level-0 pixel that
         # the backends map back to that level pixel (a shift of less than one level pixel).
         self._level_origin = (int(x0 / self.downsample), int(y0 / self.downsample))
-        self.origin = (self._level0(self._level_origin[0]), self._level0(self._level_origin[1]))
+        self.origin = tuple(level0_position(v, self.downsample) for v in self._level_origin)
         level_w, level_h = slide.level_dimensions[level]
         # The region at this level: never past the level's own edge (downsamples are rounded).
         self.width = max(1, min(level_w - self._level_origin[0], int(round((x1 - x0) / self.downsample))))
         self.height = max(1, min(level_h - self._level_origin[1], int(round((y1 - y0) / self.downsample))))
 
-    def _level0(self, level_pixel: int) -> int:
-        """The level-0 coordinate that reads ``level_pixel`` of the analysed level.
-
-        Downsamples are ratios of level sizes (4.000135, not 4), and tiffslide truncates
-        ``level0 / downsample``: rounding ``level_pixel * downsample`` may land just below it and
-        read the pixel before. The smallest level-0 pixel at or after it maps back exactly;
-        OpenSlide resamples the fractional position instead, shifted by less than one level-0 px.
-        """
-        level0 = math.ceil(level_pixel * self.downsample)
-        while int(level0 / self.downsample) < level_pixel:  # float rounding below an integer
-            level0 += 1
-        return level0
 
     def _read_level(self, level: int, x0_level0: int, y0_level0: int, width: int, height: int):
         if self.backend == "tiffslide":
@@ -270,7 +273,8 @@ class SlideSource(ImageSource):
     def read(self, y0, y1, x0, x1):
         if not (0 <= y0 < y1 <= self.height and 0 <= x0 < x1 <= self.width):
             raise ValueError(f"block [{y0}:{y1}, {x0}:{x1}] outside the {self.height}x{self.width} region")
-        location = (self._level0(self._level_origin[0] + x0), self._level0(self._level_origin[1] + y0))
+        location = (level0_position(self._level_origin[0] + x0, self.downsample),
+                    level0_position(self._level_origin[1] + y0, self.downsample))
         try:
             return self._read_level(self.level, *location, x1 - x0, y1 - y0)
         except NucleiDataError:
@@ -302,8 +306,8 @@ class SlideSource(ImageSource):
                 tx0, tx1 = round(bx * fx), round((bx + bw) * fx)
                 if ty1 <= ty0 or tx1 <= tx0:
                     continue
-                block = self._read_level(level, int((src_x0 + bx) * level_ds),
-                                         int((src_y0 + by) * level_ds), bw, bh)
+                block = self._read_level(level, level0_position(src_x0 + bx, level_ds),
+                                         level0_position(src_y0 + by, level_ds), bw, bh)
                 thumb[ty0:ty1, tx0:tx1] = cv2.resize(block, (tx1 - tx0, ty1 - ty0),
                                                      interpolation=cv2.INTER_AREA)
         return thumb
