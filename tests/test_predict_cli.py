@@ -178,3 +178,47 @@ def test_two_cpu_processes_shard_the_inputs(tmp_path, untrained_demo_weights):
     assert re.search(r"\[rank 0\] error: .*broken.png", run.stderr)
     assert "6 inputs: 5 done, 0 skipped (outputs exist), 1 failed" in run.stdout
     assert sorted(os.listdir(output)) == [f"img{i}_labels.tif" for i in range(5)]
+
+
+def test_an_input_too_large_for_coco_gets_its_other_outputs(tmp_path, untrained_demo_weights, capsys,
+                                                             monkeypatch):
+    # A whole slide at full resolution has more pixels than COCO RLE's 32-bit run lengths hold;
+    # the limit is lowered so that a 96x128 image stands for one (a 64x64 image stays under it).
+    from nucseg_d2.predict import writers
+
+    monkeypatch.setattr(writers, "COCO_MAX_PIXELS", 100 * 100)
+    small, large = str(tmp_path / "small.png"), str(tmp_path / "large.png")
+    Image.fromarray(generate_tile(np.random.default_rng(0), (64, 64))[0]).save(small)
+    Image.fromarray(generate_tile(np.random.default_rng(1), (96, 128))[0]).save(large)
+    output = tmp_path / "out"
+    assert _run([small, large], output, untrained_demo_weights) == 0
+    captured = capsys.readouterr()
+    assert "2 done, 0 skipped" in captured.out
+    assert re.search(r"large.png: no coco output: 128x96 px is too large for COCO RLE", captured.err)
+    assert sorted(p.name for p in output.glob("large*")) == [
+        "large.geojson", "large_labels.tif", "large_nuclei.csv", "large_overlay.png"]
+    assert (output / "small_coco.json").is_file()
+    # Re-run: the large input is not predicted again for an output it can never have.
+    assert _run([large], output, untrained_demo_weights) == 0
+    assert "0 done, 1 skipped" in capsys.readouterr().out
+    # Asked for COCO alone, it fails with the reason.
+    assert _run([large], tmp_path / "coco_only", untrained_demo_weights, "--formats", "coco") == 1
+    assert re.search(r"large.png: 128x96 px is too large for COCO RLE", capsys.readouterr().err)
+
+
+def test_a_failing_output_does_not_keep_the_others_from_being_written(tmp_path, untrained_demo_weights,
+                                                                    capsys, monkeypatch):
+    from nucseg_d2.predict import writers
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(writers, "write_geojson", full_disk)
+    image = _images(tmp_path / "in", 1)[0]
+    output = tmp_path / "out"
+    assert _run([image], output, untrained_demo_weights) == 1
+    error = capsys.readouterr().err
+    assert re.search(r"img0.png: geojson output not written \(OSError: .*No space left on device.*\); "
+                     r"written: labels, coco, csv, overlay", error)
+    assert sorted(p.name for p in output.iterdir()) == ["img0_coco.json", "img0_labels.tif",
+                                                         "img0_nuclei.csv", "img0_overlay.png"]

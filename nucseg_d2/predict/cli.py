@@ -182,21 +182,51 @@ def _check_output_dir(output_dir: str) -> Optional[str]:
 
 
 def write_outputs(result, source, paths: Dict[str, str], image_id: int) -> None:
-    """Write each requested output (every writer is atomic)."""
+    """Write each requested output (every writer is atomic); one that fails does not keep the
+    others from being written: the failures are raised together afterwards."""
+    failures = {}
+    for name, path in paths.items():
+        try:
+            _write_output(name, path, result, source, image_id)
+        except Exception as err:  # the predictions behind the other outputs are not lost
+            failures[name] = _error_line(err)
+    if failures:
+        written = [name for name in paths if name not in failures]
+        raise NucleiDataError(
+            f"{source.path}: " + "; ".join(f"{name} output not written ({why})" for name, why in failures.items())
+            + (f"; written: {', '.join(written)}" if written else "")
+        )
+
+
+def _outputs_possible(paths: Dict[str, str], source, formats: Sequence[str], tag: str) -> Dict[str, str]:
+    """``paths`` without a COCO output the analysed region is too large for (with a note), so that a
+    whole slide still gets its other outputs, and a re-run does not predict it again for nothing."""
+    from .writers import COCO_MAX_PIXELS
+
+    if "coco" not in paths or source.height * source.width < COCO_MAX_PIXELS:
+        return paths
+    reason = (f"{source.width}x{source.height} px is too large for COCO RLE (32-bit run lengths)")
+    if set(formats) == {"coco"}:
+        raise NucleiDataError(f"{source.path}: {reason}; ask for the GeoJSON or label TIFF instead")
+    print(f"{tag}{source.path}: no coco output: {reason}; the GeoJSON and label TIFF hold the same nuclei",
+          file=sys.stderr, flush=True)
+    return {name: p for name, p in paths.items() if name != "coco"}
+
+
+def _write_output(name: str, path: str, result, source, image_id: int) -> None:
     from . import writers
 
-    for name, path in paths.items():
-        if name == "labels":
-            writers.write_label_tiff(path, result.label_map, mpp=result.mpp, origin=result.origin,
-                                     downsample=result.downsample)
-        elif name == "geojson":
-            writers.write_geojson(path, result)
-        elif name == "coco":
-            writers.write_coco_json(path, result, image_id=image_id, file_name=source.path)
-        elif name in ("csv", "parquet"):
-            writers.write_nucleus_table(path, result, source.read)
-        elif name == "overlay":
-            writers.write_overlay_png(path, result, source.thumbnail(OVERLAY_MAX_SIDE))
+    if name == "labels":
+        writers.write_label_tiff(path, result.label_map, mpp=result.mpp, origin=result.origin,
+                                 downsample=result.downsample)
+    elif name == "geojson":
+        writers.write_geojson(path, result)
+    elif name == "coco":
+        writers.write_coco_json(path, result, image_id=image_id, file_name=source.path)
+    elif name in ("csv", "parquet"):
+        writers.write_nucleus_table(path, result, source.read)
+    elif name == "overlay":
+        writers.write_overlay_png(path, result, source.thumbnail(OVERLAY_MAX_SIDE))
 
 
 # ------------------------------------------------------------------------ the work of one rank
@@ -259,6 +289,11 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
         start = time.perf_counter()
         try:
             with open_image(path, level=args.level, mpp=args.mpp, roi=args.roi) as source:
+                paths = _outputs_possible(paths, source, args.formats, tag)
+                if not paths:  # only the impossible COCO output was missing
+                    summary["skipped"].append(path)
+                    print(f"{tag}{path}: skipped (its other outputs exist)", flush=True)
+                    continue
                 result = predictor.predict_source(source, tissue_mask=tissue)
                 write_outputs(result, source, paths, image_id)
         except KeyboardInterrupt:

@@ -55,6 +55,7 @@ NUCLEUS_CLASS_COLOR = (32, 200, 64)
 # Bright yellow reads well on both haematoxylin (purple) and eosin (pink).
 OVERLAY_COLOR = (255, 255, 0)
 COCO_CATEGORY_ID = 1  # COCO category ids start at 1; "nucleus"
+COCO_MAX_PIXELS = 2**32  # COCO RLE run lengths are 32-bit
 
 # Images larger than this (either side) are written as 256x256 tiles (napari, Bio-Formats read
 # them lazily); smaller ones as strips, which every TIFF reader, ImageJ's own included, opens.
@@ -306,7 +307,7 @@ def write_coco_json(path, result: PredictionResult, image_id, file_name: str) ->
     """
     label_map, scores, num_labels = _check_result(result, path)
     height, width = label_map.shape
-    if height * width >= 2**32:
+    if height * width >= COCO_MAX_PIXELS:
         raise ValueError(f"{path}: {height}x{width} pixels is too large for COCO RLE "
                          "(32-bit run lengths); write the GeoJSON instead, or analyse a lower level")
     annotations = []
