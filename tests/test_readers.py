@@ -177,6 +177,18 @@ def test_unreadable_images_raise_naming_the_file(tmp_path):
             read_rgb_image(tmp_path / name)
 
 
+
+def test_image_past_pillows_size_guard_says_how_to_read_it(tmp_path, monkeypatch):
+    # Pillow refuses images over twice MAX_IMAGE_PIXELS (179 Mpx by default: a 20000² PNG export);
+    # the limit is lowered so that a 64x64 PNG stands for one. Its TIFF twin reads.
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "large.png")
+    tifffile.imwrite(tmp_path / "large.tif", pixels)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(NucleiDataError, match=r"large.png: .*4096 pixels.*MAX_IMAGE_PIXELS.*saved as TIFF"):
+        read_rgb_image(tmp_path / "large.png")
+    np.testing.assert_array_equal(read_rgb_image(tmp_path / "large.tif"), pixels)
+
 @needs_tnbc
 def test_real_tnbc_rgba_slide():
     image = read_rgb_image(REAL_ROOT / "tnbc" / "Slide_01" / "01_1.png")

@@ -90,6 +90,11 @@ def _read_pixels(path, palette_as_indices=False, refused_tiff_photometrics=()):
             return np.asarray(image)
     except NucleiDataError:
         raise
+    except Image.DecompressionBombError as err:
+        raise NucleiDataError(
+            f"{path}: {err} Pillow refuses images this large unless PIL.Image.MAX_IMAGE_PIXELS is raised; "
+            "saved as TIFF it is read without that limit (a tiled TIFF tile by tile, as a slide)"
+        ) from err
     except Exception as err:  # any decoder error means the file is unreadable
         raise NucleiDataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
 
