@@ -17,6 +17,7 @@ from detectron2.utils.events import EventStorage
 from nucseg_d2 import add_nucseg_config
 from nucseg_d2.config import NucleiConfigError, merge_config_file, validate_nucseg_config
 from nucseg_d2.modeling import NucleiROIHeads, PanopticNucleiRCNN
+from nucseg_d2.modeling.postprocess import instances_to_label_map
 
 from model_inputs import synthetic_training_input
 
@@ -222,6 +223,35 @@ def test_inference_runs_only_the_instance_branch(batch):
     assert outputs[1]["instances"].image_size == (72, 64)
     assert outputs[0]["instances"].has("pred_mask_probs")  # NucleiRCNN's compact masks
     assert semantic_calls == [] and fusion_calls == []
+
+
+@pytest.mark.parametrize("mask_thresh", [0.3, 0.7])
+def test_full_image_masks_are_binarised_at_the_configured_mask_threshold(mask_thresh):
+    # PASTE_FULL_MASKS leaves the model binarising masks; the label map must then be the one
+    # the compact path gives at the same TEST.NUCLEI.MASK_THRESH (it ignored it before: 0.5).
+    def detections():
+        instances = Instances((40, 40))
+        instances.pred_boxes = Boxes(torch.tensor([[4.0, 6.0, 34.0, 30.0]]))
+        instances.scores = torch.tensor([0.9])
+        instances.pred_classes = torch.tensor([0])
+        ramp = (torch.arange(28, dtype=torch.float32) + 0.5) / 28  # no value on a threshold
+        instances.pred_masks = ramp.expand(28, 28).clone()[None, None]
+        return instances
+
+    label_maps = {}
+    for paste_full in (True, False):
+        cfg = _small_cfg(panoptic=False)
+        cfg.MODEL.NUCSEG.PASTE_FULL_MASKS = paste_full
+        cfg.TEST.NUCLEI.MASK_THRESH = mask_thresh
+        model = _build(cfg)
+        processed = model.postprocess_instances([detections()], [{"height": 40, "width": 40}])[0]["instances"]
+        assert processed.has("pred_masks") == paste_full
+        label_maps[paste_full] = instances_to_label_map(processed, score_thresh=0.5,
+                                                        mask_thresh=mask_thresh, max_overlap=0.7)
+    np.testing.assert_array_equal(label_maps[True], label_maps[False])
+    box_area = 30 * 24
+    assert 0 < (label_maps[True] > 0).sum() < box_area
+    assert abs((label_maps[True] > 0).sum() / box_area - (1 - mask_thresh)) < 0.1
 
 
 def test_return_semantic_adds_the_semantic_map(batch):

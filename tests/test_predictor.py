@@ -467,6 +467,16 @@ def test_checkpoint_of_another_architecture_lists_the_keys(tmp_path):
     NucleiPredictor("configs/demo.yaml", weights=same, opts=FAST_DEMO)
 
 
+def test_predictor_keeps_masks_box_local_so_its_mask_threshold_applies():
+    # A config written for COCO AP (full-image masks, binarised inside the model) must not make
+    # the predictor hold a full-image mask per nucleus, nor ignore its mask_thresh.
+    predictor = NucleiPredictor("configs/demo.yaml", weights="", mask_thresh=0.8,
+                                opts=FAST_DEMO + ["MODEL.NUCSEG.PASTE_FULL_MASKS", True])
+    assert predictor.cfg.MODEL.NUCSEG.PASTE_FULL_MASKS and not predictor.model.paste_full_masks
+    (instances,) = predictor.run_model([generate_tile(np.random.default_rng(0), 64)[0]])
+    assert instances.has("pred_mask_probs") and not instances.has("pred_masks")
+
+
 def _kumar_crop_or_skip():
     images = sorted(glob.glob(os.path.join(KUMAR, "images", "*.tif")))
     if not images:

@@ -42,14 +42,17 @@ class NucleiRCNN(GeneralizedRCNN):
     """
 
     @configurable
-    def __init__(self, *, paste_full_masks: bool = False, **kwargs):
+    def __init__(self, *, paste_full_masks: bool = False, mask_threshold: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         self.paste_full_masks = paste_full_masks
+        # Full-image masks leave the model binarised, so TEST.NUCLEI.MASK_THRESH must apply here.
+        self.mask_threshold = mask_threshold
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret["paste_full_masks"] = cfg.MODEL.NUCSEG.PASTE_FULL_MASKS
+        ret["mask_threshold"] = cfg.TEST.NUCLEI.MASK_THRESH
         return ret
 
     def inference(self, batched_inputs: List[Dict[str, torch.Tensor]], detected_instances=None,
@@ -66,7 +69,8 @@ class NucleiRCNN(GeneralizedRCNN):
             height = inputs.get("height", result.image_size[0])
             width = inputs.get("width", result.image_size[1])
             if self.paste_full_masks:
-                processed.append({"instances": detector_postprocess(result, height, width)})
+                processed.append({"instances": detector_postprocess(result, height, width,
+                                                                    mask_threshold=self.mask_threshold)})
             else:
                 processed.append({"instances": compact_detector_postprocess(result, height, width)})
         return processed

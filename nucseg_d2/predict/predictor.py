@@ -124,7 +124,8 @@ class NucleiPredictor:
             detections whose masks overlap with IoU > 0.5, keeping the highest score.
         score_thresh, mask_thresh, max_overlap: default ``cfg.TEST.NUCLEI``.
         progress: show a tqdm bar (tiles/s, ETA).
-        model: a ready model to use instead of building one (weights are then not loaded).
+        model: a ready model to use instead of building one (weights are then not loaded); one
+            built with MODEL.NUCSEG.PASTE_FULL_MASKS returns masks binarised at its own threshold.
         opts: config overrides ("KEY", value, ...) applied to a YAML config.
     """
 
@@ -174,6 +175,9 @@ class NucleiPredictor:
             cfg = self.cfg.clone()
             cfg.defrost()
             cfg.MODEL.DEVICE = str(self.device)
+            # Box-local mask probabilities: the predictor's mask_thresh applies to them, and no
+            # full-image mask per nucleus is ever held.
+            cfg.MODEL.NUCSEG.PASTE_FULL_MASKS = False
             model = build_model(cfg)
             weights = weights if weights is not None else self.cfg.MODEL.WEIGHTS
             if weights:
