@@ -19,6 +19,7 @@ from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg, check_run_inpu
 from nucseg_d2.data import NucleiDataError, NucleiDatasetMapper, register_tnbc_cross_validation
 from nucseg_d2.engine import TrainingTimeLimit, TrainingTimeLimitReached
 from nucseg_d2.evaluation import NucleiEvaluator
+from nucseg_d2.predict import CheckpointError, load_checkpoint
 from nucseg_d2.utils import leave_distributed_worker
 
 
@@ -75,9 +76,12 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        resuming = args.resume and checkpointer.has_checkpoint()
+        weights = checkpointer.get_checkpoint_file() if resuming else cfg.MODEL.WEIGHTS
+        # Strict, unlike a start of training: a checkpoint of another architecture would
+        # otherwise be scored with the layers it lacks left random.
+        load_checkpoint(model, weights, what=f"{cfg.MODEL.META_ARCHITECTURE} ({args.config_file})")
         res = Trainer.test(cfg, model)
         verify_results(cfg, res)
         return res
@@ -89,7 +93,7 @@ def main(args):
 def run(args):
     try:
         result = main(args)
-    except (NucleiDataError, NucleiConfigError) as e:
+    except (NucleiDataError, NucleiConfigError, CheckpointError) as e:
         # One clear line instead of a stack trace (the message names the file and the problem).
         # Errors raised in a DataLoader worker arrive with the worker's traceback folded into
         # the message; its last line is the original message.

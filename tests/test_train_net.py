@@ -101,6 +101,23 @@ def test_eval_only_without_weights_is_refused_before_anything_is_written(tmp_pat
     assert not output_dir.exists()  # earlier results in OUTPUT_DIR would be left as they were
 
 
+def test_eval_only_refuses_a_checkpoint_of_another_architecture(tmp_path):
+    # Detectron2 loads checkpoints leniently (a warning); scored that way, the proposed model's
+    # Table 1 head and fusion would stay random in a baseline checkpoint's evaluation.
+    import torch
+    from detectron2.modeling import build_model
+
+    from nucseg_d2.predict.predictor import build_predict_cfg
+
+    baseline = build_model(build_predict_cfg(str(ROOT / "configs/demo_maskrcnn.yaml"), ["MODEL.DEVICE", "cpu"]))
+    weights = tmp_path / "maskrcnn.pth"
+    torch.save({"model": baseline.state_dict()}, weights)
+    with pytest.raises(train_net.CheckpointError, match=r"maskrcnn.pth: .*missing keys.*roi_heads.mask_head"):
+        _run("--config-file", str(ROOT / "configs/demo.yaml"), "--eval-only", *TINY,
+             "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "inference").exists()
+
+
 def test_fold_count_beyond_the_tnbc_patients_names_the_key(tmp_path):
     with pytest.raises(train_net.NucleiConfigError, match=r"DATASETS.TNBC_NUM_FOLDS: .*2\.\.\d+, got 20"):
         _run("--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "DATASETS.TNBC_NUM_FOLDS", "20",
