@@ -40,6 +40,18 @@ def test_overlap_rule_keeps_uncovered_part_or_drops_mostly_covered_mask():
     assert lm.max() == 2
 
 
+@pytest.mark.parametrize("max_overlap", [0.3, 0.7])
+def test_a_mask_covered_exactly_at_the_limit_is_kept(max_overlap):
+    # "Dropped when covered by *more than* max_overlap": 3 (or 7) of 10 px covered is kept, one
+    # pixel more is dropped. In floats 1 - 7/10 = 0.30000000000000004 > 0.3 dropped it.
+    covered = round(max_overlap * 10)
+    for top_width, kept in ((covered, True), (covered + 1, False)):
+        top = _square(0, 1, 0, top_width)
+        row = _square(0, 1, 0, 10)
+        lm = instances_to_label_map(_full_mask_instances([top, row], [0.9, 0.8]), max_overlap=max_overlap)
+        assert ((lm == 2).sum() == 10 - top_width) if kept else (lm.max() == 1), (max_overlap, top_width)
+
+
 def test_fully_covered_mask_leaves_no_gap_in_ids():
     top = _square(0, 4, 0, 4)
     inside = _square(1, 3, 1, 3)

@@ -4,6 +4,7 @@ The rules are the defaults of the paper's released code: keep detections scoring
 threshold, binarise masks, paint in descending score order, drop a mask that is mostly covered by
 higher-scoring ones and otherwise keep only its uncovered part.
 """
+from fractions import Fraction
 from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -87,6 +88,9 @@ def paint_masks(
     ``masks`` of the painted ones, so callers can map ids back to scores. The tiled predictor
     paints stitched detections with this too, so tiles and whole images follow the same rules.
     """
+    # Compared in integers: in floats 1 - 7/10 > 0.3, so a mask exactly 30 % covered was dropped.
+    # The limit is taken as the decimal it is written as (0.3 = 3/10, not the nearest binary).
+    limit = Fraction(repr(float(max_overlap)))
     painted = []
     for position, (mask, ys, xs) in enumerate(masks):
         area = int(mask.sum())
@@ -95,7 +99,7 @@ def paint_masks(
         region = label_map[ys, xs]
         free = mask & (region == 0)
         free_area = int(free.sum())
-        if free_area == 0 or 1.0 - free_area / area > max_overlap:
+        if free_area == 0 or (area - free_area) * limit.denominator > limit.numerator * area:
             continue
         painted.append(position)
         region[free] = len(painted)
