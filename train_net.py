@@ -48,7 +48,7 @@ class Trainer(DefaultTrainer):
         hooks = super().build_hooks()
         if self.cfg.SOLVER.NUCLEI.TIME_LIMIT_S > 0:
             # Last, so that the other hooks (lr schedule, writers) have finished the iteration it ends.
-            hooks.append(TrainingTimeLimit(self.cfg.SOLVER.NUCLEI.TIME_LIMIT_S))
+            hooks.append(TrainingTimeLimit(self.cfg.SOLVER.NUCLEI.TIME_LIMIT_S, self.cfg.TEST.EVAL_PERIOD))
         return hooks
 
     def train(self):

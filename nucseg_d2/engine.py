@@ -23,13 +23,16 @@ class TrainingTimeLimit(HookBase):
     saved with the trainer's state (``--resume`` continues at the next iteration, towards the
     configured ``SOLVER.MAX_ITER``), and :class:`TrainingTimeLimitReached` ends the loop; the
     caller catches it. Register it last, so that every other hook has finished the iteration.
-    With several processes, the main process's clock decides for all of them.
+    With several processes, the main process's clock decides for all of them. ``eval_period``
+    is ``TEST.EVAL_PERIOD``: a stop right after a periodic evaluation does not evaluate the same
+    weights again.
     """
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, eval_period: int = 0):
         if seconds <= 0:
             raise ValueError(f"time limit must be positive, got {seconds}")
         self.seconds = float(seconds)
+        self.eval_period = int(eval_period)
         self._start = None
 
     def before_train(self):
@@ -54,4 +57,9 @@ class TrainingTimeLimit(HookBase):
         checkpointer = getattr(trainer, "checkpointer", None)
         if checkpointer is not None:
             checkpointer.save("model_final")
-        raise TrainingTimeLimitReached(trainer.max_iter)
+        if self.eval_period > 0 and trainer.max_iter % self.eval_period == 0:
+            # EvalHook has just evaluated these weights (its after_step ran before this hook's);
+            # its after_train evaluates only when iter + 1 >= max_iter, so one more keeps it from
+            # spending the time the limit protects on the same evaluation again.
+            trainer.max_iter += 1
+        raise TrainingTimeLimitReached(trainer.iter + 1)

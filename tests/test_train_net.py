@@ -210,6 +210,24 @@ def test_time_limit_stops_training_saves_and_evaluates_the_weights_it_reached(tm
     assert "Starting training from iteration 1" in (output_dir / "log.txt").read_text()
 
 
+@pytest.mark.parametrize("eval_period", [1, 2])
+def test_time_limit_right_after_a_periodic_evaluation_does_not_evaluate_again(tmp_path, monkeypatch, eval_period):
+    import itertools
+    import nucseg_d2.engine
+
+    # The same 10-s clock: the limit stops after iteration 0, where EVAL_PERIOD 1 has just
+    # evaluated (EvalHook's final evaluation must not repeat it) and EVAL_PERIOD 2 has not.
+    ticks = itertools.count(0.0, 10.0)
+    monkeypatch.setattr(nucseg_d2.engine, "perf_counter", lambda: next(ticks))
+    output_dir = tmp_path / "out"
+    results = _run("--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "SOLVER.MAX_ITER", "5",
+                   "TEST.EVAL_PERIOD", str(eval_period), "SOLVER.NUCLEI.TIME_LIMIT_S", "1",
+                   "OUTPUT_DIR", str(output_dir))
+    log = (output_dir / "log.txt").read_text()
+    assert log.count("Start inference on") == 1
+    assert set(results) == {"nuclei"} and (output_dir / "model_final.pth").is_file()
+
+
 def test_negative_time_limit_is_refused():
     with pytest.raises(train_net.NucleiConfigError, match="SOLVER.NUCLEI.TIME_LIMIT_S must be >= 0"):
         _run("--config-file", str(ROOT / "configs/demo.yaml"), "SOLVER.NUCLEI.TIME_LIMIT_S", "-1")
