@@ -12,7 +12,8 @@
 # NUCSEG_DATASETS (where tnbc/ and kumar/ lie), RUNS_DIR (output). Run again after an interruption:
 # training resumes from the last checkpoint with the config the run started with (its saved
 # config.yaml, not CONFIG as it reads now), and a finished training goes straight to the test
-# evaluation.
+# evaluation. A training stopped by SOLVER.NUCLEI.TIME_LIMIT_S short of ITERS is not finished: the
+# script says so and stops before the test evaluation; run it again to continue.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $# -lt 2 ]]; then
@@ -30,8 +31,15 @@ fi
 # The anchor run's schedule, scaled: warm-up 1/11, lr steps at 3/4 and 10/11, eval every 1/4.
 WARMUP=$((ITERS / 11)); STEP1=$((ITERS * 3 / 4)); STEP2=$((ITERS * 10 / 11)); PERIOD=$((ITERS / 4))
 
+trained_iterations() {  # 1 + the last iteration logged in the run's metrics.json (0 without one)
+  local last
+  last=$(grep -o '"iteration": [0-9]*' "$OUT/metrics.json" 2>/dev/null | awk '{print $2}' | sort -n | tail -n 1 || true)
+  echo $(( ${last:--1} + 1 ))
+}
+
 SECONDS=0
-if [[ -f $OUT/model_final.pth ]]; then
+# A time limit saves model_final before the schedule's end; only a full schedule is done.
+if [[ -f $OUT/model_final.pth ]] && (( $(trained_iterations) >= ITERS )); then
   echo "$OUT/model_final.pth exists: training is done (delete $OUT to train again)"
 else
   RESUME=(); TRAIN_CONFIG=$CONFIG
@@ -45,6 +53,11 @@ else
     SOLVER.CHECKPOINT_PERIOD "$PERIOD" TEST.EVAL_PERIOD "$PERIOD" DATASETS.TEST "(\"$VAL\",)" \
     DATALOADER.NUM_WORKERS 1 OUTPUT_DIR "$OUT" "$@"
   echo "phase train+validation: ${SECONDS} s"
+  if (( $(trained_iterations) < ITERS )); then
+    echo "$OUT: training stopped after $(trained_iterations) of $ITERS iterations (time limit): run the same" \
+      "command again to continue; the test set is scored when the schedule is complete"
+    exit 0
+  fi
 fi
 
 SECONDS=0

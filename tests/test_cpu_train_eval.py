@@ -9,20 +9,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "cpu_train_eval.sh")
 
 
-def _training_call(tmp_path, run_folder_files=()):
-    """Run the script on run 'r' with a stand-in python; return (exit status, its argument list)."""
+def _training_call(tmp_path, run_folder_files=(), last_iteration=None, stand_in_status=3, full=False):
+    """Run the script on run 'r' with a stand-in python; return (exit status, its argument list),
+    or with ``full`` the completed process too. ``last_iteration``: the last row of metrics.json."""
     recorded = tmp_path / "argv.txt"
     stand_in = tmp_path / "python"
-    stand_in.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{recorded}"\nexit 3\n')
+    stand_in.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{recorded}"\nexit {stand_in_status}\n')
     stand_in.chmod(0o755)
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)
     for name in run_folder_files:
         (run / name).write_text("saved\n")
+    if last_iteration is not None:
+        (run / "metrics.json").write_text("".join(
+            f'{{"iteration": {i}, "total_loss": 1.0}}\n' for i in range(19, last_iteration, 20))
+            + f'{{"aji": 0.5, "iteration": {last_iteration}, "total_loss": 1.0}}\n')
     done = subprocess.run(["bash", SCRIPT, "configs/kumar_ab1.yaml", "r", "SEED", "7"], capture_output=True,
                           text=True, env=dict(os.environ, PYTHON=str(stand_in), RUNS_DIR=str(tmp_path / "runs"),
                                               ITERS="44"))
-    return done.returncode, recorded.read_text().splitlines()
+    argv = recorded.read_text().splitlines()
+    return (done.returncode, argv, done) if full else (done.returncode, argv)
 
 
 @pytest.mark.parametrize("files, config, resumed", [
@@ -40,3 +46,22 @@ def test_a_resumed_run_keeps_the_config_it_started_with(tmp_path, files, config,
     assert argv[argv.index("SOLVER.MAX_ITER") + 1] == "44"
     assert argv[argv.index("OUTPUT_DIR") + 1] == str(tmp_path / "runs" / "r")
     assert argv[-2:] == ["SEED", "7"]
+
+
+def test_a_finished_schedule_goes_to_the_test_evaluation(tmp_path):
+    status, argv = _training_call(tmp_path, ("model_final.pth", "last_checkpoint", "config.yaml"), last_iteration=43)
+    assert status == 3 and "--eval-only" in argv and "train_net.py" == argv[0]
+
+
+def test_a_time_limited_model_final_is_resumed_not_scored(tmp_path):
+    # The time limit saved model_final at iteration 30 of 44: the schedule continues.
+    status, argv = _training_call(tmp_path, ("model_final.pth", "last_checkpoint", "config.yaml"), last_iteration=30)
+    assert status == 3 and "--resume" in argv and "--eval-only" not in argv
+
+
+def test_training_stopped_by_the_time_limit_is_not_scored(tmp_path):
+    # The training call ends (status 0) with the schedule unfinished: no test evaluation follows.
+    status, argv, done = _training_call(tmp_path, ("last_checkpoint", "config.yaml"), last_iteration=30,
+                                        stand_in_status=0, full=True)
+    assert status == 0 and "--eval-only" not in argv
+    assert "training stopped after 31 of 44 iterations (time limit): run the same command again" in done.stdout
