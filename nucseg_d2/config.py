@@ -55,7 +55,9 @@ def add_nucseg_config(cfg):
     # ---------------------------------------------------------------- post-processing
     # Instances -> label map, shared by evaluator and predictor (defaults of the paper's code).
     _C.TEST.NUCLEI = CN()
-    _C.TEST.NUCLEI.SCORE_THRESH = 0.5  # keep detections scoring above this
+    # Keep detections scoring above this. Only those above MODEL.ROI_HEADS.SCORE_THRESH_TEST (0.05)
+    # exist, so any value up to that keeps them all.
+    _C.TEST.NUCLEI.SCORE_THRESH = 0.5
     _C.TEST.NUCLEI.MASK_THRESH = 0.5  # binarise mask probabilities at this value
     # Drop a mask more than this fraction covered by higher-scoring masks; else keep its free part.
     _C.TEST.NUCLEI.MAX_OVERLAP = 0.7
