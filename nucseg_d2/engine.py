@@ -25,7 +25,8 @@ class TrainingTimeLimit(HookBase):
     caller catches it. Register it last, so that every other hook has finished the iteration.
     With several processes, the main process's clock decides for all of them. ``eval_period``
     is ``TEST.EVAL_PERIOD``: a stop right after a periodic evaluation does not evaluate the same
-    weights again.
+    weights again (``max_iter`` is then one more than the iterations done, which keeps
+    ``EvalHook.after_train`` from repeating it).
     """
 
     def __init__(self, seconds: float, eval_period: int = 0):

@@ -65,3 +65,9 @@ def test_training_stopped_by_the_time_limit_is_not_scored(tmp_path):
                                         stand_in_status=0, full=True)
     assert status == 0 and "--eval-only" not in argv
     assert "training stopped after 31 of 44 iterations (time limit): run the same command again" in done.stdout
+
+
+def test_a_model_final_without_metrics_is_scored(tmp_path):
+    # Weights put in the run folder by hand (no training log): scored, not trained over.
+    status, argv = _training_call(tmp_path, ("model_final.pth", "config.yaml"))
+    assert status == 3 and "--eval-only" in argv

@@ -467,6 +467,26 @@ def test_checkpoint_of_another_architecture_lists_the_keys(tmp_path):
     NucleiPredictor("configs/demo.yaml", weights=same, opts=FAST_DEMO)
 
 
+def test_checkpoint_given_as_a_url_is_fetched_through_detectron2s_path_manager(tmp_path):
+    # As Detectron2 loads MODEL.WEIGHTS "detectron2://..." or "https://...": through PathManager's
+    # handlers (here a test-only prefix mapped to a folder, since nothing can be downloaded).
+    from detectron2.utils.file_io import PathManager
+    from iopath.common.file_io import PathHandler
+
+    class FolderHandler(PathHandler):
+        def _get_supported_prefixes(self):
+            return ["nucseg-test-folder://"]
+
+        def _get_local_path(self, path, **kwargs):
+            return str(tmp_path / path[len("nucseg-test-folder://"):])
+
+    if "nucseg-test-folder://" not in PathManager._path_handlers:
+        PathManager.register_handler(FolderHandler())
+    proposed = NucleiPredictor("configs/demo.yaml", opts=FAST_DEMO, weights="")
+    torch.save({"model": proposed.model.state_dict()}, tmp_path / "proposed.pth")
+    NucleiPredictor("configs/demo.yaml", weights="nucseg-test-folder://proposed.pth", opts=FAST_DEMO)
+
+
 def test_predictor_keeps_masks_box_local_so_its_mask_threshold_applies():
     # A config written for COCO AP (full-image masks, binarised inside the model) must not make
     # the predictor hold a full-image mask per nucleus, nor ignore its mask_thresh.

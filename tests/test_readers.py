@@ -177,7 +177,6 @@ def test_unreadable_images_raise_naming_the_file(tmp_path):
             read_rgb_image(tmp_path / name)
 
 
-
 def test_image_past_pillows_size_guard_says_how_to_read_it(tmp_path, monkeypatch):
     # Pillow refuses images over twice MAX_IMAGE_PIXELS (179 Mpx by default: a 20000² PNG export);
     # the limit is lowered so that a 64x64 PNG stands for one. Its TIFF twin reads.
@@ -188,6 +187,7 @@ def test_image_past_pillows_size_guard_says_how_to_read_it(tmp_path, monkeypatch
     with pytest.raises(NucleiDataError, match=r"large.png: .*4096 pixels.*MAX_IMAGE_PIXELS.*saved as TIFF"):
         read_rgb_image(tmp_path / "large.png")
     np.testing.assert_array_equal(read_rgb_image(tmp_path / "large.tif"), pixels)
+
 
 @needs_tnbc
 def test_real_tnbc_rgba_slide():

@@ -189,13 +189,14 @@ def write_outputs(result, source, paths: Dict[str, str], image_id: int) -> None:
         try:
             _write_output(name, path, result, source, image_id)
         except Exception as err:  # the predictions behind the other outputs are not lost
-            failures[name] = _error_line(err)
+            failures[name] = err
     if failures:
         written = [name for name in paths if name not in failures]
         raise NucleiDataError(
-            f"{source.path}: " + "; ".join(f"{name} output not written ({why})" for name, why in failures.items())
+            f"{source.path}: "
+            + "; ".join(f"{name} output not written ({_error_line(err)})" for name, err in failures.items())
             + (f"; written: {', '.join(written)}" if written else "")
-        )
+        ) from next(iter(failures.values()))
 
 
 def _outputs_possible(paths: Dict[str, str], source, formats: Sequence[str], tag: str) -> Dict[str, str]:
@@ -292,7 +293,7 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
                 paths = _outputs_possible(paths, source, args.formats, tag)
                 if not paths:  # only the impossible COCO output was missing
                     summary["skipped"].append(path)
-                    print(f"{tag}{path}: skipped (its other outputs exist)", flush=True)
+                    print(f"{tag}{path}: skipped (its other outputs exist; no coco output possible)", flush=True)
                     continue
                 result = predictor.predict_source(source, tissue_mask=tissue)
                 write_outputs(result, source, paths, image_id)

@@ -12,6 +12,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
+from detectron2.utils.file_io import PathManager
 from tqdm import tqdm
 
 from ..config import build_nuclei_cfg
@@ -64,6 +65,11 @@ def load_checkpoint(model: torch.nn.Module, path: str, what: str = "the model") 
     """
     if not path:
         raise CheckpointError("no checkpoint given (--weights or MODEL.WEIGHTS)")
+    if "://" in path:  # detectron2://, https://, ...: fetched (and cached) as Detectron2 would
+        try:
+            path = PathManager.get_local_path(path)
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot fetch checkpoint ({type(err).__name__}: {err})") from err
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint file not found")
     checkpointer = _RecordingCheckpointer(model)

@@ -253,7 +253,6 @@ class SlideSource(ImageSource):
         self.width = max(1, min(level_w - self._level_origin[0], int(round((x1 - x0) / self.downsample))))
         self.height = max(1, min(level_h - self._level_origin[1], int(round((y1 - y0) / self.downsample))))
 
-
     def _read_level(self, level: int, x0_level0: int, y0_level0: int, width: int, height: int):
         if self.backend == "tiffslide":
             pixels = self._slide.read_region((x0_level0, y0_level0), level, (width, height), as_array=True)
