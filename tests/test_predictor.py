@@ -100,6 +100,18 @@ def test_single_pass_reproduces_the_encoded_nuclei(synthetic_labels):
     assert set(np.unique(result.label_map)) == set(range(result.num_nuclei + 1))
 
 
+def test_a_bgr_array_said_to_be_bgr_gives_the_rgb_result(synthetic_labels):
+    # cv2.imread's order, as Detectron2's DefaultPredictor takes it; the stand-in reads ids from
+    # the channels, so a swapped order would find other nuclei.
+    image = encode_labels(synthetic_labels)
+    expected = stand_in_predictor().predict(image).label_map
+    from_bgr = stand_in_predictor().predict(np.ascontiguousarray(image[:, :, ::-1]), channel_order="BGR")
+    np.testing.assert_array_equal(from_bgr.label_map, expected)
+    assert not np.array_equal(stand_in_predictor().predict(image[:, :, ::-1]).label_map, expected)
+    with pytest.raises(ValueError, match="channel_order must be 'RGB' or 'BGR'"):
+        stand_in_predictor().predict(image, channel_order="bgr")
+
+
 @pytest.mark.parametrize("tile_size,overlap", [(128, 48), (200, 64), (256, 100), (333, 128)])
 def test_tiled_prediction_equals_whole_image_prediction(synthetic_labels, tile_size, overlap):
     image = encode_labels(synthetic_labels)

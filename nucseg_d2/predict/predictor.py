@@ -204,9 +204,18 @@ class NucleiPredictor:
         return os.fspath(cfg_or_config_file) if not isinstance(cfg_or_config_file, CfgNode) else "given config"
 
     # ---------------------------------------------------------------- public API
-    def predict(self, image: np.ndarray) -> PredictionResult:
-        """Nuclei of an (H, W, 3) uint8 RGB image of any size: the label map and, in
-        ``result.instances``, the painted detections as Detectron2 Instances."""
+    def predict(self, image: np.ndarray, channel_order: str = "RGB") -> PredictionResult:
+        """Nuclei of an (H, W, 3) uint8 image of any size: the label map and, in
+        ``result.instances``, the painted detections as Detectron2 Instances.
+
+        ``channel_order``: "RGB" (PIL, skimage, tifffile) or "BGR" (``cv2.imread``, what
+        Detectron2's ``DefaultPredictor`` takes); the model's own ``INPUT.FORMAT`` is handled
+        inside, so a BGR array given as RGB would swap haematoxylin and eosin.
+        """
+        if channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
+        if channel_order == "BGR":
+            image = np.asarray(image)[:, :, ::-1]
         return self.predict_source(ArraySource(image), tissue_mask=None, return_instances=True)
 
     def predict_source(self, source: ImageSource, tissue_mask="auto", desc: Optional[str] = None,
