@@ -1,5 +1,4 @@
 """Feature fusion (paper Eq. 1-3): exact pixels, orientation, batch, order, gradients, loss."""
-import time
 
 import pytest
 import torch
@@ -204,7 +203,9 @@ def test_fusion_loss_ignores_padding():
         fusion_loss(fused, targets[..., :4], 255)
 
 
-def test_thousand_rois_on_a_256_crop_stay_fast():
+def test_thousand_rois_on_a_256_crop_fuse_and_pass_gradients_back():
+    # A dense Kumar crop's number of positive ROIs; its cost is measured by benchmarks/train_speed.py
+    # (Ab1 against the baseline), not timed here.
     module = FeatureFusion(in_channels=64, in_stride=4)
     p2 = torch.randn(2, 64, 64, 64, requires_grad=True)
     torch.manual_seed(4)
@@ -213,8 +214,8 @@ def test_thousand_rois_on_a_256_crop_stay_fast():
         corners = torch.rand(1000, 2) * 240
         boxes.append(torch.cat([corners, corners + 4 + torch.rand(1000, 2) * 40], dim=1))
         masks.append(torch.randn(1000, 28, 28, requires_grad=True))
-    start = time.perf_counter()
     fused = module(p2, masks, boxes, (256, 256))
     fusion_loss(fused, torch.randint(0, 2, (2, 256, 256)), 255).backward()
-    assert time.perf_counter() - start < 10
-    assert fused.shape == (2, 2, 256, 256)
+    assert fused.shape == (2, 2, 256, 256) and torch.isfinite(fused).all()
+    assert p2.grad.abs().sum() > 0
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in masks)
