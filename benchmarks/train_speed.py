@@ -31,6 +31,7 @@ def load_cfg(path, opts):
 
 def time_config(cfg, records, iters, infer_image, warmup=2):
     torch.manual_seed(0)
+    np.random.seed(0)  # the crops, flips and rotations draw from it: the same batches for every config
     mapper = NucleiDatasetMapper(cfg, is_train=True)
     model = build_model(cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -96,7 +97,8 @@ def main():
         rows.append((path, cfg.SOLVER.IMS_PER_BATCH, list(cfg.INPUT.CROP.SIZE), s_iter, s_infer,
                      detections, peak))
     print(f"\nTraining speed, {args.iters} timed iterations each, device {rows and load_cfg(args.configs[0], args.opts).MODEL.DEVICE}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}")
     # Peak memory: CUDA max allocated, or on the CPU the peak RSS while this config ran (reset
     # before each; memory an earlier config left with the allocator can still count in it).
     infer_col = f"infer s/{args.infer_size}²"

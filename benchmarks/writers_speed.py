@@ -54,7 +54,7 @@ def synthetic_prediction(size: int, seed: int = 0):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), default=list(FORMATS))
