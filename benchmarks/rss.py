@@ -34,5 +34,8 @@ def peak_rss_mib():
     if peak != peak:  # no /proc: the running maximum of the resource module
         import resource
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        import sys
+
+        # ru_maxrss is in KiB on Linux and in bytes on macOS.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
     return peak
