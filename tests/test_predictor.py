@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from scipy import ndimage
 
-from nucseg_d2.data.readers import read_label_map, read_rgb_image
+from nucseg_d2.data.readers import NucleiDataError, read_label_map, read_rgb_image
 from nucseg_d2.data.synthetic import generate_tile
 from nucseg_d2.evaluation.metrics import aji
 from nucseg_d2.modeling.postprocess import instances_to_label_map
@@ -110,6 +110,8 @@ def test_a_bgr_array_said_to_be_bgr_gives_the_rgb_result(synthetic_labels):
     assert not np.array_equal(stand_in_predictor().predict(image[:, :, ::-1]).label_map, expected)
     with pytest.raises(ValueError, match="channel_order must be 'RGB' or 'BGR'"):
         stand_in_predictor().predict(image, channel_order="bgr")
+    with pytest.raises(NucleiDataError, match=r"expected an \(H, W, 3\) uint8"):  # cv2.imread of a missing file
+        stand_in_predictor().predict(None, channel_order="BGR")
 
 
 @pytest.mark.parametrize("tile_size,overlap", [(128, 48), (200, 64), (256, 100), (333, 128)])
@@ -559,8 +561,6 @@ def test_real_demo_model_tiled_keeps_exactly_the_tiles_own_detections(source):
 
 def test_region_of_interest_outside_or_malformed_names_the_file(tmp_path):
     from PIL import Image
-
-    from nucseg_d2.data.readers import NucleiDataError
 
     path = tmp_path / "tile.png"
     Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(path)

@@ -214,9 +214,10 @@ class NucleiPredictor:
         """
         if channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
+        source = ArraySource(image)  # checks shape and type first (cv2.imread gives None for a missing file)
         if channel_order == "BGR":
-            image = np.asarray(image)[:, :, ::-1]
-        return self.predict_source(ArraySource(image), tissue_mask=None, return_instances=True)
+            source = ArraySource(source.image[:, :, ::-1])
+        return self.predict_source(source, tissue_mask=None, return_instances=True)
 
     def predict_source(self, source: ImageSource, tissue_mask="auto", desc: Optional[str] = None,
                        return_instances: Optional[bool] = None) -> PredictionResult:
