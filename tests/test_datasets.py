@@ -95,8 +95,8 @@ def fake_root(tmp_path_factory):
         if image_id == "TCGA-CH-5767-01Z-00-DX1":  # XML only: exercises the fallback
             (root / "kumar" / "xml" / f"{image_id}.xml").write_text(
                 "<Annotations><Annotation><Regions><Region><Vertices>"
-                '<Vertex X="1" Y="1"/><Vertex X="4" Y="1"/>'
-                '<Vertex X="4" Y="3"/><Vertex X="1" Y="3"/>'
+                '<Vertex X="1.5" Y="1.5"/><Vertex X="4.5" Y="1.5"/>'
+                '<Vertex X="4.5" Y="3.5"/><Vertex X="1.5" Y="3.5"/>'
                 "</Vertices></Region></Regions></Annotation></Annotations>"
             )
         else:
@@ -224,6 +224,30 @@ def test_cache_is_invalidated_when_a_label_file_changes(tmp_path):
     after = build_records(specs, "changed")
     assert before[0] == after[0]
     assert len(before[1]["annotations"]) == 2 and len(after[1]["annotations"]) == 1
+
+
+def test_cache_is_invalidated_when_the_reader_code_changes(tmp_path, monkeypatch):
+    specs = _folder_specs(tmp_path)
+    build_records(specs, "code")
+    # Stand-ins for the source files of the modules that make the records, one of them then edited
+    # as a reader fix would be.
+    sources = []
+    for module in records._RECORD_CODE_MODULES:
+        copy = tmp_path / os.path.basename(module.__file__)
+        copy.write_bytes(Path(module.__file__).read_bytes())
+        sources.append(type("Module", (), {"__file__": str(copy)}))
+    monkeypatch.setattr(records, "_RECORD_CODE_MODULES", tuple(sources))
+    assert len(build_records(specs, "code")[1]["annotations"]) == 2
+    assert len(list((tmp_path / "cache" / "records").iterdir())) == 1  # same code: the cached entry
+
+    def fixed_reader(label_map):
+        return label_map_to_annotations(label_map)[:1]
+
+    monkeypatch.setattr(records, "label_map_to_annotations", fixed_reader)
+    with open(sources[0].__file__, "a") as edited:
+        edited.write("\n# a reader fix\n")
+    assert len(build_records(specs, "code")[1]["annotations"]) == 1  # rebuilt, not the stale cache
+    assert len(list((tmp_path / "cache" / "records").iterdir())) == 2
 
 
 def test_corrupt_cache_entry_is_rebuilt(tmp_path):

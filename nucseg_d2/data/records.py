@@ -4,6 +4,7 @@ import logging
 import os
 import pickle
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -12,6 +13,7 @@ import scipy.ndimage
 from detectron2.structures import BoxMode
 
 from ..utils import atomic_path
+from . import mapper, readers
 from .mapper import compact_label_ids
 from .readers import NucleiDataError, load_label_map, read_rgb_image
 
@@ -21,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 # Bump when the record layout or the annotation encoding changes, to invalidate old caches.
 _RECORDS_CACHE_VERSION = 1
+# The records are made by these modules' code, so a fix to a reader (say, where a polygon's pixels
+# lie) must not be hidden by annotations cached before it: their source is part of the cache key.
+_RECORD_CODE_MODULES = (readers, mapper, sys.modules[__name__])
 
 
 def get_nuclei_cache_dir():
@@ -104,8 +109,16 @@ def _file_fingerprint(path):
     return f"{os.path.abspath(path)}|{stat.st_mtime_ns}|{stat.st_size}"
 
 
+def _record_code_fingerprint():
+    digest = hashlib.sha256()
+    for module in _RECORD_CODE_MODULES:
+        with open(module.__file__, "rb") as source:
+            digest.update(source.read())
+    return digest.hexdigest()
+
+
 def _cache_path(specs, cache_key):
-    digest = hashlib.sha256(f"v{_RECORDS_CACHE_VERSION}|{cache_key}".encode())
+    digest = hashlib.sha256(f"v{_RECORDS_CACHE_VERSION}|{_record_code_fingerprint()}|{cache_key}".encode())
     for spec in specs:
         digest.update(repr(sorted(spec.items())).encode())
         digest.update(_file_fingerprint(spec["file_name"]).encode())
