@@ -235,6 +235,12 @@ def _validate_model_branches(cfg):
             f"MODEL.SEM_SEG_HEAD.NUM_CLASSES must be 2 (background, nucleus) with MODEL.NUCSEG."
             f"{' and '.join(branches_on)} on, got {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}"
         )
+    if cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE in (0, 1):
+        # The padding would then read as background or nucleus, and that class would never be scored.
+        raise NucleiConfigError(
+            f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE must not be a class (0 background, 1 nucleus) with MODEL.NUCSEG."
+            f"{' and '.join(branches_on)} on, got {cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE}; Detectron2's default is 255"
+        )
 
 
 def check_run_inputs(cfg, eval_only: bool = False, resume: bool = False):

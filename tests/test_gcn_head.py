@@ -206,6 +206,18 @@ def test_head_loss_is_weighted_cross_entropy_ignoring_ignore_value():
     assert torch.allclose(losses["loss_sem_seg"], expected, rtol=1e-5)
 
 
+def test_head_loss_is_zero_not_nan_when_every_pixel_is_ignored():
+    torch.manual_seed(0)
+    features, shapes = odd_feature_maps(dict(zip(RES_FEATURES, [64, 128, 256, 512])), height=25, width=33)
+    head = build_head(small_cfg(), shapes).train()
+    _, losses = head(features, torch.full((2, 100, 132), 255))
+    loss = losses["loss_sem_seg"]
+    assert loss.item() == 0.0
+    loss.backward()  # still part of the graph, with zero (not NaN) gradients
+    grads = [p.grad for p in head.parameters() if p.grad is not None]
+    assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
 def test_head_rejects_features_the_backbone_lacks_and_a_wrong_common_stride():
     cfg = small_cfg()
     stock_fpn_shapes = {name: ShapeSpec(channels=64, stride=4 * 2**i) for i, name in enumerate(FPN_FEATURES)}

@@ -102,6 +102,34 @@ def test_training_gives_the_seven_losses_of_eq4_all_finite(batch):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.parameters())
 
 
+def test_training_step_on_a_batch_with_an_image_without_nuclei(batch):
+    """Random crops can hold no nucleus (empty crops are kept): the step must still give finite
+    losses and gradients, the empty image's fused map falling back to F_0."""
+    empty = dict(batch[0])
+    empty["instances"] = batch[0]["instances"][:0]
+    empty["sem_seg"] = torch.zeros_like(batch[0]["sem_seg"])
+    model = _build(_small_cfg())
+    losses = _train_losses(model, [empty, batch[1]])
+    assert set(losses) == SEVEN_LOSSES
+    assert all(torch.isfinite(loss) for loss in losses.values()), losses
+    sum(losses.values()).backward()
+    for branch in (model.sem_seg_head, model.feature_fusion, model.roi_heads.mask_head, model.backbone):
+        grads = [p.grad for p in branch.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_ignore_value_that_is_a_class_is_refused():
+    for ignore_value in (0, 1):
+        cfg = _small_cfg()
+        cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = ignore_value
+        with pytest.raises(NucleiConfigError, match=f"IGNORE_VALUE must not be a class.*got {ignore_value}"):
+            validate_nucseg_config(cfg)
+    cfg = _small_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = -1
+    validate_nucseg_config(cfg)  # any non-class value is fine
+
+
 @pytest.mark.parametrize("fusion_boxes, field", [("predicted", "pred_boxes"), ("proposal", "proposal_boxes")])
 def test_fusion_pastes_each_mask_at_the_configured_box(batch, fusion_boxes, field):
     cfg = _small_cfg()
@@ -409,6 +437,20 @@ def test_nuclei_roi_heads_expose_positive_mask_logits_and_regressed_boxes(num_cl
     assert not pred_boxes.requires_grad
     torch.testing.assert_close(pred_boxes, regressed)
     torch.testing.assert_close(torch.cat([r.pred_classes for r in positive_rois]), classes)
+
+
+def test_regressed_boxes_of_an_image_without_proposals_with_class_specific_regression():
+    heads, *_ = _roi_heads_and_inputs("NucleiROIHeads", num_classes=3)
+    generator = torch.Generator().manual_seed(1)
+    filled = Instances((64, 64), proposal_boxes=Boxes(torch.tensor([[4.0, 4.0, 20.0, 24.0]])))
+    empty = Instances((64, 64), proposal_boxes=Boxes(torch.zeros(0, 4)))
+    scores = torch.randn(1, 4, generator=generator)  # 3 classes + background
+    deltas = torch.randn(1, 12, generator=generator) * 0.1  # class-specific: 3 x 4
+    heads._set_regressed_boxes((scores, deltas), [empty, filled])
+    assert empty.pred_boxes.tensor.shape == (0, 4) and empty.pred_classes.shape == (0,)
+    best = int(scores[0, :3].argmax())
+    expected = heads.box_predictor.box2box_transform.apply_deltas(deltas, filled.proposal_boxes.tensor)
+    torch.testing.assert_close(filled.pred_boxes.tensor, expected[:, 4 * best:4 * best + 4])
 
 
 @pytest.mark.slow

@@ -180,5 +180,8 @@ class GCNSemSegHead(nn.Module):
         predictions = F.interpolate(
             predictions, scale_factor=self.common_stride, mode="bilinear", align_corners=False
         )
+        if not (targets != self.ignore_value).any():
+            # The mean over no pixels is NaN, which would poison every weight through the backbone.
+            return {"loss_sem_seg": predictions.sum() * 0.0}
         loss = F.cross_entropy(predictions, targets, reduction="mean", ignore_index=self.ignore_value)
         return {"loss_sem_seg": loss * self.loss_weight}

@@ -91,7 +91,9 @@ class NucleiROIHeads(StandardROIHeads):
             classes = probs[:, :-1].argmax(dim=1)  # the last column is background
             box_dim = 4
             if boxes.shape[1] > box_dim:  # class-specific regression: (R, K * 4)
-                boxes = boxes.view(len(boxes), -1, box_dim)[torch.arange(len(boxes), device=boxes.device), classes]
+                # view(-1, K, 4), not view(R, -1, 4): the latter cannot be inferred for R = 0.
+                boxes = boxes.view(-1, boxes.shape[1] // box_dim, box_dim)[
+                    torch.arange(len(boxes), device=boxes.device), classes]
             proposals_per_image.pred_boxes = Boxes(boxes.detach())
             proposals_per_image.pred_classes = classes
 
