@@ -1,0 +1,32 @@
+"""scripts/fusion_coverage.py: per-crop coverage of the nuclei by pasted masks, by hand."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fusion_coverage.py"
+spec = importlib.util.spec_from_file_location("fusion_coverage", SCRIPT)
+fusion_coverage = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fusion_coverage)
+
+
+def test_pasted_pixels_follow_the_paste_rule():
+    # Pixel centres x + 0.5 in [1.4, 3.6) are columns 1, 2, 3 (centres 1.5, 2.5, 3.5); rows 0, 1.
+    covered = fusion_coverage.pasted_pixels([[1.4, 0.0, 3.6, 2.0]], 4, 5)
+    expected = np.zeros((4, 5), bool)
+    expected[0:2, 1:4] = True
+    assert (covered == expected).all()
+    assert not fusion_coverage.pasted_pixels(np.zeros((0, 4)), 4, 5).any()
+
+
+def test_crop_coverage_counts_distinct_nuclei_and_nucleus_pixels_under_a_pasted_box():
+    gt_masks = np.zeros((3, 6, 6), bool)
+    gt_masks[0, 0:2, 0:2] = True  # 4 px, two positive ROIs
+    gt_masks[1, 4:6, 4:6] = True  # 4 px, one ROI whose box covers 2 of them
+    gt_masks[2, 0:2, 4:6] = True  # 4 px, no ROI
+    gt_boxes = np.array([[0, 0, 2, 2], [0, 0, 2, 2], [4, 4, 6, 6]], np.float32)
+    pasted = np.array([[0, 0, 2, 2], [0.2, 0, 2, 2], [4, 4, 6, 5]], np.float32)
+    row = fusion_coverage.crop_coverage(gt_masks, gt_boxes, pasted)
+    assert row == {"nuclei": 3, "positive_rois": 3, "nuclei_pasted": 2, "nucleus_pixels_pasted": 6 / 12}
+    empty = fusion_coverage.crop_coverage(gt_masks[:0], np.zeros((0, 4)), np.zeros((0, 4)))
+    assert empty == {"nuclei": 0, "positive_rois": 0, "nuclei_pasted": 0, "nucleus_pixels_pasted": 0.0}
