@@ -152,7 +152,8 @@ def validate_nucseg_config(cfg):
     if cfg.INPUT.MIN_FRAGMENT_AREA < 0:
         raise NucleiConfigError(f"INPUT.MIN_FRAGMENT_AREA must be >= 0, got {cfg.INPUT.MIN_FRAGMENT_AREA}")
     if cfg.SOLVER.NUCLEI.TIME_LIMIT_S < 0:
-        raise NucleiConfigError(f"SOLVER.NUCLEI.TIME_LIMIT_S must be >= 0 (0 = no limit), got {cfg.SOLVER.NUCLEI.TIME_LIMIT_S}")
+        raise NucleiConfigError(
+            f"SOLVER.NUCLEI.TIME_LIMIT_S must be >= 0 (0 = no limit), got {cfg.SOLVER.NUCLEI.TIME_LIMIT_S}")
     nuclei = cfg.TEST.NUCLEI
     for key in ("SCORE_THRESH", "MASK_THRESH", "MAX_OVERLAP"):
         if not 0.0 <= nuclei[key] <= 1.0:
@@ -222,6 +223,14 @@ def _validate_model_branches(cfg):
     if idle:
         switches = " and ".join(f"MODEL.NUCSEG.{weight_of_branch[key]}" for key in idle)
         raise NucleiConfigError(f"MODEL.NUCSEG.LOSS_WEIGHTS {idle}: {switches} False, so nothing applies them")
+    # So would the box choice of fusion that is off, or the semantic map of a branch that is off.
+    if nucseg.FUSION_BOXES != "predicted" and not nucseg.FUSION_ON:
+        raise NucleiConfigError(
+            f"MODEL.NUCSEG.FUSION_BOXES {nucseg.FUSION_BOXES!r}: MODEL.NUCSEG.FUSION_ON False, so nothing is pasted")
+    if nucseg.RETURN_SEMANTIC and (not_panoptic or not nucseg.SEMANTIC_ON):
+        raise NucleiConfigError(
+            "MODEL.NUCSEG.RETURN_SEMANTIC True needs the semantic branch: MODEL.NUCSEG.SEMANTIC_ON True in "
+            f"PanopticNucleiRCNN (now {architecture}, SEMANTIC_ON {nucseg.SEMANTIC_ON})")
     branches_on = [key for key in ("SEMANTIC_ON", "FUSION_ON") if nucseg[key]]
     if not branches_on:
         return

@@ -178,6 +178,22 @@ def test_unknown_fusion_boxes_is_refused():
         validate_nucseg_config(cfg)
 
 
+def test_settings_of_a_branch_that_is_off_are_refused_not_ignored():
+    cfg = _small_cfg()
+    cfg.MODEL.NUCSEG.FUSION_ON = False
+    cfg.MODEL.NUCSEG.FUSION_BOXES = "proposal"
+    with pytest.raises(NucleiConfigError, match="FUSION_BOXES 'proposal': MODEL.NUCSEG.FUSION_ON False"):
+        validate_nucseg_config(cfg)
+    cfg.MODEL.NUCSEG.FUSION_BOXES = "predicted"  # the default: nothing to say
+    validate_nucseg_config(cfg)
+    for panoptic, semantic_on in ((True, False), (False, False)):
+        cfg = _small_cfg(panoptic=panoptic)
+        cfg.MODEL.NUCSEG.SEMANTIC_ON = semantic_on
+        cfg.MODEL.NUCSEG.RETURN_SEMANTIC = True
+        with pytest.raises(NucleiConfigError, match="RETURN_SEMANTIC True needs the semantic branch"):
+            validate_nucseg_config(cfg)
+
+
 def test_each_loss_weight_scales_its_term(batch):
     cfg = _small_cfg()
     reference = _train_losses(_build(cfg), batch)
