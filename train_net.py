@@ -16,7 +16,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg, check_run_inputs
-from nucseg_d2.data import NucleiDataError, NucleiDatasetMapper, register_tnbc_cross_validation
+from nucseg_d2.data import NucleiDataError, NucleiDatasetMapper, register_config_datasets
 from nucseg_d2.engine import TrainingTimeLimit, TrainingTimeLimitReached
 from nucseg_d2.evaluation import NucleiEvaluator
 from nucseg_d2.predict import CheckpointError, load_checkpoint
@@ -62,8 +62,9 @@ def setup(args):
     cfg = build_nuclei_cfg(args.config_file, args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
-    # tnbc_cv5_* are registered on import; other fold counts when a config asks for them.
-    register_tnbc_cross_validation(cfg.DATASETS.TNBC_NUM_FOLDS)
+    # tnbc_cv5_* are registered on import; other fold counts, and the user's folders, when a
+    # config asks for them.
+    register_config_datasets(cfg)
     check_run_inputs(cfg, eval_only=args.eval_only, resume=args.resume)
     cfg.freeze()
     default_setup(cfg, args)

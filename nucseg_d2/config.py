@@ -44,6 +44,10 @@ def add_nucseg_config(cfg):
     # Number of folds for the k-fold-by-patient TNBC data sets (tnbc_cv{K}_fold{i}_train/_test);
     # train_net.py registers them for this K (K = 5 is registered on import).
     _C.DATASETS.TNBC_NUM_FOLDS = 5
+    # The user's own data sets, registered by train_net.py (nucseg_d2.data.register_config_datasets)
+    # before DATASETS.TRAIN / TEST are read: a list of [name, image_dir, label_dir] or
+    # [name, image_dir, label_dir, label_format] (label_format as register_nuclei_folder takes it).
+    _C.DATASETS.NUCLEI_FOLDERS = []
 
     # ---------------------------------------------------------------- training
     _C.SOLVER.NUCLEI = CN()
@@ -183,11 +187,36 @@ def validate_nucseg_config(cfg):
         tnbc_patient_folds(cfg.DATASETS.TNBC_NUM_FOLDS)  # reads only the shipped split file
     except ValueError as e:
         raise NucleiConfigError(f"DATASETS.TNBC_NUM_FOLDS: {e}") from e
+    _validate_nuclei_folders(cfg.DATASETS.NUCLEI_FOLDERS)
     from .evaluation.metrics import ALL_METRICS
 
     unknown = [m for m in nuclei.METRICS if m not in ALL_METRICS]
     if unknown:
         raise NucleiConfigError(f"TEST.NUCLEI.METRICS: unknown metrics {unknown}; known: {sorted(ALL_METRICS)}")
+
+
+def _validate_nuclei_folders(folders):
+    """Each entry [name, image_dir, label_dir(, label_format)], strings, a known format, a name
+    that is neither a built-in data set nor given twice (the folders are read when first used)."""
+    from .data.datasets import NUCLEI_DATASET_NAMES
+    from .data.readers import LABEL_FORMATS
+
+    names = set()
+    for index, entry in enumerate(folders):
+        where = f"DATASETS.NUCLEI_FOLDERS[{index}]"
+        if not isinstance(entry, (list, tuple)) or len(entry) not in (3, 4) \
+                or not all(isinstance(part, str) and part for part in entry):
+            raise NucleiConfigError(
+                f"{where}: expected [name, image_dir, label_dir] or [name, image_dir, label_dir, label_format] "
+                f"of non-empty strings, got {entry!r}")
+        name = entry[0]
+        if len(entry) == 4 and entry[3] not in LABEL_FORMATS:
+            raise NucleiConfigError(f"{where}: label_format must be one of {LABEL_FORMATS}, got {entry[3]!r}")
+        if name in NUCLEI_DATASET_NAMES:
+            raise NucleiConfigError(f"{where}: {name!r} is a built-in data set; give the folder another name")
+        if name in names:
+            raise NucleiConfigError(f"{where}: data set {name!r} is given twice")
+        names.add(name)
 
 
 def _validate_model_branches(cfg):

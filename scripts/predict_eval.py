@@ -24,6 +24,7 @@ from detectron2.data import DatasetCatalog
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from nucseg_d2.data.datasets import register_config_datasets  # noqa: E402
 from nucseg_d2.data.readers import read_rgb_image  # noqa: E402
 from nucseg_d2.evaluation import folder_eval  # noqa: E402
 from nucseg_d2.predict import NucleiPredictor  # noqa: E402
@@ -47,6 +48,7 @@ def main(argv=None):
     os.makedirs(maps_dir, exist_ok=True)
     predictor = NucleiPredictor(args.config_file, weights=args.weights, tta=args.tta,
                                 tile_size=args.tile_size, opts=args.opts)
+    register_config_datasets(predictor.cfg)  # the run's own folders (DATASETS.NUCLEI_FOLDERS)
     lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
              f"device {predictor.device}; tta {args.tta}; config {args.config_file}; weights {args.weights}"]
     seconds = []

@@ -396,6 +396,47 @@ def test_cpm17_on_fake_layout(fake_root, monkeypatch):
     assert len(DatasetCatalog.get("cpm17_test")) == 2
 
 
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+@pytest.mark.parametrize("folders, problem", [
+    ([["only_two", "images"]], r"NUCLEI_FOLDERS\[0\]: expected \[name, image_dir, label_dir\]"),
+    ([["a", "i", "l", "png"]], r"NUCLEI_FOLDERS\[0\]: label_format must be one of"),
+    ([["tnbc_train", "i", "l"]], r"'tnbc_train' is a built-in data set"),
+    ([["a", "i", "l"], ["a", "j", "m"]], r"NUCLEI_FOLDERS\[1\]: data set 'a' is given twice"),
+    ([["a", "", "l"]], r"non-empty strings"),
+])
+def test_config_folders_are_checked_before_anything_is_read(folders, problem):
+    from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg
+
+    with pytest.raises(NucleiConfigError, match=problem):
+        build_nuclei_cfg(DEMO_CONFIG, ["DATASETS.NUCLEI_FOLDERS", repr(folders)])
+
+
+def test_config_folders_are_registered_relative_to_the_working_directory(tmp_path, monkeypatch):
+    from nucseg_d2.config import build_nuclei_cfg
+
+    images, labels = tmp_path / "data" / "images", tmp_path / "data" / "labels"
+    images.mkdir(parents=True)
+    labels.mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / f"t{i}.png")
+        label_map = np.zeros((8, 8), np.uint16)
+        label_map[1:4, 1:4] = 1
+        _write_label_png(labels / f"t{i}.png", label_map)
+    monkeypatch.chdir(tmp_path)
+    name = "test_config_folder_relative"
+    cfg = build_nuclei_cfg(DEMO_CONFIG, ["DATASETS.NUCLEI_FOLDERS", repr([[name, "data/images", "data/labels"]])])
+    assert datasets.register_config_datasets(cfg) == [name]
+    assert datasets.register_config_datasets(cfg) == [name]  # again: a no-op
+    monkeypatch.chdir("/")  # the folders were resolved when registered, not when read
+    records = DatasetCatalog.get(name)
+    assert [r["image_id"] for r in records] == ["t0", "t1"] and len(records[0]["annotations"]) == 1
+    cfg = build_nuclei_cfg(DEMO_CONFIG, ["DATASETS.NUCLEI_FOLDERS", repr([[name, "elsewhere/images", "data/labels"]])])
+    with pytest.raises(NucleiDataError, match=rf"NUCLEI_FOLDERS\[0\] '{name}': .*already registered"):
+        datasets.register_config_datasets(cfg)
+
+
 def test_register_nuclei_folder(tmp_path):
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir()

@@ -145,12 +145,12 @@ def _write_folder_dataset(folder, corrupt_first=False, empty_labels=False):
 
 
 def test_corrupt_image_is_reported_once_by_name(tmp_path, capsys):
-    from nucseg_d2.data import register_nuclei_folder
-
     _write_folder_dataset(tmp_path / "corrupt", corrupt_first=True)
-    register_nuclei_folder("test_corrupt_folder", tmp_path / "corrupt/images", tmp_path / "corrupt/labels")
+    # The folder is registered from the config alone (DATASETS.NUCLEI_FOLDERS), as a user would.
+    folder = f"[['test_corrupt_folder', '{tmp_path}/corrupt/images', '{tmp_path}/corrupt/labels']]"
     args = default_argument_parser().parse_args(
         ["--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "DATALOADER.NUM_WORKERS", "1",
+         "DATASETS.NUCLEI_FOLDERS", folder,
          "DATASETS.TRAIN", "('test_corrupt_folder',)", "DATASETS.TEST", "()",
          "OUTPUT_DIR", str(tmp_path / "out")]
     )
@@ -164,13 +164,17 @@ def test_corrupt_image_is_reported_once_by_name(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_images_without_nuclei_train_and_evaluate(tmp_path):
-    from nucseg_d2.data import register_nuclei_folder
-
     _write_folder_dataset(tmp_path / "empty", empty_labels=True)
-    register_nuclei_folder("test_empty_folder", tmp_path / "empty/images", tmp_path / "empty/labels")
-    _run("--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "SOLVER.MAX_ITER", "3",
-         "DATASETS.TRAIN", "('test_empty_folder',)", "DATASETS.TEST", "('test_empty_folder',)",
-         "OUTPUT_DIR", str(tmp_path / "out"))
+    config = tmp_path / "empty.yaml"
+    config.write_text(
+        f"_BASE_: {ROOT / 'configs/demo.yaml'}\n"
+        "DATASETS:\n"
+        f"  NUCLEI_FOLDERS: [['test_empty_folder', '{tmp_path}/empty/images', '{tmp_path}/empty/labels', 'label_map']]\n"
+        "  TRAIN: ('test_empty_folder',)\n"
+        "  TEST: ('test_empty_folder',)\n")
+    _run("--config-file", str(config), *TINY, "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(tmp_path / "out"))
+    # The run's saved config names the folder, so a resume or a later --eval-only finds it again.
+    assert "test_empty_folder" in (tmp_path / "out/config.yaml").read_text()
     summary = json.loads((tmp_path / "out/inference/test_empty_folder/metrics.json").read_text())
     assert summary["num_images"] == 2
     # Nothing to find: an image scores 1.0 where nothing was predicted, else 0.0 (metrics.py's

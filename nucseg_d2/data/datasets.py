@@ -18,6 +18,7 @@ from ..utils import files_by_stem, first_few
 __all__ = [
     "get_nuclei_data_root",
     "register_nuclei_folder",
+    "register_config_datasets",
     "register_tnbc_cross_validation",
     "tnbc_patient_folds",
     "NUCLEI_DATASET_NAMES",
@@ -336,6 +337,24 @@ def register_nuclei_folder(name, image_dir, label_dir, label_format="label_map")
     root = os.path.commonpath([os.path.abspath(arguments[0]), os.path.abspath(arguments[1])])
     _register(name, loader, _metadata(root))
     _FOLDER_REGISTRATIONS[name] = arguments
+
+
+def register_config_datasets(cfg):
+    """Register the data sets a config names beyond the built-in ones: the TNBC folds for
+    ``DATASETS.TNBC_NUM_FOLDS`` and each ``DATASETS.NUCLEI_FOLDERS`` entry [name, image_dir,
+    label_dir(, label_format)] (see :func:`register_nuclei_folder`; relative folders are read from
+    the working directory). Safe to call again with the same config. Returns the folder names."""
+    register_tnbc_cross_validation(cfg.DATASETS.TNBC_NUM_FOLDS)
+    names = []
+    for index, entry in enumerate(cfg.DATASETS.NUCLEI_FOLDERS):
+        name, image_dir, label_dir, *label_format = entry
+        try:
+            register_nuclei_folder(name, os.path.abspath(image_dir), os.path.abspath(label_dir),
+                                   *label_format)
+        except ValueError as err:
+            raise NucleiDataError(f"DATASETS.NUCLEI_FOLDERS[{index}] {name!r}: {err}") from err
+        names.append(name)
+    return names
 
 
 # --------------------------------------------------------------------------------------- CPM-17

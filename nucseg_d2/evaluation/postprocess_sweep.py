@@ -107,10 +107,11 @@ def _run_model(cfg, weights: str, dataset: str) -> List[Tuple[str, np.ndarray, o
     """(image id, ground truth, the model's Instances on the CPU) of every image of ``dataset``."""
     from detectron2.data import DatasetCatalog
 
-    from ..data.datasets import unregistered_datasets_message
+    from ..data.datasets import register_config_datasets, unregistered_datasets_message
     from ..data.readers import load_label_map, read_rgb_image
     from ..predict import NucleiPredictor
 
+    register_config_datasets(cfg)  # the run's own folders (DATASETS.NUCLEI_FOLDERS)
     unknown = unregistered_datasets_message([dataset])
     if unknown:
         raise SweepError(unknown)
