@@ -16,7 +16,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg, check_run_inputs
-from nucseg_d2.data import NucleiDataError, NucleiDatasetMapper, register_config_datasets
+from nucseg_d2.data import (
+    NucleiDataError, NucleiDatasetMapper, absolute_nuclei_folders, register_config_datasets,
+)
 from nucseg_d2.engine import TrainingTimeLimit, TrainingTimeLimitReached
 from nucseg_d2.evaluation import NucleiEvaluator
 from nucseg_d2.predict import CheckpointError, load_checkpoint
@@ -62,6 +64,9 @@ def setup(args):
     cfg = build_nuclei_cfg(args.config_file, args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
+    # The run's saved config.yaml must find the user's folders from any directory (a resume, an
+    # --eval-only, the post-processing sweep).
+    cfg.DATASETS.NUCLEI_FOLDERS = absolute_nuclei_folders(cfg.DATASETS.NUCLEI_FOLDERS)
     # tnbc_cv5_* are registered on import; other fold counts, and the user's folders, when a
     # config asks for them.
     register_config_datasets(cfg)

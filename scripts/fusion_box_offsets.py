@@ -29,13 +29,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from nucseg_d2.config import build_nuclei_cfg  # noqa: E402
-from nucseg_d2.data import NucleiDatasetMapper  # noqa: E402
+from nucseg_d2.data import NucleiDatasetMapper, register_config_datasets  # noqa: E402
 from nucseg_d2.modeling.meta_arch import FUSION_BOX_FIELDS  # noqa: E402
 
 
 def fixed_batches(cfg, num_batches: int, seed: int):
     """``num_batches`` training batches (random crops and augmentation), the same on every call."""
     seed_all_rng(seed)
+    register_config_datasets(cfg)  # a run on the user's own folders (DATASETS.NUCLEI_FOLDERS)
     records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
     mapper = NucleiDatasetMapper(cfg, is_train=True)
     rng = np.random.default_rng(seed)

@@ -7,7 +7,7 @@ per image are sampled, and a nucleus matched by several proposals may take sever
 each R given, this runs the training forward pass of a trained fusion model on the same fixed
 training batches (the same proposals, sampled with the same seed) and prints per crop: ground-truth
 nuclei, positive ROIs, nuclei with at least one pasted mask, and the share of nucleus pixels under
-a pasted box (Eq. 1's regressed box, by the paste's pixel-centre rule).
+a pasted box (the box MODEL.NUCSEG.FUSION_BOXES names, by the paste's pixel-centre rule).
 
     python scripts/fusion_coverage.py --config-file output/kumar_ab2_cpu1100_s2/config.yaml \
         --weights output/kumar_ab2_cpu1100_s2/model_final.pth --rois-per-image 128 512
@@ -74,7 +74,9 @@ def measure(model, batches, rois_per_image: int, seed: int) -> dict:
         if len(rois) == 0:
             rows.append(crop_coverage(gt_masks, np.zeros((0, 4)), np.zeros((0, 4))))
             continue
-        rows.append(crop_coverage(gt_masks, rois.gt_boxes.tensor.numpy(), rois.pred_boxes.tensor.numpy()))
+        # The boxes the model pastes at (MODEL.NUCSEG.FUSION_BOXES: regressed or proposal).
+        pasted = rois.get(model.fusion_box_field).tensor.numpy()
+        rows.append(crop_coverage(gt_masks, rois.gt_boxes.tensor.numpy(), pasted))
     means = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
     means["nuclei_pasted_share"] = float(np.mean([row["nuclei_pasted"] / max(1, row["nuclei"]) for row in rows]))
     return {"crops": len(rows), **means}
@@ -94,6 +96,8 @@ def main(argv=None):
         parser.error(f"{args.config_file}: MODEL.NUCSEG.FUSION_ON is off; nothing is pasted")
     if any(value < 1 for value in args.rois_per_image):
         parser.error(f"--rois-per-image must be >= 1, got {args.rois_per_image}")
+    if args.batches < 1:
+        parser.error(f"--batches must be >= 1, got {args.batches}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     batches = fixed_batches(cfg, args.batches, args.seed)
     model = build_model(cfg)

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.data import DatasetCatalog  # noqa: E402
 
 import nucseg_d2  # noqa: E402,F401  (registers the data sets)
+from nucseg_d2.data.datasets import register_config_datasets  # noqa: E402
 from nucseg_d2.data.readers import load_label_map, read_rgb_image  # noqa: E402
 from nucseg_d2.evaluation.metrics import aji  # noqa: E402
 from nucseg_d2.modeling.postprocess import box_local_masks, paint_masks  # noqa: E402
@@ -56,6 +57,7 @@ def main():
     parser.add_argument("--max-overlap", type=float, default=0.3)
     args = parser.parse_args()
     predictor = NucleiPredictor(os.path.join("results", args.run, "config.yaml"), weights=args.weights)
+    register_config_datasets(predictor.cfg)  # a run on the user's own folders (DATASETS.NUCLEI_FOLDERS)
     detections = []
     for dataset in args.datasets:
         for record in DatasetCatalog.get(dataset):

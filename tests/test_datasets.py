@@ -229,25 +229,34 @@ def test_cache_is_invalidated_when_a_label_file_changes(tmp_path):
 def test_cache_is_invalidated_when_the_reader_code_changes(tmp_path, monkeypatch):
     specs = _folder_specs(tmp_path)
     build_records(specs, "code")
-    # Stand-ins for the source files of the modules that make the records, one of them then edited
-    # as a reader fix would be.
-    sources = []
-    for module in records._RECORD_CODE_MODULES:
-        copy = tmp_path / os.path.basename(module.__file__)
-        copy.write_bytes(Path(module.__file__).read_bytes())
-        sources.append(type("Module", (), {"__file__": str(copy)}))
-    monkeypatch.setattr(records, "_RECORD_CODE_MODULES", tuple(sources))
-    assert len(build_records(specs, "code")[1]["annotations"]) == 2
-    assert len(list((tmp_path / "cache" / "records").iterdir())) == 1  # same code: the cached entry
 
     def fixed_reader(label_map):
         return label_map_to_annotations(label_map)[:1]
 
     monkeypatch.setattr(records, "label_map_to_annotations", fixed_reader)
-    with open(sources[0].__file__, "a") as edited:
-        edited.write("\n# a reader fix\n")
-    assert len(build_records(specs, "code")[1]["annotations"]) == 1  # rebuilt, not the stale cache
+    assert len(build_records(specs, "code")[1]["annotations"]) == 2  # same code: the cached entry
+    # A process that imported other code (a reader fix) has another fingerprint: rebuilt.
+    monkeypatch.setattr(records, "_RECORD_CODE_FINGERPRINT", "f" * 64)
+    assert len(build_records(specs, "code")[1]["annotations"]) == 1
     assert len(list((tmp_path / "cache" / "records").iterdir())) == 2
+
+
+def test_code_fingerprint_is_the_source_of_the_record_modules(tmp_path):
+    copies = []
+    for module in records._RECORD_CODE_MODULES:
+        copy = tmp_path / os.path.basename(module.__file__)
+        copy.write_bytes(Path(module.__file__).read_bytes())
+        spec = importlib.util.spec_from_file_location(f"copy_of_{module.__name__}", copy)
+        copies.append(type("Module", (), {"__file__": str(copy), "__spec__": spec, "__name__": spec.name}))
+    assert records._record_code_fingerprint(copies) == records._RECORD_CODE_FINGERPRINT
+    with open(copies[0].__file__, "a") as edited:
+        edited.write("\n# a reader fix\n")
+    changed = records._record_code_fingerprint(copies)
+    assert changed != records._RECORD_CODE_FINGERPRINT
+    # A module whose loader cannot give its source (a frozen application) hashes its name and
+    # the package version instead of failing.
+    frozen = type("Module", (), {"__file__": None, "__spec__": None, "__name__": "frozen_readers"})
+    assert len(records._record_code_fingerprint([frozen])) == 64
 
 
 def test_corrupt_cache_entry_is_rebuilt(tmp_path):
@@ -432,9 +441,23 @@ def test_config_folders_are_registered_relative_to_the_working_directory(tmp_pat
     monkeypatch.chdir("/")  # the folders were resolved when registered, not when read
     records = DatasetCatalog.get(name)
     assert [r["image_id"] for r in records] == ["t0", "t1"] and len(records[0]["annotations"]) == 1
-    cfg = build_nuclei_cfg(DEMO_CONFIG, ["DATASETS.NUCLEI_FOLDERS", repr([[name, "elsewhere/images", "data/labels"]])])
+    monkeypatch.chdir(tmp_path)
+    cfg = build_nuclei_cfg(DEMO_CONFIG, ["DATASETS.NUCLEI_FOLDERS", repr([[name, "data/labels", "data/images"]])])
     with pytest.raises(NucleiDataError, match=rf"NUCLEI_FOLDERS\[0\] '{name}': .*already registered"):
         datasets.register_config_datasets(cfg)
+    # A missing folder is named at registration, before any training, not when first read.
+    cfg = build_nuclei_cfg(DEMO_CONFIG, ["DATASETS.NUCLEI_FOLDERS", repr([["other", "data/images", "data/lables"]])])
+    with pytest.raises(NucleiDataError, match=r"NUCLEI_FOLDERS\[0\] 'other': .*data/lables: folder not found"):
+        datasets.register_config_datasets(cfg)
+    assert "other" not in DatasetCatalog
+
+
+def test_absolute_nuclei_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "/home/pathologist")
+    folders = [["a", "images", "~/labels"], ["b", "/data/i", "/data/l", "tnbc_binary"]]
+    assert datasets.absolute_nuclei_folders(folders) == [
+        ["a", str(tmp_path / "images"), "/home/pathologist/labels"], ["b", "/data/i", "/data/l", "tnbc_binary"]]
 
 
 def test_register_nuclei_folder(tmp_path):

@@ -219,3 +219,20 @@ def test_thousand_rois_on_a_256_crop_fuse_and_pass_gradients_back():
     assert fused.shape == (2, 2, 256, 256) and torch.isfinite(fused).all()
     assert p2.grad.abs().sum() > 0
     assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in masks)
+
+
+def test_mean_cross_entropy_matches_torch_and_is_zero_when_all_ignored():
+    import torch.nn.functional as F
+
+    from nucseg_d2.modeling.losses import mean_cross_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 5, 6, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 2, (2, 5, 6), generator=generator)
+    targets[0, :2] = 255
+    expected = F.cross_entropy(logits, targets, reduction="mean", ignore_index=255)
+    torch.testing.assert_close(mean_cross_entropy(logits, targets, 255), expected)
+    everything_ignored = mean_cross_entropy(logits, torch.full_like(targets, 255), 255)
+    assert everything_ignored.item() == 0.0
+    everything_ignored.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))

@@ -108,6 +108,27 @@ def test_cli_writes_every_setting_with_the_configs_own_and_the_overrides(tmp_pat
     assert "TEST.NUCLEI.MAX_OVERLAP 0.7" in capsys.readouterr().out
 
 
+def test_cli_reads_a_folder_data_set_named_in_the_config(tmp_path, untrained_demo_weights):
+    from PIL import Image
+
+    from nucseg_d2.data.synthetic import generate_tile
+
+    for folder in ("images", "labels"):
+        (tmp_path / "mine" / folder).mkdir(parents=True)
+    for i in range(2):
+        image, label_map = generate_tile(np.random.default_rng(i), size=(48, 48))
+        Image.fromarray(image).save(tmp_path / "mine" / "images" / f"t{i}.png")
+        Image.fromarray(label_map.astype(np.uint16)).save(tmp_path / "mine" / "labels" / f"t{i}.png")
+    folders = repr([["sweep_folder_val", str(tmp_path / "mine/images"), str(tmp_path / "mine/labels")]])
+    out = tmp_path / "sweep"
+    assert main(["--config-file", CONFIG, "--weights", untrained_demo_weights, "--dataset", "sweep_folder_val",
+                 "--output-dir", str(out), "--score-thresh", "0.5", "--mask-thresh", "0.5", "--max-overlap", "0.7",
+                 "DATASETS.NUCLEI_FOLDERS", folders,
+                 "MODEL.RPN.POST_NMS_TOPK_TEST", "16", "TEST.DETECTIONS_PER_IMAGE", "16"]) == 0
+    best = json.loads((out / "best.json").read_text())
+    assert best["dataset"] == "sweep_folder_val" and best["images"] == 2
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--dataset", "tnbc_test"], "tnbc_test is a test split"),
     (["--dataset", "kumar_test_same_organ"], "kumar_test_same_organ is a test split"),

@@ -163,18 +163,24 @@ def test_corrupt_image_is_reported_once_by_name(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_images_without_nuclei_train_and_evaluate(tmp_path):
+def test_images_without_nuclei_train_and_evaluate(tmp_path, monkeypatch):
     _write_folder_dataset(tmp_path / "empty", empty_labels=True)
     config = tmp_path / "empty.yaml"
     config.write_text(
         f"_BASE_: {ROOT / 'configs/demo.yaml'}\n"
         "DATASETS:\n"
-        f"  NUCLEI_FOLDERS: [['test_empty_folder', '{tmp_path}/empty/images', '{tmp_path}/empty/labels', 'label_map']]\n"
+        "  NUCLEI_FOLDERS: [['test_empty_folder', 'empty/images', 'empty/labels', 'label_map']]\n"
         "  TRAIN: ('test_empty_folder',)\n"
         "  TEST: ('test_empty_folder',)\n")
+    monkeypatch.chdir(tmp_path)  # the folders are given relative to it
     _run("--config-file", str(config), *TINY, "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(tmp_path / "out"))
-    # The run's saved config names the folder, so a resume or a later --eval-only finds it again.
-    assert "test_empty_folder" in (tmp_path / "out/config.yaml").read_text()
+    # The run's saved config holds them absolute, so a resume or an --eval-only from any
+    # directory finds them again.
+    from nucseg_d2.config import build_nuclei_cfg
+
+    saved = build_nuclei_cfg(str(tmp_path / "out/config.yaml"))
+    assert saved.DATASETS.NUCLEI_FOLDERS == [
+        ["test_empty_folder", str(tmp_path / "empty/images"), str(tmp_path / "empty/labels"), "label_map"]]
     summary = json.loads((tmp_path / "out/inference/test_empty_folder/metrics.json").read_text())
     assert summary["num_images"] == 2
     # Nothing to find: an image scores 1.0 where nothing was predicted, else 0.0 (metrics.py's

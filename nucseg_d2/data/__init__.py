@@ -5,6 +5,7 @@ Importing this package registers the nuclei data sets (lazily: nothing is read u
 from . import datasets  # noqa: F401  (registers the data sets in DatasetCatalog)
 from .datasets import (
     NUCLEI_DATASET_NAMES,
+    absolute_nuclei_folders,
     get_nuclei_data_root,
     nuclei_dataset_subsets,
     register_config_datasets,
@@ -29,6 +30,7 @@ __all__ = [
     "NUCLEI_DATASET_NAMES",
     "NucleiDataError",
     "NucleiDatasetMapper",
+    "absolute_nuclei_folders",
     "build_nuclei_augmentations",
     "build_records",
     "get_nuclei_cache_dir",

@@ -18,6 +18,7 @@ from ..utils import files_by_stem, first_few
 __all__ = [
     "get_nuclei_data_root",
     "register_nuclei_folder",
+    "absolute_nuclei_folders",
     "register_config_datasets",
     "register_tnbc_cross_validation",
     "tnbc_patient_folds",
@@ -339,20 +340,35 @@ def register_nuclei_folder(name, image_dir, label_dir, label_format="label_map")
     _FOLDER_REGISTRATIONS[name] = arguments
 
 
+def absolute_nuclei_folders(folders):
+    """``DATASETS.NUCLEI_FOLDERS`` entries with their folders made absolute (``~`` expanded,
+    relative to the working directory), so that a run's saved config finds them from anywhere."""
+    def absolute(folder):
+        return os.path.abspath(os.path.expanduser(folder))
+
+    return [[name, absolute(image_dir), absolute(label_dir), *label_format]
+            for name, image_dir, label_dir, *label_format in folders]
+
+
 def register_config_datasets(cfg):
     """Register the data sets a config names beyond the built-in ones: the TNBC folds for
     ``DATASETS.TNBC_NUM_FOLDS`` and each ``DATASETS.NUCLEI_FOLDERS`` entry [name, image_dir,
     label_dir(, label_format)] (see :func:`register_nuclei_folder`; relative folders are read from
-    the working directory). Safe to call again with the same config. Returns the folder names."""
+    the working directory). A folder that does not exist is reported now, not when the data set is
+    first read (after a training, for a test set). Safe to call again with the same config.
+    Returns the folder names."""
     register_tnbc_cross_validation(cfg.DATASETS.TNBC_NUM_FOLDS)
     names = []
-    for index, entry in enumerate(cfg.DATASETS.NUCLEI_FOLDERS):
-        name, image_dir, label_dir, *label_format = entry
+    entries = absolute_nuclei_folders(cfg.DATASETS.NUCLEI_FOLDERS)
+    for index, (name, image_dir, label_dir, *label_format) in enumerate(entries):
+        where = f"DATASETS.NUCLEI_FOLDERS[{index}] {name!r}"
+        for folder in (image_dir, label_dir):
+            if not os.path.isdir(folder):
+                raise NucleiDataError(f"{where}: {folder}: folder not found")
         try:
-            register_nuclei_folder(name, os.path.abspath(image_dir), os.path.abspath(label_dir),
-                                   *label_format)
+            register_nuclei_folder(name, image_dir, label_dir, *label_format)
         except ValueError as err:
-            raise NucleiDataError(f"DATASETS.NUCLEI_FOLDERS[{index}] {name!r}: {err}") from err
+            raise NucleiDataError(f"{where}: {err}") from err
         names.append(name)
     return names
 

@@ -299,7 +299,8 @@ def read_monuseg_xml(path, height, width):
 
     Later regions overwrite earlier ones where polygons overlap. Negative regions
     (``NegativeROA="1"``, Aperio's exclusions) are not nuclei: they take no id, and their pixels
-    are cleared after all nuclei are drawn.
+    are cleared after all nuclei are drawn (a nucleus wholly inside one leaves its id unused).
+    Vertices are read as MATLAB pixel coordinates, as MoNuSeg's are (see below).
     """
     path = os.fspath(path)
     _require_file(path)

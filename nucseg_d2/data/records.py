@@ -1,5 +1,6 @@
 """Detectron2 dataset dicts ("records") from nuclei label maps, cached on disk."""
 import hashlib
+import importlib.metadata
 import logging
 import os
 import pickle
@@ -109,16 +110,29 @@ def _file_fingerprint(path):
     return f"{os.path.abspath(path)}|{stat.st_mtime_ns}|{stat.st_size}"
 
 
-def _record_code_fingerprint():
+def _record_code_fingerprint(modules=_RECORD_CODE_MODULES):
+    """A hash of the source of ``modules``, read through their loaders (zip imports too); where a
+    loader cannot give it (a frozen application), the installed package version stands in."""
     digest = hashlib.sha256()
-    for module in _RECORD_CODE_MODULES:
-        with open(module.__file__, "rb") as source:
-            digest.update(source.read())
+    for module in modules:
+        try:
+            source = module.__spec__.loader.get_data(module.__file__)
+        except (AttributeError, OSError, TypeError):
+            try:
+                source = f"{module.__name__} {importlib.metadata.version('nucseg-d2')}".encode()
+            except importlib.metadata.PackageNotFoundError:
+                source = module.__name__.encode()
+        digest.update(source)
     return digest.hexdigest()
 
 
+# Taken once, at import: a process keeps the code it imported, so a long training whose reader
+# files are edited under it must go on storing records under its own code's key, not the new one.
+_RECORD_CODE_FINGERPRINT = _record_code_fingerprint()
+
+
 def _cache_path(specs, cache_key):
-    digest = hashlib.sha256(f"v{_RECORDS_CACHE_VERSION}|{_record_code_fingerprint()}|{cache_key}".encode())
+    digest = hashlib.sha256(f"v{_RECORDS_CACHE_VERSION}|{_RECORD_CODE_FINGERPRINT}|{cache_key}".encode())
     for spec in specs:
         digest.update(repr(sorted(spec.items())).encode())
         digest.update(_file_fingerprint(spec["file_name"]).encode())
@@ -134,7 +148,8 @@ def build_records(specs, cache_key):
     Each spec is a dict with ``file_name``, ``label_file``, ``image_id``, optional ``label_format``
     (default "label_map") and any extra keys (``organ``, ``patient``), which are copied into the
     record. The cache entry is keyed by ``cache_key`` plus the specs and the paths, mtimes and
-    sizes of their files, so editing a file invalidates it.
+    sizes of their files, so editing a file invalidates it, and by the source of the code that
+    makes records (as this process imported it), so a reader fix does too.
     """
     specs = [dict(spec) for spec in specs]
     cache_path = _cache_path(specs, cache_key)

@@ -36,6 +36,8 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec
 from torch import nn
 
+from .losses import mean_cross_entropy
+
 __all__ = [
     "FeatureFusion",
     "build_feature_fusion",
@@ -243,6 +245,5 @@ def fusion_loss(fused: torch.Tensor, sem_seg_targets: torch.Tensor, ignore_value
             f"fused map {tuple(fused.shape[-2:])} and sem_seg targets "
             f"{tuple(sem_seg_targets.shape[-2:])} differ in size"
         )
-    if not (sem_seg_targets != ignore_value).any():
-        return fused.sum() * 0.0
-    return F.cross_entropy(fused, sem_seg_targets, reduction="mean", ignore_index=ignore_value)
+    return mean_cross_entropy(fused, sem_seg_targets, ignore_value)
+

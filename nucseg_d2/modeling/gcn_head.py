@@ -14,6 +14,8 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
+from .losses import mean_cross_entropy
+
 __all__ = ["GlobalConvBlock", "BoundaryRefinementBlock", "GCNSemSegHead"]
 
 
@@ -115,7 +117,8 @@ class GCNSemSegHead(nn.Module):
         self.gcn = nn.ModuleDict(
             {name: GlobalConvBlock(shape.channels, gcn_channels, kernel_size, norm) for name, shape in input_shape}
         )
-        self.lateral_refine = nn.ModuleDict({name: BoundaryRefinementBlock(gcn_channels, norm) for name in self.in_features})
+        self.lateral_refine = nn.ModuleDict(
+            {name: BoundaryRefinementBlock(gcn_channels, norm) for name in self.in_features})
         # The coarsest level starts the top-down path, so only the finer ones refine a sum.
         self.top_down_refine = nn.ModuleDict(
             {name: BoundaryRefinementBlock(gcn_channels, norm) for name in self.in_features[:-1]}
@@ -180,8 +183,5 @@ class GCNSemSegHead(nn.Module):
         predictions = F.interpolate(
             predictions, scale_factor=self.common_stride, mode="bilinear", align_corners=False
         )
-        if not (targets != self.ignore_value).any():
-            # The mean over no pixels is NaN, which would poison every weight through the backbone.
-            return {"loss_sem_seg": predictions.sum() * 0.0}
-        loss = F.cross_entropy(predictions, targets, reduction="mean", ignore_index=self.ignore_value)
+        loss = mean_cross_entropy(predictions, targets, self.ignore_value)
         return {"loss_sem_seg": loss * self.loss_weight}
