@@ -47,6 +47,7 @@ def add_nucseg_config(cfg):
     # The user's own data sets, registered by train_net.py (nucseg_d2.data.register_config_datasets)
     # before DATASETS.TRAIN / TEST are read: a list of [name, image_dir, label_dir] or
     # [name, image_dir, label_dir, label_format] (label_format as register_nuclei_folder takes it).
+    # Relative folders are read from the working directory; train_net.py saves them absolute.
     _C.DATASETS.NUCLEI_FOLDERS = []
 
     # ---------------------------------------------------------------- training
@@ -197,7 +198,8 @@ def validate_nucseg_config(cfg):
 
 def _validate_nuclei_folders(folders):
     """Each entry [name, image_dir, label_dir(, label_format)], strings, a known format, a name
-    that is neither a built-in data set nor given twice (the folders are read when first used)."""
+    that is neither a built-in data set nor given twice (whether the folders exist is checked when
+    they are registered, nucseg_d2.data.register_config_datasets)."""
     from .data.datasets import NUCLEI_DATASET_NAMES
     from .data.readers import LABEL_FORMATS
 
