@@ -1,4 +1,5 @@
-"""scripts/fusion_coverage.py: per-crop coverage of the nuclei by pasted masks, by hand."""
+"""scripts/fusion_coverage.py: per-crop coverage of the nuclei by pasted masks, by hand; its
+training batches from a folder named in the config."""
 import importlib.util
 from pathlib import Path
 
@@ -30,3 +31,25 @@ def test_crop_coverage_counts_distinct_nuclei_and_nucleus_pixels_under_a_pasted_
     assert row == {"nuclei": 3, "positive_rois": 3, "nuclei_pasted": 2, "nucleus_pixels_pasted": 6 / 12}
     empty = fusion_coverage.crop_coverage(gt_masks[:0], np.zeros((0, 4)), np.zeros((0, 4)))
     assert empty == {"nuclei": 0, "positive_rois": 0, "nuclei_pasted": 0, "nucleus_pixels_pasted": 0.0}
+
+
+def test_training_batches_come_from_a_folder_named_in_the_config(tmp_path):
+    """The diagnostic scripts read DATASETS.TRAIN through the config's own folders."""
+    from PIL import Image
+
+    from nucseg_d2.config import build_nuclei_cfg
+    from nucseg_d2.data.synthetic import generate_tile
+
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+    for i in range(2):
+        image, label_map = generate_tile(np.random.default_rng(i), size=(64, 64))
+        Image.fromarray(image).save(tmp_path / "images" / f"t{i}.png")
+        Image.fromarray(label_map.astype(np.uint16)).save(tmp_path / "labels" / f"t{i}.png")
+    folders = repr([["coverage_folder_train", str(tmp_path / "images"), str(tmp_path / "labels")]])
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    cfg = build_nuclei_cfg(config, ["DATASETS.NUCLEI_FOLDERS", folders,
+                                    "DATASETS.TRAIN", "('coverage_folder_train',)", "SOLVER.IMS_PER_BATCH", "3",
+                                    "INPUT.CROP.SIZE", "[32, 32]"])
+    (batch,) = fusion_coverage.fixed_batches(cfg, 1, seed=0)
+    assert len(batch) == 3 and all(tuple(x["image"].shape) == (3, 32, 32) for x in batch)
