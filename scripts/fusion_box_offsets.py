@@ -79,6 +79,19 @@ def measure(model, batches, seed: int) -> dict:
     }
 
 
+def print_markdown_table(first_column: str, labelled_rows) -> None:
+    """Print (label, {column: value}) pairs as a Markdown table, each row as soon as it comes (the
+    rows are slow to measure); floats to 3 decimals, the columns those of the first row."""
+    columns = None
+    for label, row in labelled_rows:
+        if columns is None:
+            columns = list(row)
+            print(f"| {first_column} | " + " | ".join(columns) + " |")
+            print("|" + "---|" * (len(columns) + 1))
+        print(f"| {label} | " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
+                                          for c in columns) + " |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", required=True, help="a proposed-model run's config.yaml")
@@ -93,17 +106,14 @@ def main(argv=None):
     batches = fixed_batches(cfg, args.batches, args.seed)
     print(f"# {platform.node()} {platform.machine()}, torch threads {torch.get_num_threads()}, "
           f"{args.batches} batches of {cfg.SOLVER.IMS_PER_BATCH} from {cfg.DATASETS.TRAIN[0]}")
-    columns = None
-    for weights in args.weights:
-        model = build_model(cfg)
-        DetectionCheckpointer(model).load(weights)
-        row = measure(model, batches, args.seed)
-        if columns is None:
-            columns = list(row)
-            print("| checkpoint | " + " | ".join(columns) + " |")
-            print("|" + "---|" * (len(columns) + 1))
-        print(f"| {weights} | " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
-                                            for c in columns) + " |")
+
+    def measured_rows():
+        for weights in args.weights:
+            model = build_model(cfg)
+            DetectionCheckpointer(model).load(weights)
+            yield weights, measure(model, batches, args.seed)
+
+    print_markdown_table("checkpoint", measured_rows())
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
-from fusion_box_offsets import fixed_batches  # noqa: E402
+from fusion_box_offsets import fixed_batches, print_markdown_table  # noqa: E402
 from nucseg_d2.config import build_nuclei_cfg  # noqa: E402
 from nucseg_d2.modeling.fusion import paste_mask_logits  # noqa: E402
 
@@ -105,15 +105,8 @@ def main(argv=None):
     print(f"# {platform.node()} {platform.machine()}, torch threads {torch.get_num_threads()}, "
           f"{args.batches} batches of {cfg.SOLVER.IMS_PER_BATCH} from {cfg.DATASETS.TRAIN[0]}, "
           f"{args.weights}, positive fraction {cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION}")
-    columns = None
-    for rois_per_image in args.rois_per_image:
-        row = measure(model, batches, rois_per_image, args.seed)
-        if columns is None:
-            columns = list(row)
-            print("| ROIs per image | " + " | ".join(columns) + " |")
-            print("|" + "---|" * (len(columns) + 1))
-        print(f"| {rois_per_image} | " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
-                                                  for c in columns) + " |")
+    print_markdown_table("ROIs per image", ((rois_per_image, measure(model, batches, rois_per_image, args.seed))
+                                            for rois_per_image in args.rois_per_image))
 
 
 if __name__ == "__main__":

@@ -53,3 +53,15 @@ def test_training_batches_come_from_a_folder_named_in_the_config(tmp_path):
                                     "INPUT.CROP.SIZE", "[32, 32]"])
     (batch,) = fusion_coverage.fixed_batches(cfg, 1, seed=0)
     assert len(batch) == 3 and all(tuple(x["image"].shape) == (3, 32, 32) for x in batch)
+
+
+def test_markdown_table_prints_the_committed_layout(capsys):
+    rows = [(128, {"crops": 32, "nuclei": 39.53125, "positive_rois": 32.0}),
+            (512, {"crops": 32, "nuclei": 39.53125, "positive_rois": 126.53125})]
+    fusion_coverage.print_markdown_table("ROIs per image", iter(rows))
+    assert capsys.readouterr().out.splitlines() == [
+        "| ROIs per image | crops | nuclei | positive_rois |",
+        "|---|---|---|---|",
+        "| 128 | 32 | 39.531 | 32.000 |",
+        "| 512 | 32 | 39.531 | 126.531 |",
+    ]
