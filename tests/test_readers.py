@@ -251,6 +251,13 @@ def test_npy_label_maps_float_and_int64(tmp_path):
     np.save(tmp_path / "huge.npy", huge)
     loaded = read_label_map(tmp_path / "huge.npy")
     assert loaded.dtype == np.int64 and loaded[0, 1] == 2**40
+    # Past int64 a cast would wrap to negative ids: renumbered in order, 0 kept, each nucleus kept.
+    beyond = np.array([[0, 2**63 + 5, 7], [2**64 - 1, 2**63 + 5, 0]], np.uint64)
+    np.save(tmp_path / "beyond.npy", beyond)
+    loaded = read_label_map(tmp_path / "beyond.npy")
+    assert loaded.dtype == np.int64 and loaded.tolist() == [[0, 2, 1], [3, 2, 0]]
+    np.save(tmp_path / "beyond_full.npy", np.where(beyond == 0, np.uint64(1), beyond))  # no background
+    assert read_label_map(tmp_path / "beyond_full.npy").tolist() == [[1, 3, 2], [4, 3, 1]]
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,9 @@ def test_pairs_table_tests_chosen_comparisons(tmp_path):
         render(argv + ["--pair", "Ab2 > Baseline"])
     with pytest.raises(ValueError, match="A > B"):
         render(argv + ["--pair", "Ab1>Baseline"])
+    # Two runs of one name: the pair would be looked up by name and test Baseline against itself.
+    with pytest.raises(ValueError, match="repeated: Ab1"):
+        render(argv + ["--run", f"Ab1={base}", "--pair", "Ab1 > Baseline"])
     assert render(argv + ["--pair", "Ab1  >  Baseline"]).splitlines()[2] == rows[2]  # spaces trimmed
     for other in (["--cost"], ["--curve"], ["--per-image"], ["--per-image-only"]):
         with pytest.raises(ValueError, match="separate tables"):
@@ -73,6 +76,15 @@ def test_per_image_table_and_missing_dataset(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="per_image.csv"):
         results_table([("B", base)], "tnbc_test")
+
+
+def test_per_image_table_refuses_runs_of_other_images(tmp_path):
+    base = _write_run(tmp_path / "base", "kumar_test", [0.5, 0.6])
+    other = tmp_path / "other"
+    _write_run(other, "kumar_test", [0.5, 0.6, 0.7])
+    # img2 only in the second run would otherwise vanish from the table without a word.
+    with pytest.raises(ValueError, match=r"only in the second: \['img2'\]"):
+        per_image_table([("Baseline", base), ("Other", str(other))], "kumar_test")
 
 
 def _write_organs(folder, dataset, rows):

@@ -85,6 +85,13 @@ def test_paired_ttest_rejects_bad_input_and_passes_undefined_on():
         paired_one_tailed_ttest([1], [0])
     same = paired_one_tailed_ttest([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
     assert math.isnan(same.pvalue) and significance_stars(same.pvalue) == "n/a"
+    # Equal non-zero differences: scipy gives t = inf (exact) or ~1e15 (0.6 - 0.5 != 0.7 - 0.6 in
+    # floats), both '***'; the test is undefined either way.
+    for a, b in (([0.5, 0.5], [0.4, 0.4]), ([0.6, 0.7, 0.8], [0.5, 0.6, 0.7]), ([0.4, 0.5], [0.5, 0.6])):
+        constant = paired_one_tailed_ttest(a, b)
+        assert math.isnan(constant.statistic) and significance_stars(constant.pvalue) == "n/a"
+        assert constant.mean_difference == pytest.approx(a[0] - b[0])
+    assert paired_one_tailed_ttest([0.6, 0.7, 0.8], [0.5, 0.6, 0.6999]).pvalue < 0.5  # nearly equal is not equal
 
 
 @pytest.mark.parametrize("method", sorted(COMPARED))
@@ -165,6 +172,11 @@ def test_compare_csv_errors_name_the_problem(tmp_path):
     bad = write_csv(tmp_path / "bad.csv", [{"image_id": i, "aji": v} for i, v in values])
     with pytest.raises(ValueError, match="aji of 'img2' is not a number"):
         compare_per_image_csv(csv_a, bad)
+    # float("nan") parses; as a value it would make the test n/a without saying why.
+    nan = write_csv(tmp_path / "nan.csv", [{"image_id": i, "aji": v} for i, v in (("img1", "0.4"), ("img2", "nan"),
+                                                                                   ("img3", "0.3"))])
+    with pytest.raises(ValueError, match="aji of 'img2' is not a number: 'nan'"):
+        compare_per_image_csv(csv_a, nan)
     with pytest.raises(ValueError, match="no 'name' column"):
         compare_per_image_csv(csv_a, csv_a, key="name")
     with pytest.raises(ValueError, match="not columns of both"):

@@ -35,6 +35,7 @@ LABEL_MAP_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".mat")
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _MODES_KEPT = ("RGB", "RGBA", "L", "LA", "I", "F")  # Pillow modes numpy reads as they are
 _INT32_MAX = np.iinfo(np.int32).max
+_INT64_MAX = np.iinfo(np.int64).max
 # Label maps and masks keep their stored values whatever the photometric tag (Fiji saves masks
 # with an inverting LUT as MINISWHITE); an image's colours would be wrong.
 _TIFF_PHOTOMETRICS_REFUSED_FOR_IMAGES = (
@@ -223,6 +224,10 @@ def _as_label_map(values, path):
         raise NucleiDataError(f"{path}: label map has negative ids (min {values.min()})")
     max_id = int(values.max()) if values.size else 0
     _check_not_a_binary_mask(values, max_id, path, saved_as_bool)
+    if max_id > _INT64_MAX:
+        # uint64 ids past int64 would wrap to negative ones; ranks keep 0, the order and each nucleus.
+        ids, ranks = np.unique(values, return_inverse=True)
+        return (ranks.reshape(values.shape) + (ids[0] != 0)).astype(np.int64)
     if max_id > _INT32_MAX:
         return values.astype(np.int64)
     return values.astype(np.int32)
@@ -247,7 +252,8 @@ def _check_not_a_binary_mask(values, max_id, path, saved_as_bool):
 
 
 def read_label_map(path):
-    """Read an instance label map (PNG/TIFF of any integer dtype, ``.npy``, ``.mat``) as int32."""
+    """Read an instance label map (PNG/TIFF of any integer dtype, ``.npy``, ``.mat``) as int32, or
+    int64 for ids past int32 (ids past int64, uint64 only, are renumbered 1, 2, ... in their order)."""
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".mat":

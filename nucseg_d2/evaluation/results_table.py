@@ -158,9 +158,11 @@ def _group_key(rows: Dict[str, Dict[str, str]]) -> Optional[str]:
 
 def per_image_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str, metric: str = "aji") -> str:
     """One row per image (with its organ or patient when recorded), one column per run, as the
-    paper's Table 2."""
+    paper's Table 2. Every run must hold the same images."""
     tables = [(name, run_per_image_rows(d, dataset)) for name, d in runs]
     first_rows = tables[0][1]
+    for (_, rows), (_, run_dirs) in zip(tables[1:], runs[1:]):
+        require_same_images(first_rows, rows, _source(runs[0][1], dataset), _source(run_dirs, dataset))
     group_key = _group_key(first_rows)
     image_ids = sorted(first_rows, key=lambda i: (first_rows[i][group_key] if group_key else "", i))
     header = ([group_key] if group_key else []) + ["image"] + [f"{name} {metric}" for name, _ in tables]
@@ -168,7 +170,7 @@ def per_image_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str, metric
     for image_id in image_ids:
         cells = [first_rows[image_id][group_key]] if group_key else []
         cells.append(image_id)
-        cells += [f"{float(rows[image_id][metric]):.4f}" if image_id in rows else "-" for _, rows in tables]
+        cells += [f"{float(rows[image_id][metric]):.4f}" for _, rows in tables]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -405,6 +407,9 @@ def _render(args: argparse.Namespace) -> str:
     runs = [tuple(item.split("=", 1)) for item in args.run]
     if any(len(run) != 2 for run in runs):
         raise ValueError(f"--run takes NAME=DIR or NAME=DIR1{SEED_SEPARATOR}DIR2 (seeds), got {args.run}")
+    repeated = sorted({name for name, _ in runs if [n for n, _ in runs].count(name) > 1})
+    if repeated:  # --pair and the stars find runs by name
+        raise ValueError(f"--run names must differ; repeated: {', '.join(repeated)}")
     # A folder whose own name holds the separator is one folder, not seeds.
     runs = [(name, dirs if os.path.isdir(dirs) else dirs.split(SEED_SEPARATOR)) for name, dirs in runs]
     kinds = [flag for flag, asked in (("--cost", args.cost), ("--pair", args.pair), ("--curve", args.curve),
