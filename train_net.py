@@ -62,8 +62,14 @@ class Trainer(DefaultTrainer):
 
 def setup(args):
     cfg = build_nuclei_cfg(args.config_file, args.opts)
+    fallback_note = None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        # The same command (a GPU run's, AMP included) can be tried on the CPU first.
+        fallback_note = f"no CUDA device: MODEL.DEVICE {cfg.MODEL.DEVICE} -> cpu"
         cfg.MODEL.DEVICE = "cpu"
+        if cfg.SOLVER.AMP.ENABLED:
+            cfg.SOLVER.AMP.ENABLED = False
+            fallback_note += ", SOLVER.AMP.ENABLED True -> False"
     # The run's saved config.yaml must find the user's folders from any directory (a resume, an
     # --eval-only, the post-processing sweep).
     cfg.DATASETS.NUCLEI_FOLDERS = absolute_nuclei_folders(cfg.DATASETS.NUCLEI_FOLDERS)
@@ -75,6 +81,8 @@ def setup(args):
     default_setup(cfg, args)
     # This package's warnings (e.g. a training time limit reached) go to the run's log.txt too.
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="nucseg_d2")
+    if fallback_note:
+        logging.getLogger("nucseg_d2").warning(fallback_note)
     return cfg
 
 
@@ -89,7 +97,8 @@ def main(args):
         # otherwise be scored with the layers it lacks left random.
         load_checkpoint(model, weights, what=f"{cfg.MODEL.META_ARCHITECTURE} ({args.config_file})")
         res = Trainer.test(cfg, model)
-        verify_results(cfg, res)
+        if comm.is_main_process():  # the other processes' evaluators return {}
+            verify_results(cfg, res)
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)

@@ -52,8 +52,8 @@ def add_nucseg_config(cfg):
 
     # ---------------------------------------------------------------- training
     _C.SOLVER.NUCLEI = CN()
-    # Seconds of training after which the run stops early, saves model_final and evaluates it
-    # (nucseg_d2.engine.TrainingTimeLimit); 0 = train the whole schedule. For commands with a
+    # Seconds of training after which the run stops early, saves model_<iteration> (model_final is
+    # kept for a finished schedule) and evaluates it (nucseg_d2.engine.TrainingTimeLimit); 0 = train the whole schedule. For commands with a
     # hard wall-clock limit (the GPU device's 10 minutes); the log names where it stopped.
     _C.SOLVER.NUCLEI.TIME_LIMIT_S = 0  # whole seconds
 
@@ -284,14 +284,18 @@ def _validate_model_branches(cfg):
 
 
 def check_run_inputs(cfg, eval_only: bool = False, resume: bool = False):
-    """Before a model is built: the data sets are registered, and the weights exist (an
-    evaluation without any would score an untrained model and overwrite earlier results)."""
+    """Before a model is built: the data sets are registered, AMP has a GPU to train on, and the
+    weights exist (an evaluation without any would score an untrained model and overwrite earlier
+    results)."""
     from .data.datasets import unregistered_datasets_message
 
     for key in ("TEST",) if eval_only else ("TRAIN", "TEST"):  # evaluation never loads TRAIN
         unknown = unregistered_datasets_message(cfg.DATASETS[key])
         if unknown:
             raise NucleiConfigError(f"DATASETS.{key}: {unknown}")
+    if not eval_only and cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        # Detectron2's AMPTrainer would assert this only after building the model and the data.
+        raise NucleiConfigError(f"SOLVER.AMP.ENABLED needs a CUDA device; MODEL.DEVICE is {cfg.MODEL.DEVICE}")
     checkpoint = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
     resumes = resume and os.path.isfile(checkpoint)
     weights = cfg.MODEL.WEIGHTS

@@ -19,9 +19,11 @@ class TrainingTimeLimit(HookBase):
     A device command has a hard wall-clock limit; a run that would overrun it is better stopped
     early, with its final weights saved and evaluated, than killed with nothing to show. After
     the first iteration that ends past the limit, the trainer's ``max_iter`` becomes the number of
-    iterations done (so Detectron2's ``EvalHook`` runs its final evaluation), ``model_final`` is
-    saved with the trainer's state (``--resume`` continues at the next iteration, towards the
-    configured ``SOLVER.MAX_ITER``), and :class:`TrainingTimeLimitReached` ends the loop; the
+    iterations done (so Detectron2's ``EvalHook`` runs its final evaluation), the weights are
+    saved with the trainer's state as ``model_<iteration>`` (named as Detectron2's periodic
+    checkpoints: ``model_final`` stays the name of a finished schedule, which evaluation and
+    prediction take for a trained model; ``--resume`` continues at the next iteration, towards
+    the configured ``SOLVER.MAX_ITER``), and :class:`TrainingTimeLimitReached` ends the loop; the
     caller catches it. Register it last, so that every other hook has finished the iteration.
     With several processes, the main process's clock decides for all of them. ``eval_period``
     is ``TEST.EVAL_PERIOD``: a stop right after a periodic evaluation does not evaluate the same
@@ -49,15 +51,16 @@ class TrainingTimeLimit(HookBase):
             return
         scheduled = trainer.max_iter
         trainer.max_iter = trainer.iter + 1
+        checkpoint_name = f"model_{trainer.iter:07d}"  # PeriodicCheckpointer's name for this iteration
         logger.warning(
             "Training time limit of %.0f s reached after %d of %d iterations (%.0f s): "
-            "stopping here, saving model_final and evaluating these weights.",
-            self.seconds, trainer.max_iter, scheduled, elapsed,
+            "stopping here, saving %s and evaluating these weights.",
+            self.seconds, trainer.max_iter, scheduled, elapsed, checkpoint_name,
         )
         trainer.storage.put_scalar("time_limit_stop_iter", trainer.max_iter, smoothing_hint=False)
         checkpointer = getattr(trainer, "checkpointer", None)
         if checkpointer is not None:
-            checkpointer.save("model_final")
+            checkpointer.save(checkpoint_name)
         if self.eval_period > 0 and trainer.max_iter % self.eval_period == 0:
             # EvalHook has just evaluated these weights (its after_step ran before this hook's);
             # its after_train evaluates only when iter + 1 >= max_iter, so one more keeps it from

@@ -36,6 +36,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder whose files come back}
 DEADLINE_S=${DEADLINE_S:-540}; CAL_ITERS=${CAL_ITERS:-60}; EVAL_S=${EVAL_S:-60}; MIN_ITERS=${MIN_ITERS:-12}
 SPARE=${SPARE:-1.3}; MAX_ITERS=${MAX_ITERS:-0}
+mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_timed_runs.log") 2>&1
 TEE_PID=$!
 # On exit, close the pipe and let tee write the last lines before the command ends.
@@ -160,7 +161,9 @@ for i in "${!NAMES[@]}"; do
   tail -c 4000000 "$WORK/$name.log" > "$pack/train_eval.log"
   if [[ -f $dir/config.yaml ]]; then cp "$dir/config.yaml" "$pack/config.yaml"; fi
   if [[ -f $dir/metrics.json ]]; then cp "$dir/metrics.json" "$pack/training_metrics.json"; fi
-  if [[ -d $dir/inference ]]; then cp -r "$dir/inference" "$pack/inference"; fi
+  # An interrupted run may be half-way through an evaluation: label maps without metrics, which
+  # collect_results.sh would file as results.
+  if [[ ${statuses[$i]} -eq 0 && -d $dir/inference ]]; then cp -r "$dir/inference" "$pack/inference"; fi
   tar -C "$pack" -cf "$OUT/$name.tar" .
 done
 ls -la "$OUT"

@@ -28,6 +28,9 @@ if (( time_limit < 1 )); then echo "error: no time left to train (DEADLINE_S=$DE
 echo "SOLVER.NUCLEI.TIME_LIMIT_S $time_limit (unless the options set another)"
 
 WORK=/tmp/nucseg_runs/$RUN_NAME
+# A run of the same name before (the CPU check, a warm device) would leave its label maps in the
+# tar and its lines in metrics.json, which Detectron2 appends to.
+rm -rf "$WORK"
 mkdir -p "$WORK"
 status=0
 "$PYTHON" train_net.py --config-file "$CONFIG" OUTPUT_DIR "$WORK" SOLVER.NUCLEI.TIME_LIMIT_S "$time_limit" "$@" > "$WORK/train_eval.log" 2>&1 || status=$?

@@ -101,6 +101,23 @@ def test_eval_only_without_weights_is_refused_before_anything_is_written(tmp_pat
     assert not output_dir.exists()  # earlier results in OUTPUT_DIR would be left as they were
 
 
+def test_amp_needs_a_cuda_device(tmp_path, monkeypatch):
+    output_dir = tmp_path / "out"
+    # Asked for on the CPU: refused before a model is built (Detectron2 would assert at the first step).
+    with pytest.raises(train_net.NucleiConfigError, match="SOLVER.AMP.ENABLED needs a CUDA device; MODEL.DEVICE is cpu"):
+        _run("--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "MODEL.DEVICE", "cpu",
+             "SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", str(output_dir))
+    assert not output_dir.exists()
+    # A GPU command tried where CUDA is absent: the device falls back to the CPU, and AMP with it.
+    monkeypatch.setattr(train_net.torch.cuda, "is_available", lambda: False)
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(ROOT / "configs/demo.yaml"), "MODEL.DEVICE", "cuda", "SOLVER.AMP.ENABLED", "True",
+         "OUTPUT_DIR", str(output_dir)])
+    cfg = train_net.setup(args)
+    assert cfg.MODEL.DEVICE == "cpu" and not cfg.SOLVER.AMP.ENABLED
+    assert "MODEL.DEVICE cuda -> cpu, SOLVER.AMP.ENABLED True -> False" in (output_dir / "log.txt").read_text()
+
+
 def test_eval_only_refuses_a_checkpoint_of_another_architecture(tmp_path):
     # Detectron2 loads checkpoints leniently (a warning); scored that way, the proposed model's
     # Table 1 head and fusion would stay random in a baseline checkpoint's evaluation.
@@ -206,7 +223,9 @@ def test_time_limit_stops_training_saves_and_evaluates_the_weights_it_reached(tm
     trained = [row["iteration"] for row in _read_metrics_json(output_dir) if "total_loss" in row]
     assert trained == [0]
     assert any(row.get("time_limit_stop_iter") == 1 for row in _read_metrics_json(output_dir))
-    assert (output_dir / "model_final.pth").is_file()
+    # Saved under the iteration's name: a model_final would pass for a finished schedule.
+    assert (output_dir / "model_0000000.pth").is_file() and not (output_dir / "model_final.pth").exists()
+    assert (output_dir / "last_checkpoint").read_text() == "model_0000000.pth"
     assert (output_dir / "inference/nuclei_synthetic_val/metrics.json").is_file()
     assert set(results) == {"nuclei"}  # the evaluation results, returned as train() returns them
     assert "Training time limit of 1 s reached after 1 of 5 iterations" in (output_dir / "log.txt").read_text()
@@ -218,6 +237,7 @@ def test_time_limit_stops_training_saves_and_evaluates_the_weights_it_reached(tm
     trained = [row["iteration"] for row in _read_metrics_json(output_dir) if "total_loss" in row]
     assert trained[0] == 0 and trained[-1] == 4
     assert "Starting training from iteration 1" in (output_dir / "log.txt").read_text()
+    assert (output_dir / "model_final.pth").is_file()  # the schedule is finished now
 
 
 @pytest.mark.parametrize("eval_period", [1, 2])
@@ -235,7 +255,7 @@ def test_time_limit_right_after_a_periodic_evaluation_does_not_evaluate_again(tm
                    "OUTPUT_DIR", str(output_dir))
     log = (output_dir / "log.txt").read_text()
     assert log.count("Start inference on") == 1
-    assert set(results) == {"nuclei"} and (output_dir / "model_final.pth").is_file()
+    assert set(results) == {"nuclei"} and (output_dir / "model_0000000.pth").is_file()
 
 
 def test_negative_time_limit_is_refused():
