@@ -269,6 +269,11 @@ def test_cost_table_reads_training_and_inference_times_from_the_logs(tmp_path, c
     assert rows[2] == "| P | 1098 | 1:06:10 | 3.62 | 4.50 |"  # test batch 1: s / iter = s / image
     assert cost_table([("P", str(run))], "tnbc_val").splitlines()[2].endswith("| 2.00 |")
     assert cost_table([("P", str(run))], "kumar_test").splitlines()[2].endswith("| - |")
+    # A resumed run: log.txt is appended to, one speed line per start; the costs add up.
+    with open(run / "log.txt", "a") as log:
+        log.write("[t] d2.engine.hooks INFO: Overall training speed: 99 iterations in 0:09:50 (5.9596 s / it)\n")
+    # 1098 + 99 iterations in 3970 + 590 s: 4560 / 1197 = 3.81 s / it.
+    assert cost_table([("P", str(run))], "tnbc_test").splitlines()[2] == "| P | 1197 | 1:16:00 | 3.81 | 4.50 |"
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["--dataset", "tnbc_test", "--cost", "--run", f"E={empty}"]) == 2

@@ -20,13 +20,14 @@ before the tables and tests (``--run NAME=DIR1,DIR2``).
     python -m nucseg_d2.evaluation.results_table --update docs/RESULTS.md   # regenerate its tables
 """
 import argparse
+import datetime
 import gzip
 import os
 import re
 import shlex
 import sys
 import zlib
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import yaml
@@ -331,24 +332,50 @@ def _run_log_lines(run_dir: str, name: str):
         raise ValueError(f"{path}: cannot read the log ({e})") from e
 
 
-def _run_costs(run_dir: str, dataset: str) -> Tuple[Optional[re.Match], Optional[float]]:
-    """Detectron2's training-speed line, and seconds per image of inference on ``dataset``.
+class TrainingSpeed(NamedTuple):
+    iterations: int  # timed iterations (Detectron2 leaves a few warm-up iterations of each start untimed)
+    time: str  # h:mm:ss
+    seconds_per_iteration: float
+
+
+def _seconds(hms: str) -> float:
+    seconds = 0.0
+    for part in hms.split(":"):
+        seconds = 60 * seconds + float(part)
+    return seconds
+
+
+def _training_speed(matches: Sequence[re.Match]) -> Optional[TrainingSpeed]:
+    """One training-speed line as logged; a resumed run's starts (one line each, log.txt is appended
+    to) summed."""
+    if not matches:
+        return None
+    if len(matches) == 1:
+        return TrainingSpeed(int(matches[0].group(1)), matches[0].group(2), float(matches[0].group(3)))
+    iterations = sum(int(m.group(1)) for m in matches)
+    seconds = sum(_seconds(m.group(2)) for m in matches)
+    return TrainingSpeed(iterations, str(datetime.timedelta(seconds=int(seconds))), seconds / max(iterations, 1))
+
+
+def _run_costs(run_dir: str, dataset: str) -> Tuple[Optional[TrainingSpeed], Optional[float]]:
+    """Detectron2's training speed (summed over the starts of a resumed run), and seconds per image
+    of inference on ``dataset``.
 
     Inference time is the evaluator's "Total inference time" (the first images, warm-up, are not
     counted) logged just before the results of ``dataset``; the last evaluation in the logs wins.
     """
-    speed, per_image, pending = None, None, None
+    speeds, per_image, pending = [], None, None
     for name in RUN_LOGS:
         for line in _run_log_lines(run_dir, name):
             if match := _TRAINING_SPEED.search(line):
-                speed = match
+                speeds.append(match)
             elif match := _INFERENCE_TIME.search(line):
                 pending = float(match.group(1))  # per image on one device (one process)
             elif match := _RESULTS_FOR.search(line):
                 if match.group(1) == dataset and pending is not None:
                     per_image = pending
                 pending = None
-    return speed, per_image
+    return _training_speed(speeds), per_image
 
 
 def cost_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str) -> str:
@@ -363,7 +390,7 @@ def cost_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str) -> str:
             raise ValueError(f"{run_dir}: no Detectron2 log ({' or '.join(RUN_LOGS)}, or the same "
                              f"gzip-compressed, {GZIP_SUFFIX}) with timings")
         cells = [name]
-        cells += [speed.group(1), speed.group(2), f"{float(speed.group(3)):.2f}"] if speed else ["-"] * 3
+        cells += [str(speed.iterations), speed.time, f"{speed.seconds_per_iteration:.2f}"] if speed else ["-"] * 3
         cells.append(f"{per_image:.2f}" if per_image is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
