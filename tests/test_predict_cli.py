@@ -105,6 +105,22 @@ def test_setup_errors_are_one_clear_line(tmp_path, untrained_demo_weights, capsy
     assert re.search(r"error: output folder .*file cannot be written", capsys.readouterr().err)
     assert _run([image], tmp_path / "out", str(tmp_path / "missing.pth")) == 2
     assert "missing.pth: checkpoint file not found" in capsys.readouterr().err
+    # An address (detectron2://, https://) is no file to look for: Detectron2's PathManager fetches it
+    # (here a test-only prefix in front of a local path, since nothing can be downloaded).
+    from detectron2.utils.file_io import PathManager
+    from iopath.common.file_io import PathHandler
+
+    class LocalPathHandler(PathHandler):
+        def _get_supported_prefixes(self):
+            return ["nucseg-cli-test://"]
+
+        def _get_local_path(self, path, **kwargs):
+            return path[len("nucseg-cli-test://"):]
+
+    if "nucseg-cli-test://" not in PathManager._path_handlers:
+        PathManager.register_handler(LocalPathHandler())
+    assert _run([image], tmp_path / "by_address", f"nucseg-cli-test://{untrained_demo_weights}") == 0
+    assert os.path.isfile(tmp_path / "by_address" / "img0_labels.tif")
     other = build_model(build_predict_cfg(os.path.join(REPO, "configs", "demo_maskrcnn.yaml"),
                                           ["MODEL.DEVICE", "cpu"]))
     wrong = str(tmp_path / "maskrcnn.pth")

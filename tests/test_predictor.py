@@ -332,6 +332,14 @@ def test_slide_level_and_roi(he_slide, layout):
         expected = read(520, 620, 340, 480).reshape(50, 2, 70, 2, 3).mean(axis=(1, 3))
         assert np.abs(block.astype(float) - expected).max() <= 1.0
         assert half.thumbnail(100).shape == (78, 100, 3)
+    # A region off the coarse level's grid is covered to its far edge: level-0 x 7..17 at
+    # downsample 4 is level px 1..4 (level-0 4..20); a width of round(10 / 4) = 2 stopped at 12.
+    for level, (x, y, w, h) in ((2, (7, 7, 10, 10)), (1, (301, 501, 9, 9))):
+        with open_image(paths[layout], level=level, roi=(x, y, w, h)) as region:
+            d = region.downsample
+            assert region.origin[0] <= x and region.origin[1] <= y
+            assert region.origin[0] + region.width * d >= x + w and region.origin[1] + region.height * d >= y + h
+            assert region.width * d < w + 2 * d and region.height * d < h + 2 * d  # and not much more
     with pytest.warns(UserWarning, match=r"level 1 at 0\.500 µm/px instead of the requested 0\.9 µm/px"):
         chosen = open_image(paths[layout], mpp=0.9)  # levels at 0.25, 0.5, 1.0 µm/px
     with chosen:

@@ -170,6 +170,13 @@ def test_geojson_square_has_exact_pixel_edge_corners(tmp_path):
     # Same input, same ids: re-importing into QuPath does not create new objects' identities.
     write_geojson(tmp_path / "again.geojson", _square_result(source="slide.svs"))
     assert json.loads((tmp_path / "again.geojson").read_text())["features"][0]["id"] == feature["id"]
+    # The same file however its path is written; another region or level of it gets other ids.
+    for kwargs, same in (({"source": os.path.abspath("slide.svs")}, True), ({"source": "./slide.svs"}, True),
+                         ({"source": "slide.svs", "origin": (0, 512)}, False),
+                         ({"source": "slide.svs", "downsample": 4.0}, False), ({"source": "other.svs"}, False)):
+        write_geojson(tmp_path / "other.geojson", _square_result(**kwargs))
+        other_id = json.loads((tmp_path / "other.geojson").read_text())["features"][0]["id"]
+        assert (other_id == feature["id"]) == same, kwargs
 
 
 def test_geojson_applies_downsample_and_origin(tmp_path):

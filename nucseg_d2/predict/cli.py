@@ -374,7 +374,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not os.path.isfile(args.config_file):
         print(f"error: config file not found: {args.config_file}", file=sys.stderr)
         return EXIT_SETUP_ERROR
-    if args.weights is not None and not os.path.isfile(args.weights):
+    if args.weights is not None and "://" not in args.weights and not os.path.isfile(args.weights):
         print(f"error: {args.weights}: checkpoint file not found", file=sys.stderr)
         return EXIT_SETUP_ERROR
     problem = _check_output_dir(args.output)

@@ -249,9 +249,11 @@ class SlideSource(ImageSource):
         self._level_origin = (int(x0 / self.downsample), int(y0 / self.downsample))
         self.origin = tuple(level0_position(v, self.downsample) for v in self._level_origin)
         level_w, level_h = slide.level_dimensions[level]
-        # The region at this level: never past the level's own edge (downsamples are rounded).
-        self.width = max(1, min(level_w - self._level_origin[0], int(round((x1 - x0) / self.downsample))))
-        self.height = max(1, min(level_h - self._level_origin[1], int(round((y1 - y0) / self.downsample))))
+        # The region at this level: every level pixel the ROI touches up to its far edge (a width
+        # of round((x1 - x0) / d) from the rounded-down start would stop short of it), never past
+        # the level's own edge (downsamples are rounded).
+        self.width = max(1, min(level_w, math.ceil(x1 / self.downsample)) - self._level_origin[0])
+        self.height = max(1, min(level_h, math.ceil(y1 / self.downsample)) - self._level_origin[1])
 
     def _read_level(self, level: int, x0_level0: int, y0_level0: int, width: int, height: int):
         if self.backend == "tiffslide":

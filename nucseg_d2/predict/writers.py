@@ -257,7 +257,9 @@ def write_geojson(path, result: PredictionResult, simplify_tolerance: float = 0.
     several 4-connected pieces (:func:`nucleus_polygons`); ``properties`` as QuPath 0.4+ exports
     detections (``objectType`` "detection", ``classification`` {name, color}, numeric
     ``measurements`` {score, label_id} and ``isLocked``), and a UUID ``id`` that is the same on
-    every run for the same source and label id. ``simplify_tolerance`` is in analysed-level pixels (0: exact
+    every run for the same source file (however its path is written), region (origin and
+    downsample) and label id, and differs between regions or levels of one slide (imported into
+    one QuPath image, equal ids would clash). ``simplify_tolerance`` is in analysed-level pixels (0: exact
     pixel-edge outlines, area = the nucleus's pixel count). Written as a stream, one feature per
     line, so a slide's million nuclei never sit in memory as Python dicts.
     """
@@ -265,7 +267,8 @@ def write_geojson(path, result: PredictionResult, simplify_tolerance: float = 0.
     origin_x, origin_y = (float(v) for v in result.origin)
     downsample = float(result.downsample)
     classification = {"name": class_name, "color": [int(c) for c in class_color]}
-    id_prefix = f"{result.source or ''}:"
+    source = os.path.realpath(result.source) if result.source else ""
+    id_prefix = f"{source}:{origin_x!r}:{origin_y!r}:{downsample!r}:"
     count = 0
     with atomic_path(path) as temp_path, open(temp_path, "w", encoding="utf-8") as stream:
         stream.write('{"type": "FeatureCollection", "features": [')
