@@ -75,6 +75,16 @@ def test_folder_with_a_corrupt_file_reports_it_and_finishes_the_rest(tmp_path, u
     assert (output / "img1.geojson").read_text() == '{"edited": true}'
     assert _run(good, output, untrained_demo_weights, "--overwrite", "--formats", "labels") == 0
     assert "2 done, 0 skipped" in capsys.readouterr().out
+    # Other settings into the same folder: skipping its outputs would mix two runs' predictions.
+    stamp = os.path.getmtime(output / "img0_labels.tif")
+    assert _run(good, output, untrained_demo_weights, "--roi", "0", "0", "64", "64") == 2
+    assert re.search(r"error: .*out holds predictions made with other settings \(roi: see .*"
+                     r"nucseg_predict_settings.json\)", capsys.readouterr().err)
+    assert os.path.getmtime(output / "img0_labels.tif") == stamp
+    assert _run(good, output, untrained_demo_weights, "--roi", "0", "0", "64", "64", "--overwrite",
+                "--formats", "labels") == 0
+    assert tifffile.imread(output / "img0_labels.tif").shape == (64, 64)
+    assert json.loads((output / "nucseg_predict_settings.json").read_text())["roi"] == [0, 0, 64, 64]
 
 
 def test_glob_list_file_and_all_background_image(tmp_path, untrained_demo_weights, capsys):
@@ -93,7 +103,7 @@ def test_glob_list_file_and_all_background_image(tmp_path, untrained_demo_weight
     assert (output / "blank_nuclei.csv").read_text().splitlines()[0].startswith("id,")
     document = tmp_path / "report.docx"
     document.write_bytes(b"PK\x03\x04")
-    assert _run([str(document)], output, untrained_demo_weights) == 1
+    assert _run([str(document)], tmp_path / "out_document", untrained_demo_weights) == 1
     assert re.search(r"error: .*report.docx: unsupported format .docx", capsys.readouterr().err)
 
 
@@ -193,7 +203,7 @@ def test_two_cpu_processes_shard_the_inputs(tmp_path, untrained_demo_weights):
     assert done == {0: paths[2::2], 1: paths[1::2]}  # rank r takes inputs[r::2]
     assert re.search(r"\[rank 0\] error: .*broken.png", run.stderr)
     assert "6 inputs: 5 done, 0 skipped (outputs exist), 1 failed" in run.stdout
-    assert sorted(os.listdir(output)) == [f"img{i}_labels.tif" for i in range(5)]
+    assert sorted(os.listdir(output)) == [f"img{i}_labels.tif" for i in range(5)] + ["nucseg_predict_settings.json"]
 
 
 def test_an_input_too_large_for_coco_gets_its_other_outputs(tmp_path, untrained_demo_weights, capsys,
@@ -236,5 +246,5 @@ def test_a_failing_output_does_not_keep_the_others_from_being_written(tmp_path, 
     error = capsys.readouterr().err
     assert re.search(r"img0.png: geojson output not written \(OSError: .*No space left on device.*\); "
                      r"written: labels, coco, csv, overlay", error)
-    assert sorted(p.name for p in output.iterdir()) == ["img0_coco.json", "img0_labels.tif",
-                                                         "img0_nuclei.csv", "img0_overlay.png"]
+    assert sorted(p.name for p in output.iterdir()) == ["img0_coco.json", "img0_labels.tif", "img0_nuclei.csv",
+                                                         "img0_overlay.png", "nucseg_predict_settings.json"]

@@ -17,6 +17,8 @@ Detectron2's ``launch``. Rank r of W takes ``inputs[r::W]``.
 """
 import argparse
 import glob
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -29,7 +31,7 @@ import torch
 
 from ..config import NucleiConfigError
 from ..data.readers import NucleiDataError
-from ..utils import leave_distributed_worker
+from ..utils import atomic_path, leave_distributed_worker
 from .predictor import CheckpointError, build_predict_cfg
 from .slides import IMAGE_SUFFIXES, SLIDE_SUFFIXES
 
@@ -284,6 +286,8 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
         summary["setup_error"] = _error_line(err) if not isinstance(err, KeyError) else f"config: {err}"
         logger.debug("%s", traceback.format_exc())
         return summary
+    if args.settings_to_record is not None:  # after the model loaded: a failed start writes nothing
+        _record_settings(args.output, args.settings_to_record)
 
     tissue = {"auto": "auto", "on": True, "off": False}[args.tissue_mask]
     for image_id, path, paths in todo:
@@ -327,6 +331,53 @@ def _print_summary(summaries: List[Dict], num_inputs: int) -> None:
           f"{len(failed)} failed" + (f", {not_run} not run" if not_run else ""), flush=True)
     for line in failed:
         print(f"  failed: {line}", flush=True)
+
+
+# Written into the output folder: a re-run that skips existing outputs must be one of the same settings.
+SETTINGS_FILE = "nucseg_predict_settings.json"
+
+
+def prediction_settings(args) -> Dict:
+    """What decides the predicted nuclei (not --formats, --device, --batch-size or --quiet). A
+    _BASE_ of the config file is not followed; weights are named by path, size and time."""
+    with open(args.config_file, "rb") as stream:
+        config_sha256 = hashlib.sha256(stream.read()).hexdigest()
+    weights = {"address": args.weights}
+    if args.weights and "://" not in args.weights:
+        stat = os.stat(args.weights)
+        weights = {"path": os.path.realpath(args.weights), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {
+        "config_file": os.path.realpath(args.config_file), "config_sha256": config_sha256,
+        "opts": list(args.opts), "weights": weights, "level": args.level, "mpp": args.mpp,
+        "roi": list(args.roi) if args.roi else None, "tile_size": args.tile_size, "overlap": args.overlap,
+        "tta": bool(args.tta), "tissue_mask": args.tissue_mask,
+    }
+
+
+def _check_settings(args) -> Tuple[Optional[str], Optional[Dict]]:
+    """(None, the settings to record once the model is loaded, or None when recorded already) when
+    the output folder may take this run, else (the problem, None): its outputs came from other
+    settings, and skipping them would mix the two runs (GeoJSON ids against another label map, a
+    region never analysed)."""
+    settings = prediction_settings(args)
+    path = os.path.join(args.output, SETTINGS_FILE)
+    if os.path.isfile(path) and not args.overwrite:
+        try:
+            with open(path) as stream:
+                recorded = json.load(stream)
+        except (OSError, ValueError) as err:
+            return f"{path}: cannot read the settings of the outputs there ({err}); --overwrite to redo", None
+        differing = sorted(key for key in set(settings) | set(recorded) if settings.get(key) != recorded.get(key))
+        if differing:
+            return (f"{args.output} holds predictions made with other settings ({', '.join(differing)}: see "
+                    f"{path}); give another --output, or --overwrite to redo every input"), None
+        return None, None
+    return None, settings
+
+
+def _record_settings(output: str, settings: Dict) -> None:
+    with atomic_path(os.path.join(output, SETTINGS_FILE)) as temp_path, open(temp_path, "w") as stream:
+        json.dump(settings, stream, indent=1)
 
 
 def _global_status(summaries: List[Dict]) -> int:
@@ -389,6 +440,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if collisions:
         listed = "; ".join(f"{stem}: {', '.join(group)}" for stem, group in sorted(collisions.items()))
         print(f"error: inputs whose outputs would share a name (same file stem): {listed}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+    problem, args.settings_to_record = _check_settings(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_SETUP_ERROR
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # COCO image ids: the input's 1-based position in the expanded list, the same on every rank.
