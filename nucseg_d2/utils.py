@@ -6,7 +6,7 @@ import sys
 import uuid
 from typing import Dict, Iterable, Iterator, Sequence
 
-__all__ = ["atomic_path", "first_few", "files_by_stem", "leave_distributed_worker"]
+__all__ = ["atomic_path", "first_few", "files_by_stem", "leave_distributed_worker", "remove_stale_temp_files"]
 
 
 @contextlib.contextmanager
@@ -14,7 +14,8 @@ def atomic_path(path) -> Iterator[str]:
     """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``.
 
     On any error the temp file is removed and ``path`` is left as it was. OSErrors are re-raised
-    naming ``path`` (the temp name would mean nothing to the user).
+    naming ``path`` (the temp name would mean nothing to the user). A process killed outright
+    (SIGKILL, out of memory) leaves its temp file: see :func:`remove_stale_temp_files`.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -31,12 +32,36 @@ def atomic_path(path) -> Iterator[str]:
         finally:
             os.close(fd)
         os.replace(temp_path, path)
+        with contextlib.suppress(OSError):  # the rename itself survives a power cut (POSIX; not on Windows)
+            directory_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(directory_fd)
+            finally:
+                os.close(directory_fd)
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(temp_path)
         if isinstance(err, OSError) and path not in str(err):
             raise OSError(f"cannot write {path}: {err}") from err
         raise
+
+
+def remove_stale_temp_files(path) -> int:
+    """Remove the temp files :func:`atomic_path` left beside ``path`` when a process writing it was
+    killed outright (a slide's label map can leave gigabytes); call it only where no other process
+    writes ``path``. Returns how many were removed."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix, removed = f".{os.path.basename(path)}.", 0
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(directory):
+            middle = name[len(prefix):-len(".tmp")]
+            if name.startswith(prefix) and name.endswith(".tmp") and len(middle) == 12 and \
+                    all(c in "0123456789abcdef" for c in middle):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+                    removed += 1
+    return removed
 
 
 def first_few(items: Sequence[str], limit: int) -> str:

@@ -59,10 +59,15 @@ def test_folder_with_a_corrupt_file_reports_it_and_finishes_the_rest(tmp_path, u
     assert json.loads((output / "img0.geojson").read_text())["type"] == "FeatureCollection"
     assert not list(output.glob("broken*")) and not list(output.glob(".*.tmp"))
 
-    # Re-run: finished inputs are skipped, the broken one is tried (and reported) again.
+    # Re-run: finished inputs are skipped, the broken one is tried (and reported) again; what a
+    # killed writer left of an output is removed.
     stamp = os.path.getmtime(output / "img0_labels.tif")
+    (output / ".img0_labels.tif.0123456789ab.tmp").write_bytes(b"half a label map")
     assert _run([str(folder)], output, untrained_demo_weights) == 1
-    assert "0 done, 2 skipped (outputs exist), 2 failed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "0 done, 2 skipped (outputs exist), 2 failed" in out
+    assert "img0.png: removed 1 temp file(s) left by an interrupted run" in out
+    assert not list(output.glob(".*.tmp"))
     assert os.path.getmtime(output / "img0_labels.tif") == stamp
     # A missing output makes its input run again, writing only what is missing: a GeoJSON
     # edited (in QuPath, say) since is kept; --overwrite redoes everything.

@@ -2,6 +2,7 @@
 import logging
 import logging.handlers
 import os
+import subprocess
 import sys
 
 import pytest
@@ -13,7 +14,7 @@ from process_group import free_port, join_gloo_group
 from nucseg_d2.data.datasets import register_nuclei_folder
 from nucseg_d2.data.readers import NucleiDataError
 from nucseg_d2.evaluation.folder_eval import FolderEvalError, label_maps_by_stem
-from nucseg_d2.utils import atomic_path, files_by_stem, first_few, leave_distributed_worker
+from nucseg_d2.utils import atomic_path, files_by_stem, first_few, leave_distributed_worker, remove_stale_temp_files
 
 
 def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path):
@@ -29,6 +30,25 @@ def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_error(tmp_pat
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "first"
     assert os.listdir(target.parent) == ["result.txt"]  # no temp file left behind
+
+
+def test_stale_temp_files_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
+    target = tmp_path / "slide_labels.tif"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "from nucseg_d2.utils import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as temp:\n"
+        "    open(temp, 'w').write('half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(target)], cwd=os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    assert killed.returncode == -9
+    left = [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(".slide_labels.tif.")
+    keep = [".slide_labels.tif.notours.tmp", ".other.tif.0123456789ab.tmp", "slide_labels.tif.tmp"]
+    for name in keep:
+        (tmp_path / name).write_text("")
+    assert remove_stale_temp_files(target) == 1
+    assert sorted(os.listdir(tmp_path)) == sorted(keep)
 
 
 def test_first_few():

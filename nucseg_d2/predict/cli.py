@@ -31,7 +31,7 @@ import torch
 
 from ..config import NucleiConfigError
 from ..data.readers import NucleiDataError
-from ..utils import atomic_path, leave_distributed_worker
+from ..utils import atomic_path, leave_distributed_worker, remove_stale_temp_files
 from .predictor import CheckpointError, build_predict_cfg
 from .slides import IMAGE_SUFFIXES, SLIDE_SUFFIXES
 
@@ -251,6 +251,10 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
     todo = []
     for image_id, path in inputs:
         paths = output_paths(path, args.output, args.formats)
+        # Each input's outputs are written by this rank alone: what a killed run left is no one's.
+        stale = sum(remove_stale_temp_files(p) for p in paths.values())
+        if stale:
+            print(f"{tag}{path}: removed {stale} temp file(s) left by an interrupted run", flush=True)
         if not args.overwrite:
             existing = sorted(name for name, p in paths.items() if os.path.isfile(p))
             if len(existing) == len(paths):

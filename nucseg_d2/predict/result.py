@@ -48,6 +48,9 @@ class PredictionResult:
         return int(self.scores.shape[0])
 
     def to_level0(self, x, y):
-        """Analysed-level pixel coordinates -> level-0 (full-resolution slide) coordinates."""
+        """Analysed-level coordinates -> level-0 (full-resolution slide) coordinates, both with pixel
+        edges on integers (as the GeoJSON outlines): pass ``col + 0.5, row + 0.5`` for a pixel's
+        centre (as the table's centroids), not its index, or the point lands ``downsample / 2``
+        level-0 pixels up and left of it."""
         return (self.origin[0] + np.asarray(x) * self.downsample,
                 self.origin[1] + np.asarray(y) * self.downsample)
