@@ -9,6 +9,7 @@ import tifffile
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
+from PIL import Image
 from scipy import ndimage
 
 from nucseg_d2.data.readers import NucleiDataError, read_label_map, read_rgb_image
@@ -578,3 +579,21 @@ def test_region_of_interest_outside_or_malformed_names_the_file(tmp_path):
         open_image(str(path), roi=(25, 0, 5, 5))
     with pytest.raises(NucleiDataError, match=r"tile\.png: a region of interest is \(x, y, w, h\)"):
         open_image(str(path), roi=(1, 2, 3))
+
+
+def test_a_plain_tiff_gives_its_recorded_resolution(tmp_path):
+    image = np.full((40, 50, 3), 200, np.uint8)
+    cases = {  # file: (how it was saved, the µm/px open_image should report)
+        "scanner_cm.tif": ({"resolution": (1e4 / 0.5, 1e4 / 0.5), "resolutionunit": "CENTIMETER"}, 0.5),
+        "scanner_inch.tif": ({"resolution": (25400 / 0.25, 25400 / 0.25), "resolutionunit": "INCH"}, 0.25),
+        "editor_72dpi.tif": ({"resolution": (72, 72), "resolutionunit": "INCH"}, None),  # 353 µm/px
+        "unitless.tif": ({"resolution": (2e4, 2e4), "resolutionunit": "NONE"}, None),
+        "bare.tif": ({}, None),
+    }
+    for name, (tags, mpp) in cases.items():
+        tifffile.imwrite(tmp_path / name, image, photometric="rgb", **tags)
+        with open_image(tmp_path / name, roi=(5, 5, 20, 20)) as source:
+            assert source.mpp == (pytest.approx(mpp) if mpp else None), name
+    Image.fromarray(image).save(tmp_path / "image.png", dpi=(2540, 2540))  # a PNG's dpi is not read
+    with open_image(tmp_path / "image.png") as source:
+        assert source.mpp is None

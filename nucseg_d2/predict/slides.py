@@ -419,7 +419,33 @@ def open_image(path, level: Optional[int] = None, mpp: Optional[float] = None,
     if roi is not None:
         x0, y0, x1, y1 = _clip_roi(roi, image.shape[1], image.shape[0], path, "image")
         image, origin = image[y0:y1, x0:x1], (x0, y0)
-    return ArraySource(image, path=path, origin=origin)
+    return ArraySource(image, path=path, origin=origin, mpp=tiff_resolution_mpp(path))
+
+
+# Resolution tags outside this range are an image editor's 72 / 300 dpi, not a microscope's.
+_CREDIBLE_MPP = (0.01, 20.0)
+
+
+def tiff_resolution_mpp(path) -> Optional[float]:
+    """µm per pixel from a TIFF's resolution tags (XResolution in pixels per cm or inch), as a slide
+    reader takes a plain TIFF's; None for other files, no or unitless tags, or a resolution no
+    microscope gives (outside 0.01-20 µm/px: 72 dpi is 353 µm/px)."""
+    if os.path.splitext(os.fspath(path))[1].lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            resolution, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
+            if resolution is None or unit is None:
+                return None
+            numerator, denominator = resolution.value
+            microns_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value))  # inch, centimetre
+    except (tifffile.TiffFileError, OSError, ValueError, TypeError):
+        return None  # read_rgb_image has read the pixels; the tags are only an extra
+    if microns_per_unit is None or not numerator or not denominator:
+        return None
+    mpp = microns_per_unit * denominator / numerator
+    return mpp if _CREDIBLE_MPP[0] <= mpp <= _CREDIBLE_MPP[1] else None
 
 
 def write_pyramidal_tiff(path, read_level0: Callable[[int, int, int, int], np.ndarray],
