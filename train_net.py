@@ -19,7 +19,7 @@ from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg, check_run_inpu
 from nucseg_d2.data import (
     NucleiDataError, NucleiDatasetMapper, absolute_nuclei_folders, register_config_datasets,
 )
-from nucseg_d2.engine import TrainingTimeLimit, TrainingTimeLimitReached
+from nucseg_d2.engine import TrainingTimeLimit, TrainingTimeLimitReached, reseed_resumed_training_data
 from nucseg_d2.evaluation import NucleiEvaluator
 from nucseg_d2.predict import CheckpointError, load_checkpoint
 from nucseg_d2.utils import leave_distributed_worker
@@ -45,6 +45,10 @@ class Trainer(DefaultTrainer):
             evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder,
                                             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE))
         return DatasetEvaluators(evaluators)
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        reseed_resumed_training_data(self, lambda: self.build_train_loader(self.cfg))
 
     def build_hooks(self):
         hooks = super().build_hooks()

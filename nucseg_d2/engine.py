@@ -4,6 +4,7 @@ from time import perf_counter
 
 from detectron2.engine import HookBase
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 
 logger = logging.getLogger(__name__)
 
@@ -67,3 +68,23 @@ class TrainingTimeLimit(HookBase):
             # spending the time the limit protects on the same evaluation again.
             trainer.max_iter += 1
         raise TrainingTimeLimitReached(trainer.iter + 1)
+
+
+def reseed_resumed_training_data(trainer, build_train_loader) -> bool:
+    """After ``trainer.resume_or_load``: a run resumed at iteration k > 0 gets its training data
+    from random streams seeded with ``SEED + k``, and a new loader built by ``build_train_loader``
+    (no argument). Returns whether it did.
+
+    Detectron2 seeds every start of a process with ``SEED``, and its sampler and the mapper's crops
+    and flips start from that seed again: without this, the iterations after each resume would
+    see the same images, crops and flips as iterations 0, 1, ... did (a run of the CPU route
+    resumes often). The resumed run stays reproducible: the seed depends on where it resumed.
+    A negative ``SEED`` (a new seed at every start) repeats nothing, and is left alone.
+    """
+    if trainer.start_iter <= 0 or trainer.cfg.SEED < 0:
+        return False
+    seed_all_rng(trainer.cfg.SEED + trainer.start_iter)
+    trainer._trainer.reset_data_loader(build_train_loader)
+    logger.info("Resumed at iteration %d: training data seeded with SEED + %d = %d",
+                trainer.start_iter, trainer.start_iter, trainer.cfg.SEED + trainer.start_iter)
+    return True

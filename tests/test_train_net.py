@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -104,7 +105,8 @@ def test_eval_only_without_weights_is_refused_before_anything_is_written(tmp_pat
 def test_amp_needs_a_cuda_device(tmp_path, monkeypatch):
     output_dir = tmp_path / "out"
     # Asked for on the CPU: refused before a model is built (Detectron2 would assert at the first step).
-    with pytest.raises(train_net.NucleiConfigError, match="SOLVER.AMP.ENABLED needs a CUDA device; MODEL.DEVICE is cpu"):
+    with pytest.raises(train_net.NucleiConfigError,
+                       match="SOLVER.AMP.ENABLED needs a CUDA device; MODEL.DEVICE is cpu"):
         _run("--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "MODEL.DEVICE", "cpu",
              "SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", str(output_dir))
     assert not output_dir.exists()
@@ -207,6 +209,31 @@ def test_images_without_nuclei_train_and_evaluate(tmp_path, monkeypatch):
             assert int(row["num_gt"]) == 0
             expected = 1.0 if int(row["num_pred"]) == 0 else 0.0
             assert [float(row[k]) for k in ("aji", "dice1", "pq")] == [expected] * 3, row
+
+
+def test_a_resumed_run_does_not_see_its_first_batches_again(tmp_path):
+    from detectron2.utils.env import seed_all_rng
+
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "OUTPUT_DIR", str(tmp_path / "out")])
+    cfg = train_net.setup(args)
+
+    def first_batch(resume):
+        seed_all_rng(cfg.SEED)  # what every start of train_net.py does (default_setup)
+        trainer = train_net.Trainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        batch = next(iter(trainer._trainer.data_loader))
+        return trainer, torch.stack([record["image"].float().mean() for record in batch])
+
+    trainer, batch = first_batch(resume=False)
+    assert torch.equal(first_batch(resume=False)[1], batch)  # a start from scratch is reproducible
+    trainer.iter = 9  # as after iteration 9: the trainer's state in the checkpoint says where to resume
+    trainer.checkpointer.save("model_0000009")
+    resumed, resumed_batch = first_batch(resume=True)
+    assert resumed.start_iter == 10
+    # Detectron2 alone would start the sampler and crops from SEED again: the very same batch.
+    assert not torch.equal(resumed_batch, batch)
+    assert torch.equal(first_batch(resume=True)[1], resumed_batch)  # and a resume is reproducible
 
 
 def test_time_limit_stops_training_saves_and_evaluates_the_weights_it_reached(tmp_path, monkeypatch):
