@@ -217,6 +217,11 @@ def test_seeds_that_do_not_match_are_refused(tmp_path):
     other_columns = _write_seed(tmp_path / "other", "d", [0.5, 0.8, 0.9], columns=("aji", "pq"))
     with pytest.raises(ValueError, match="columns differ"):
         run_per_image_rows([seed1, other_columns], "d")
+    relabelled = _write_seed(tmp_path / "relabelled", "d", [0.5, 0.8, 0.9])
+    per_image = Path(relabelled) / "d" / "per_image.csv"
+    per_image.write_text(per_image.read_text().replace("03_1,03,", "03_1,04,"))
+    with pytest.raises(ValueError, match=r"patient differs between .*seed1.* and .*relabelled.* for 03_1"):
+        run_per_image_rows([seed1, relabelled], "d")
     blank = _write_seed(tmp_path / "blank", "d", ["", 0.8, 0.9])
     with pytest.raises(ValueError, match=r"blank.*aji of '03_0' is not a number"):
         run_per_image_rows([seed1, blank], "d")

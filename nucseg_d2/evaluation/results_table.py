@@ -98,6 +98,11 @@ def run_per_image_rows(run_folders: RunFolders, dataset: str) -> Dict[str, Dict[
         if list(next(iter(rows.values()))) != columns:
             raise ValueError(f"columns differ between {first_path} and {path}: "
                              f"{columns} against {list(next(iter(rows.values())))}")
+        # The averaged rows keep the first seed's image columns: the seeds must agree on them.
+        for column in IMAGE_COLUMNS:
+            differing = sorted(i for i in first if column in columns and first[i][column] != rows[i][column])
+            if differing:
+                raise ValueError(f"{column} differs between {first_path} and {path} for {', '.join(differing)}")
     ids = list(first)
     averaged = {image_id: dict(row) for image_id, row in first.items()}
     for column in columns:
