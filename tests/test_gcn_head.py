@@ -14,7 +14,7 @@ from detectron2.utils.events import EventStorage
 
 import nucseg_d2
 from nucseg_d2.modeling.backbone import FPNWithBottomUp
-from nucseg_d2.modeling.gcn_head import GCNSemSegHead, GlobalConvBlock
+from nucseg_d2.modeling.gcn_head import BoundaryRefinementBlock, GCNSemSegHead, GlobalConvBlock
 
 RES_FEATURES = ["res2", "res3", "res4", "res5"]
 FPN_FEATURES = ["p2", "p3", "p4", "p5"]
@@ -352,3 +352,20 @@ def test_untrained_head_starts_near_chance_loss_with_group_norm():
     _, losses = head(features, targets)
     assert abs(losses["loss_sem_seg"].item() - math.log(2)) < 0.05
     assert any(isinstance(m, torch.nn.GroupNorm) for m in head.modules())
+
+
+def test_boundary_refinement_is_the_residual_conv_relu_norm_conv_by_hand():
+    torch.manual_seed(0)
+    block = BoundaryRefinementBlock(64, norm="GN").eval()  # GroupNorm of 32 groups
+    x = torch.randn(2, 64, 9, 7)
+    conv1, conv2 = block.conv1, block.conv2
+    with torch.no_grad():
+        # x + conv3x3(relu(GroupNorm(conv3x3(x)))), with functional ops and the block's weights.
+        inner = F.conv2d(x, conv1.weight, conv1.bias, padding=1)
+        inner = F.relu(F.group_norm(inner, conv1.norm.num_groups, conv1.norm.weight, conv1.norm.bias,
+                                    conv1.norm.eps))
+        expected = x + F.conv2d(inner, conv2.weight, conv2.bias, padding=1)
+        torch.testing.assert_close(block(x), expected)
+        conv2.weight.zero_()
+        conv2.bias.zero_()
+        torch.testing.assert_close(block(x), x)  # the identity path alone

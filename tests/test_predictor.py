@@ -23,6 +23,9 @@ from nucseg_d2.predict.tiling import tile_grid
 from real_data import REAL_DATA_ROOT  # tests/ helper
 
 KUMAR = str(REAL_DATA_ROOT / "kumar")
+# From any working directory, not only the repository root.
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+DEMO_MASKRCNN_CONFIG = DEMO_CONFIG.replace("demo.yaml", "demo_maskrcnn.yaml")
 
 
 # ------------------------------------------------------------------------ the stand-in model
@@ -471,23 +474,26 @@ FAST_DEMO = ["MODEL.DEVICE", "cpu", "MODEL.RPN.POST_NMS_TOPK_TEST", 100, "TEST.D
 def test_missing_checkpoint_is_named(tmp_path):
     missing = str(tmp_path / "nope.pth")
     with pytest.raises(CheckpointError, match="nope.pth: checkpoint file not found"):
-        NucleiPredictor("configs/demo.yaml", weights=missing, opts=FAST_DEMO)
+        NucleiPredictor(DEMO_CONFIG, weights=missing, opts=FAST_DEMO)
 
 
 def test_checkpoint_of_another_architecture_lists_the_keys(tmp_path):
-    baseline = build_model(build_predict_cfg("configs/demo_maskrcnn.yaml", ["MODEL.DEVICE", "cpu"]))
+    baseline = build_model(build_predict_cfg(DEMO_MASKRCNN_CONFIG, ["MODEL.DEVICE", "cpu"]))
     path = str(tmp_path / "maskrcnn.pth")
     torch.save({"model": baseline.state_dict()}, path)
     with pytest.raises(CheckpointError) as error:
-        NucleiPredictor("configs/demo.yaml", weights=path, opts=FAST_DEMO)
+        NucleiPredictor(DEMO_CONFIG, weights=path, opts=FAST_DEMO)
     message = str(error.value)
     assert path in message and "PanopticNucleiRCNN" in message
     assert "missing keys" in message and "roi_heads.mask_head." in message
     # A checkpoint of the same architecture loads.
-    proposed = NucleiPredictor("configs/demo.yaml", opts=FAST_DEMO, weights="")
+    torch.manual_seed(1)
+    proposed = NucleiPredictor(DEMO_CONFIG, opts=FAST_DEMO, weights="")
     same = str(tmp_path / "proposed.pth")
     torch.save({"model": proposed.model.state_dict()}, same)
-    NucleiPredictor("configs/demo.yaml", weights=same, opts=FAST_DEMO)
+    torch.manual_seed(2)
+    loaded = NucleiPredictor(DEMO_CONFIG, weights=same, opts=FAST_DEMO).model.state_dict()
+    assert all(torch.equal(tensor, loaded[name]) for name, tensor in proposed.model.state_dict().items())
 
 
 def test_checkpoint_given_as_a_url_is_fetched_through_detectron2s_path_manager(tmp_path):
@@ -505,15 +511,20 @@ def test_checkpoint_given_as_a_url_is_fetched_through_detectron2s_path_manager(t
 
     if "nucseg-test-folder://" not in PathManager._path_handlers:
         PathManager.register_handler(FolderHandler())
-    proposed = NucleiPredictor("configs/demo.yaml", opts=FAST_DEMO, weights="")
+    torch.manual_seed(1)
+    proposed = NucleiPredictor(DEMO_CONFIG, opts=FAST_DEMO, weights="")
     torch.save({"model": proposed.model.state_dict()}, tmp_path / "proposed.pth")
-    NucleiPredictor("configs/demo.yaml", weights="nucseg-test-folder://proposed.pth", opts=FAST_DEMO)
+    torch.manual_seed(2)  # another random init: equal tensors below can only come from the file
+    loaded = NucleiPredictor(DEMO_CONFIG, weights="nucseg-test-folder://proposed.pth", opts=FAST_DEMO)
+    saved, fetched = proposed.model.state_dict(), loaded.model.state_dict()
+    assert saved.keys() == fetched.keys()
+    assert all(torch.equal(saved[name], fetched[name]) for name in saved)
 
 
 def test_predictor_keeps_masks_box_local_so_its_mask_threshold_applies():
     # A config written for COCO AP (full-image masks, binarised inside the model) must not make
     # the predictor hold a full-image mask per nucleus, nor ignore its mask_thresh.
-    predictor = NucleiPredictor("configs/demo.yaml", weights="", mask_thresh=0.8,
+    predictor = NucleiPredictor(DEMO_CONFIG, weights="", mask_thresh=0.8,
                                 opts=FAST_DEMO + ["MODEL.NUCSEG.PASTE_FULL_MASKS", True])
     assert predictor.cfg.MODEL.NUCSEG.PASTE_FULL_MASKS and not predictor.model.paste_full_masks
     (instances,) = predictor.run_model([generate_tile(np.random.default_rng(0), 64)[0]])
@@ -542,7 +553,7 @@ def test_real_demo_model_tiled_keeps_exactly_the_tiles_own_detections(source):
     """
     image = _kumar_crop_or_skip() if source == "kumar" else generate_tile(np.random.default_rng(0), 384)[0]
     torch.manual_seed(0)
-    predictor = NucleiPredictor("configs/demo.yaml", weights="", opts=FAST_DEMO,
+    predictor = NucleiPredictor(DEMO_CONFIG, weights="", opts=FAST_DEMO,
                                 tile_size=256, overlap=96, score_thresh=0.05)
     result = predictor.predict(image)
     tiles = tile_grid(384, 384, 256, 96)
