@@ -339,6 +339,27 @@ def test_tnbc_patient_folds_are_balanced_and_deterministic():
         datasets.tnbc_patient_folds(12)
 
 
+def test_three_tnbc_folds_by_hand_and_their_registration(fake_root, monkeypatch):
+    # Images per patient (tnbc_split.csv): 04:8 01:7 09:6 03:5 05:4 08:4 10:4 02:3 06:3 07:3 11:3.
+    # Largest first, each to the fold with the fewest images (ties: lower fold): 04->0 01->1 09->2
+    # 03->2 (6) 05->1 (7) 08->0 (8) 10->1 (11, tie with 2) 02->2 (11) 06->0 (12) 07->2 (14)
+    # 11->0 (15, tie with 1): 18, 15 and 17 images.
+    assert datasets.tnbc_patient_folds(3) == [["04", "06", "08", "11"], ["01", "05", "10"], ["02", "03", "07", "09"]]
+    by_size = ["04", "01", "09", "03", "05", "08", "10", "02", "06", "07", "11"]
+    assert datasets.tnbc_patient_folds(11) == [[patient] for patient in by_size]  # one patient a fold
+    with pytest.raises(ValueError, match=r"num_folds must be in 2\.\.11, got 1"):
+        datasets.tnbc_patient_folds(1)
+    monkeypatch.setenv("NUCSEG_DATASETS", str(fake_root))
+    names = datasets.register_tnbc_cross_validation(3)
+    assert names == [f"tnbc_cv3_fold{i}_{split}" for i in range(3) for split in ("train", "test")]
+    for fold, patients in enumerate(datasets.tnbc_patient_folds(3)):
+        test = DatasetCatalog.get(f"tnbc_cv3_fold{fold}_test")
+        train = DatasetCatalog.get(f"tnbc_cv3_fold{fold}_train")
+        assert {r["patient"] for r in test} == set(patients)
+        assert {r["patient"] for r in train} == set(by_size) - set(patients)
+        assert len(test) == (18, 15, 17)[fold] and len(train) + len(test) == 50
+
+
 def test_missing_data_root_names_path_and_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("NUCSEG_DATASETS", str(tmp_path / "absent"))
     with pytest.raises(NucleiDataError, match=r"absent.*NUCSEG_DATASETS"):

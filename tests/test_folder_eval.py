@@ -156,6 +156,16 @@ def test_groups_csv_gives_means_per_group(folders, tmp_path):
     # the perfect image b (36 / 36 px): 68 / 80.
     assert summary["groups"]["Breast"]["pooled_aji"] == pytest.approx(68 / 80, abs=1e-12)
     assert _rows(out)["a"]["organ"] == "Breast"
+    # A file of several group columns: --group-column picks one.
+    both = tmp_path / "both.csv"
+    both.write_text("image_id,organ,site\na,Breast,Centre1\nb,Breast,Centre2\nc,Liver,Centre2\n")
+    out_site = tmp_path / "out_site"
+    assert _run("--pred", pred_dir, "--gt", gt_dir, "--pred-suffix", "_pred", "-o", out_site, "--groups", both,
+                "--group-column", "site") == 0
+    by_site = _metrics_json(out_site)["groups"]
+    assert set(by_site) == {"Centre1", "Centre2"} and by_site["Centre2"]["count"] == 2
+    assert by_site["Centre2"]["mean"]["aji"] == pytest.approx((1 + 0) / 2, abs=1e-12)  # images b and c
+    assert _rows(out_site)["c"]["site"] == "Centre2" and "organ" not in _rows(out_site)["c"]
 
 
 def test_groups_csv_as_spreadsheets_save_it(tmp_path):

@@ -1,5 +1,6 @@
 """nucseg-predict end to end: a folder with a corrupt file, resuming, bad setups, slides, and
 sharding over 2 CPU processes (gloo) through Detectron2's launch."""
+import csv
 import json
 import os
 import re
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tifffile
 import torch
 from detectron2.modeling import build_model
@@ -189,6 +191,44 @@ def test_slide_with_level_and_roi(tmp_path, untrained_demo_weights):
     xs = [x for ring in exteriors for x, _ in ring]
     ys = [y for ring in exteriors for _, y in ring]
     assert 64 <= min(xs) and max(xs) <= 64 + 256 and 32 <= min(ys) and max(ys) <= 32 + 300
+
+
+def test_options_reach_the_predictor_and_parquet_matches_csv(tmp_path, untrained_demo_weights, monkeypatch):
+    import pyarrow.parquet
+
+    import nucseg_d2.predict.predictor as predictor_module
+
+    calls = []
+
+    class RecordingPredictor(predictor_module.NucleiPredictor):
+        def __init__(self, *args, **kwargs):
+            calls.append(("init", kwargs))
+            super().__init__(*args, **kwargs)
+
+        def predict_source(self, source, **kwargs):
+            calls.append(("predict", dict(kwargs, level=getattr(source, "level", 0))))
+            return super().predict_source(source, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "NucleiPredictor", RecordingPredictor)
+    image, _ = generate_tile(np.random.default_rng(0), (256, 256))
+    slide = str(tmp_path / "slide.tif")
+    write_pyramidal_tiff(slide, lambda y0, y1, x0, x1: image[y0:y1, x0:x1], 256, 256, num_levels=2)  # 0.25, 0.5 µm
+    for mode, tissue in (("on", True), ("off", False), ("auto", "auto")):
+        output = tmp_path / f"out_{mode}"
+        calls.clear()
+        assert _run([slide], output, untrained_demo_weights, "--tta", "--tissue-mask", mode, "--mpp", "0.5",
+                    "--tile-size", "128", "--overlap", "32", "--formats", "labels", "csv", "parquet",
+                    opts=["TEST.NUCLEI.SCORE_THRESH", "0.0"]) == 0
+        (_, init), (_, predict) = calls
+        assert init["tta"] is True and (init["tile_size"], init["overlap"]) == (128, 32)
+        assert predict == {"tissue_mask": tissue, "level": 1}  # --mpp 0.5 picks level 1
+        assert tifffile.imread(output / "slide_labels.tif").shape == (128, 128)
+    with open(output / "slide_nuclei.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    table = pyarrow.parquet.read_table(output / "slide_nuclei.parquet").to_pylist()
+    assert rows and len(table) == len(rows) and list(table[0]) == list(rows[0])
+    for row, record in zip(rows, table):
+        assert all(float(row[key]) == pytest.approx(float(record[key])) for key in row), (row, record)
 
 
 def test_two_cpu_processes_shard_the_inputs(tmp_path, untrained_demo_weights):

@@ -608,3 +608,24 @@ def test_a_plain_tiff_gives_its_recorded_resolution(tmp_path):
     Image.fromarray(image).save(tmp_path / "image.png", dpi=(2540, 2540))  # a PNG's dpi is not read
     with open_image(tmp_path / "image.png") as source:
         assert source.mpp is None
+
+
+def test_which_tiffs_are_read_as_slides(tmp_path):
+    from nucseg_d2.predict.slides import is_slide_file
+
+    # Past 8192 x 8192 px a tiled 8-bit TIFF is read region by region; below, or in strips, whole.
+    large = np.zeros((8192, 8193, 3), np.uint8)
+    tifffile.imwrite(tmp_path / "large_tiled.tif", large, tile=(512, 512), compression="zlib", photometric="rgb")
+    tifffile.imwrite(tmp_path / "large_strips.tif", large, compression="zlib", photometric="rgb")
+    tifffile.imwrite(tmp_path / "small_tiled.tif", large[:1024, :1024], tile=(256, 256), photometric="rgb")
+    tifffile.imwrite(tmp_path / "large_16bit.tif", np.zeros((8192, 8193), np.uint16), tile=(512, 512),
+                     compression="zlib")
+    del large
+    image, _ = generate_tile(np.random.default_rng(0), (256, 256))
+    write_pyramidal_tiff(str(tmp_path / "pyramid.tif"), lambda y0, y1, x0, x1: image[y0:y1, x0:x1], 256, 256,
+                         num_levels=2)
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00 truncated")
+    expected = {"large_tiled.tif": True, "large_strips.tif": False, "small_tiled.tif": False,
+                "large_16bit.tif": False, "pyramid.tif": True, "broken.tif": False}
+    assert {name: is_slide_file(str(tmp_path / name)) for name in expected} == expected
+    assert is_slide_file("absent.svs") and not is_slide_file("image.png")  # by suffix alone
