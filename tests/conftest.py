@@ -2,6 +2,7 @@
 untrained demo-model checkpoint."""
 import os
 
+import hypothesis
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -13,6 +14,12 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# The property tests draw the same examples on every run, so that a red CI run fails the same way
+# again on anyone's machine; HYPOTHESIS_PROFILE=explore draws new ones (and prints how to replay).
+hypothesis.settings.register_profile("reproducible", derandomize=True)
+hypothesis.settings.register_profile("explore", print_blob=True)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -572,5 +572,5 @@ def test_real_kumar_split_sizes(monkeypatch):
         assert len(DatasetCatalog.get(name)) == size, name
     all_records = DatasetCatalog.get("kumar_train") + DatasetCatalog.get("kumar_test")
     nuclei = sum(len(r["annotations"]) for r in all_records)
-    assert nuclei == 16958  # SOURCES.md
+    assert nuclei == 16958  # ../shared/data/SOURCES.md, counted by the data's providers
     assert {r["image_id"] for r in DatasetCatalog.get("kumar_val")} == set(KUMAR_VAL_IDS)

@@ -384,7 +384,7 @@ def test_real_tnbc_gt_component_count():
         label_map = read_tnbc_gt(gt_path)
         assert label_map.shape == (512, 512)
         total += int(label_map.max())
-    assert total == 4056  # SOURCES.md: about 4,056 nuclei with 4-connectivity
+    assert total == 4056  # ../shared/data/SOURCES.md: about 4,056 nuclei with 4-connectivity
 
 
 # ------------------------------------------------------------------------------ read_monuseg_xml
