@@ -46,7 +46,7 @@ from nucseg_d2.predict import NucleiPredictor, open_image  # noqa: E402
 from nucseg_d2.predict.predictor import TTA_TRANSFORMS  # noqa: E402
 from nucseg_d2.predict.slides import write_pyramidal_tiff  # noqa: E402
 from rss import current_rss_mib, peak_rss_mib, reset_peak_rss  # noqa: E402  (benchmarks/rss.py)
-from timing import best_time  # noqa: E402  (benchmarks/timing.py)
+from timing import best_times_interleaved, run_stamp  # noqa: E402  (benchmarks/timing.py)
 
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo.yaml")
 
@@ -102,38 +102,42 @@ def speed(args):
     megapixels = image.shape[0] * image.shape[1] / 1e6
     torch.manual_seed(0)
     predictor = NucleiPredictor(args.config, weights=args.weights or "", device=args.device, opts=args.opts)
-    with torch.inference_mode():  # warm-up (allocator, first-call costs)
-        predictor.run_model([image[:256, :256]])
-    rows = []
-    whole_s = float("inf")
-    for _ in range(args.repeats):
-        start = time.perf_counter()
+    with torch.inference_mode():  # warm-up at the full size (allocator growth, first-call costs)
+        predictor.run_model([image])
+
+    def whole():
         predictor.run_model([image])
         if predictor.device.type == "cuda":
             torch.cuda.synchronize()  # kernels run asynchronously; time them, not their launch
-        whole_s = min(whole_s, time.perf_counter() - start)
-    rows.append(dict(tiles="whole", tile_size=max(image.shape[:2]), seconds=whole_s, mp_per_s=megapixels / whole_s,
-                     inference=1.0, stitch=float("nan"), paint=float("nan"), nuclei=float("nan")))
-    for tile_size in args.tile_sizes:
-        overlap = max(32, tile_size // 8)
-        predictor.tile_size, predictor.overlap = tile_size, overlap
-        for batch_size in args.batch_sizes:
-            predictor.batch_size = batch_size
-            for transforms in ([("identity",), TTA_TRANSFORMS] if args.tta else [("identity",)]):
-                predictor.transforms = transforms
-                seconds, (result, timing) = best_time(
-                    lambda: (predictor.predict(image), dict(predictor.last_timing)), args.repeats)
-                tta = " tta" if len(transforms) > 1 else ""
-                rows.append(dict(tiles=f"{timing['tiles']} x {tile_size}/{overlap} b{batch_size}{tta}",
-                                 tile_size=tile_size, seconds=seconds, mp_per_s=megapixels / seconds,
-                                 inference=timing["inference"] / seconds,
-                                 stitch=timing["stitch"] / seconds, paint=timing["paint"] / seconds,
-                                 nuclei=result.num_nuclei))
-                if tta:
-                    print(f"TTA ({len(transforms)} passes) / plain, tile {tile_size} batch {batch_size}: "
-                          f"{seconds / rows[-2]['seconds']:.2f}x the time, {result.num_nuclei} vs "
-                          f"{rows[-2]['nuclei']} nuclei")
-            predictor.transforms = ("identity",)
+
+    settings = [(tile_size, max(32, tile_size // 8), batch_size, transforms)
+                for tile_size in args.tile_sizes for batch_size in args.batch_sizes
+                for transforms in ([("identity",), TTA_TRANSFORMS] if args.tta else [("identity",)])]
+
+    def tiled(setting):
+        def run():
+            predictor.tile_size, predictor.overlap, predictor.batch_size, predictor.transforms = setting
+            return predictor.predict(image), dict(predictor.last_timing)
+        return run
+
+    # Every setting once per repeat, in turn, the whole-image pass among them: a change in load
+    # falls on all of them, and each keeps its fastest run.
+    timed = best_times_interleaved([whole] + [tiled(setting) for setting in settings], args.repeats)
+    whole_s = timed[0][0]
+    rows = [dict(tiles="whole", tile_size=max(image.shape[:2]), seconds=whole_s, mp_per_s=megapixels / whole_s,
+                 inference=1.0, stitch=float("nan"), paint=float("nan"), nuclei=float("nan"))]
+    for (tile_size, overlap, batch_size, transforms), (seconds, (result, timing)) in zip(settings, timed[1:]):
+        tta = " tta" if len(transforms) > 1 else ""
+        rows.append(dict(tiles=f"{timing['tiles']} x {tile_size}/{overlap} b{batch_size}{tta}",
+                         tile_size=tile_size, seconds=seconds, mp_per_s=megapixels / seconds,
+                         inference=timing["inference"] / seconds,
+                         stitch=timing["stitch"] / seconds, paint=timing["paint"] / seconds,
+                         nuclei=result.num_nuclei))
+        if tta:
+            print(f"TTA ({len(transforms)} passes) / plain, tile {tile_size} batch {batch_size}: "
+                  f"{seconds / rows[-2]['seconds']:.2f}x the time, {result.num_nuclei} vs "
+                  f"{rows[-2]['nuclei']} nuclei")
+    predictor.transforms = ("identity",)
     print(f"\nSpeed, {image.shape[1]}x{image.shape[0]} {source} image, "
           f"{os.path.relpath(args.config, REPO)} ({'trained' if args.weights else 'untrained'}), "
           f"device {predictor.device}:")
@@ -247,6 +251,7 @@ def main():
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch threads {torch.get_num_threads()}, GPU {gpu}, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f}")
+    print(run_stamp())
     if not args.skip_speed:
         speed(args)
     if not args.skip_memory:
