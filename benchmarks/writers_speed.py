@@ -25,7 +25,7 @@ from nucseg_d2.data.synthetic import generate_tile  # noqa: E402
 from nucseg_d2.predict.cli import FORMATS, write_outputs  # noqa: E402
 from nucseg_d2.predict.result import PredictionResult  # noqa: E402
 from nucseg_d2.predict.slides import ArraySource  # noqa: E402
-from timing import best_time  # noqa: E402  (benchmarks/timing.py)
+from timing import best_times_interleaved, run_stamp  # noqa: E402  (benchmarks/timing.py)
 
 TILE = 256
 
@@ -56,20 +56,26 @@ def synthetic_prediction(size: int, seed: int = 0):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--size", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), default=list(FORMATS))
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(run_stamp())
     image, result = synthetic_prediction(args.size)
     source = ArraySource(image, path="synthetic.png")
     formats = ["labels"] + [name for name in args.formats if name != "labels"]
-    seconds = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for name in formats:
+        def writer(name):
             paths = {name: os.path.join(scratch, "synthetic" + FORMATS[name])}
-            seconds[name], _ = best_time(lambda: write_outputs(result, source, paths, image_id=1),
-                                         args.repeats)
+            return lambda: write_outputs(result, source, paths, image_id=1)
+
+        writers = [writer(name) for name in formats]
+        for write in writers:  # warm-up: imports, first-call caches
+            write()
+        # The formats take turns within each repeat; each keeps its fastest run.
+        timed = best_times_interleaved(writers, args.repeats)
+    seconds = {name: best for name, (best, _) in zip(formats, timed)}
     print(f"\n{args.size}x{args.size} synthetic image, {result.num_nuclei} nuclei, best of {args.repeats}:")
     print(f"{'format':>9} {'s':>8} {'ms/nucleus':>11} {'x labels TIFF':>14}")
     for name in formats:
