@@ -36,6 +36,7 @@ from detectron2.modeling.roi_heads.mask_head import build_mask_head
 
 from nucseg_d2.config import add_nucseg_config
 from nucseg_d2.modeling import DualModalMaskHead  # noqa: F401  (registers the head)
+from timing import run_stamp  # benchmarks/timing.py
 
 ROI_FEATURES = ShapeSpec(channels=256, height=14, width=14)
 
@@ -136,7 +137,8 @@ def main():
     else:
         machine = f"{cpu_name()}, {os.cpu_count()} CPUs"
     print(f"device: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"median of {args.repeats} runs, heads run round-robin\n")
+          f"median of {args.repeats} runs, heads run round-robin")
+    print(run_stamp() + "\n")
 
     print("| head | params | GFLOPs/RoI (fvcore, 1 MAC = 1 flop) | FLOPs vs stock |")
     print("|---|---:|---:|---:|")
@@ -156,9 +158,9 @@ def main():
         targets = (torch.rand(num_rois, 28, 28, device=device) > 0.5).float()
         forward_times = {name: [] for name in heads}
         train_times = {name: [] for name in heads}
-        for head in heads.values():  # warm-up: allocator, kernel selection
-            time_forward(head, x[:32], device)
-            time_forward_backward(head, x[:32], targets[:32], device)
+        for head in heads.values():  # warm-up at this size: allocator growth, kernel selection
+            time_forward(head, x, device)
+            time_forward_backward(head, x, targets, device)
         for _ in range(args.repeats):
             for name, head in heads.items():
                 forward_times[name].append(time_forward(head, x, device))
