@@ -7,7 +7,9 @@ export OMP_NUM_THREADS ?= 2
 setup:
 	bash scripts/setup_venv.sh
 
+# A fresh folder each time: Detectron2 appends to an existing log.txt and metrics.json.
 demo: setup
+	rm -rf output/demo
 	$(PY) train_net.py --config-file configs/demo.yaml OUTPUT_DIR output/demo
 
 test: setup
