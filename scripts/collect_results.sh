@@ -42,4 +42,7 @@ gzip -9 -n -c "$SRC/$log" > "$DEST/log.txt.gz"
 rm -f "$DEST/log.txt"  # an uncompressed log from an earlier collection would be read first
 cp "$SRC/config.yaml" "$DEST/config.yaml"
 find "$DEST" -name '*.pth' -delete
+# Kumar's validation label maps stay behind (metrics and per-image CSV are kept): a Kumar device
+# command carries the tree beside 44.5 MiB of data, 64 MiB at most (docs/REPRODUCING.md).
+rm -rf "$DEST/kumar_val/label_maps"
 du -sh "$DEST"

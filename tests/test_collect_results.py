@@ -54,6 +54,20 @@ def test_gpu_return_folder(tmp_path):
     assert "| run1 | 98 | 0:01:40 | 1.02 | 0.25 |" in cost_table([("run1", str(run))], "tnbc_test")
 
 
+def test_kumar_validation_label_maps_stay_behind(tmp_path):
+    output = tmp_path / "output"
+    for dataset in ("kumar_val", "kumar_test"):
+        (output / "inference" / dataset / "label_maps").mkdir(parents=True)
+        (output / "inference" / dataset / "per_image.csv").write_text("image_id,aji\na,0.5\n")
+        (output / "inference" / dataset / "label_maps" / "a.png").write_bytes(b"png")
+    (output / "metrics.json").write_text('{"iteration": 9}\n')
+    (output / "config.yaml").write_text("DATASETS:\n  TEST: [kumar_val, kumar_test]\n")
+    (output / "log.txt").write_text(LOG)
+    run = _collect(output, tmp_path / "results")
+    assert (run / "kumar_val" / "per_image.csv").is_file() and not (run / "kumar_val" / "label_maps").exists()
+    assert (run / "kumar_test" / "label_maps" / "a.png").read_bytes() == b"png"
+
+
 def test_train_net_output_dir_without_checkpoints(tmp_path):
     output = tmp_path / "output"
     _inference_tree(output)
