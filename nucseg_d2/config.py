@@ -53,8 +53,9 @@ def add_nucseg_config(cfg):
     # ---------------------------------------------------------------- training
     _C.SOLVER.NUCLEI = CN()
     # Seconds of training after which the run stops early, saves model_<iteration> (model_final is
-    # kept for a finished schedule) and evaluates it (nucseg_d2.engine.TrainingTimeLimit); 0 = train the whole schedule. For commands with a
-    # hard wall-clock limit (the GPU device's 10 minutes); the log names where it stopped.
+    # kept for a finished schedule) and evaluates it (nucseg_d2.engine.TrainingTimeLimit); 0 = train
+    # the whole schedule. For commands with a hard wall-clock limit (the GPU device's 10 minutes);
+    # the log names where it stopped.
     _C.SOLVER.NUCLEI.TIME_LIMIT_S = 0  # whole seconds
 
     # ---------------------------------------------------------------- post-processing

@@ -72,7 +72,7 @@ class TrainingTimeLimit(HookBase):
 
 def reseed_resumed_training_data(trainer, build_train_loader) -> bool:
     """After ``trainer.resume_or_load``: a run resumed at iteration k > 0 gets its training data
-    from random streams seeded with ``SEED + k``, and a new loader built by ``build_train_loader``
+    from random streams seeded with ``SEED + k + rank``, and a new loader built by ``build_train_loader``
     (no argument). Returns whether it did.
 
     Detectron2 seeds every start of a process with ``SEED``, and its sampler and the mapper's crops
@@ -83,8 +83,9 @@ def reseed_resumed_training_data(trainer, build_train_loader) -> bool:
     """
     if trainer.start_iter <= 0 or trainer.cfg.SEED < 0:
         return False
-    seed_all_rng(trainer.cfg.SEED + trainer.start_iter)
+    # Each process its own stream, as default_setup's SEED + rank.
+    seed_all_rng(trainer.cfg.SEED + trainer.start_iter + comm.get_rank())
     trainer._trainer.reset_data_loader(build_train_loader)
-    logger.info("Resumed at iteration %d: training data seeded with SEED + %d = %d",
-                trainer.start_iter, trainer.start_iter, trainer.cfg.SEED + trainer.start_iter)
+    logger.info("Resumed at iteration %d: training data seeded with SEED + %d + rank",
+                trainer.start_iter, trainer.start_iter)
     return True

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Keep what a training run produced, minus checkpoints, under results/<run-name>/ so anyone can
 # regenerate the tables (python -m nucseg_d2.evaluation.results_table) and re-score the predicted
-# label maps (nucseg-eval --dataset <set> --pred results/<run>/<set>/label_maps -o ...).
+# label maps (nucseg-eval --dataset <set> --pred results/<run>/<set>/label_maps -o ...); kumar_val's
+# label maps stay behind (see below).
 #
 #   bash scripts/collect_results.sh OUTPUT_DIR RUN_NAME      # a train_net.py OUTPUT_DIR
 #   bash scripts/collect_results.sh OUT_FOLDER RUN_NAME      # what gpu_train_eval.sh left in $OUT

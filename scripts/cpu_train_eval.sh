@@ -38,7 +38,7 @@ trained_iterations() {  # 1 + the last iteration logged in the run's metrics.jso
 }
 
 SECONDS=0
-# A time limit before 2026-11-28 saved model_final before the schedule's end (now model_<iteration>):
+# A time limit before commit b4e0802 saved model_final before the schedule's end (now model_<iteration>):
 # a model_final with a metrics.json that stops short of ITERS is resumed (without a metrics.json,
 # weights put there by hand, it is used).
 if [[ -f $OUT/model_final.pth ]] && { [[ ! -f $OUT/metrics.json ]] || (( $(trained_iterations) >= ITERS )); }; then

@@ -6,7 +6,7 @@
 #
 # Reads output/RUN_NAME/{config.yaml,model_final.pth} (what scripts/cpu_train_eval.sh trained).
 # Writes results/postprocess_sweeps/RUN_NAME_VAL/{sweep.csv,best.json} and results/RUN_NAME_pp/
-# (per data set metrics.json, per_image.csv, label_maps/; the config with the chosen thresholds;
+# (per data set metrics.json, per_image.csv, label_maps/ but kumar_val's; the config with the chosen thresholds;
 # the evaluation log; the sweep's best.json as postprocess_sweep.json). PYTHON (.venv/bin/python),
 # RUNS_DIR (output) and RESULTS_DIR (results) move the folders.
 set -euo pipefail

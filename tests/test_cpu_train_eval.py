@@ -54,7 +54,7 @@ def test_a_finished_schedule_goes_to_the_test_evaluation(tmp_path):
 
 
 def test_a_time_limited_model_final_is_resumed_not_scored(tmp_path):
-    # Before 2026-11-28 the time limit saved model_final (at iteration 30 of 44): the schedule continues.
+    # Before commit b4e0802 the time limit saved model_final (at iteration 30 of 44): the schedule continues.
     status, argv = _training_call(tmp_path, ("model_final.pth", "last_checkpoint", "config.yaml"), last_iteration=30)
     assert status == 3 and "--resume" in argv and "--eval-only" not in argv
 

@@ -92,6 +92,11 @@ def test_folder_with_a_corrupt_file_reports_it_and_finishes_the_rest(tmp_path, u
                 "--formats", "labels") == 0
     assert tifffile.imread(output / "img0_labels.tif").shape == (64, 64)
     assert json.loads((output / "nucseg_predict_settings.json").read_text())["roi"] == [0, 0, 64, 64]
+    # The same weights copied elsewhere are the same settings (other machines, a moved checkout).
+    copied = tmp_path / "copied.pth"
+    copied.write_bytes(open(untrained_demo_weights, "rb").read())
+    assert _run(good, output, str(copied), "--roi", "0", "0", "64", "64", "--formats", "labels") == 0
+    assert "0 done, 2 skipped" in capsys.readouterr().out
 
 
 def test_glob_list_file_and_all_background_image(tmp_path, untrained_demo_weights, capsys):

@@ -150,7 +150,9 @@ def _square_result(**kwargs):
     return PredictionResult(labels, np.array([0.9, 0.6], np.float32), **kwargs)
 
 
-def test_geojson_square_has_exact_pixel_edge_corners(tmp_path):
+def test_geojson_square_has_exact_pixel_edge_corners(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "slide.svs").write_bytes(b"")  # a real file: its path is made real for the ids
     path = tmp_path / "nuclei.geojson"
     assert write_geojson(path, _square_result(source="slide.svs")) == 2
     collection = json.loads(path.read_text())
@@ -173,7 +175,8 @@ def test_geojson_square_has_exact_pixel_edge_corners(tmp_path):
     # The same file however its path is written; another region or level of it gets other ids.
     for kwargs, same in (({"source": os.path.abspath("slide.svs")}, True), ({"source": "./slide.svs"}, True),
                          ({"source": "slide.svs", "origin": (0, 512)}, False),
-                         ({"source": "slide.svs", "downsample": 4.0}, False), ({"source": "other.svs"}, False)):
+                         ({"source": "slide.svs", "downsample": 4.0}, False), ({"source": "other.svs"}, False),
+                         ({"source": None}, False)):
         write_geojson(tmp_path / "other.geojson", _square_result(**kwargs))
         other_id = json.loads((tmp_path / "other.geojson").read_text())["features"][0]["id"]
         assert (other_id == feature["id"]) == same, kwargs

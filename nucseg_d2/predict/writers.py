@@ -267,7 +267,9 @@ def write_geojson(path, result: PredictionResult, simplify_tolerance: float = 0.
     origin_x, origin_y = (float(v) for v in result.origin)
     downsample = float(result.downsample)
     classification = {"name": class_name, "color": [int(c) for c in class_color]}
-    source = os.path.realpath(result.source) if result.source else ""
+    # A file's real path, so that ./a.svs and /data/a.svs agree; another label is kept as it is.
+    source = result.source or ""
+    source = os.path.realpath(source) if source and os.path.exists(source) else source
     id_prefix = f"{source}:{origin_x!r}:{origin_y!r}:{downsample!r}:"
     count = 0
     with atomic_path(path) as temp_path, open(temp_path, "w", encoding="utf-8") as stream:
