@@ -16,7 +16,7 @@
 # the lr schedule short: gpu_timed_runs.sh sizes the schedule to the deadline instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CONFIG=$1; RUN_NAME=$2; shift 2
+CONFIG=${1:?usage: gpu_train_eval.sh CONFIG RUN_NAME [KEY VALUE ...]}; RUN_NAME=${2:?usage: gpu_train_eval.sh CONFIG RUN_NAME [KEY VALUE ...]}; shift 2
 OUT=${OUT:?set OUT to the folder whose files come back}
 DEADLINE_S=${DEADLINE_S:-540}; EVAL_S=${EVAL_S:-90}
 mkdir -p "$OUT"

@@ -40,14 +40,20 @@ def _read_metrics_json(output_dir):
 
 @pytest.fixture(scope="module")
 def trained_demo(tmp_path_factory):
-    """train_net.main's steps, keeping the trainer's loss at every iteration (metrics.json holds
-    only 20-iteration medians every 20 iterations) in total_loss.json beside the run's files."""
+    """A run through train_net.main, keeping the trainer's loss at every iteration (metrics.json
+    holds only 20-iteration medians every 20 iterations) in total_loss.json beside its files."""
     output_dir = tmp_path_factory.mktemp("demo_run")
-    args = default_argument_parser().parse_args(
-        ["--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "OUTPUT_DIR", str(output_dir)])
-    trainer = train_net.Trainer(train_net.setup(args))
-    trainer.resume_or_load(resume=False)
-    trainer.train()
+    trained = []
+    train = train_net.Trainer.train
+
+    def train_and_keep(self):
+        trained.append(self)
+        return train(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_net.Trainer, "train", train_and_keep)
+        _run("--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "OUTPUT_DIR", str(output_dir))
+    (trainer,) = trained
     losses = [value for value, _ in sorted(trainer.storage.history("total_loss").values(), key=lambda v: v[1])]
     (output_dir / "total_loss.json").write_text(json.dumps(losses))
     return output_dir
