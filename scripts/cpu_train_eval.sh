@@ -49,6 +49,14 @@ else
     # A default changed since the start (in CONFIG or a _BASE_ of it) would otherwise change the
     # run half-way; train_net saved the run's full config when it started.
     RESUME=(--resume); [[ -f $OUT/config.yaml ]] && TRAIN_CONFIG=$OUT/config.yaml
+    # Another ITERS would rescale the lr steps half-way (a finished run would even restart at the
+    # base lr): the run keeps the schedule it started with.
+    scheduled=$(sed -n 's/^  MAX_ITER: \([0-9]*\)$/\1/p' "$OUT/config.yaml" 2>/dev/null | head -n 1 || true)
+    if [[ -n $scheduled && $scheduled != "$ITERS" ]]; then
+      echo "error: $OUT was started for $scheduled iterations; ITERS=$ITERS would change its schedule half-way" \
+        "(ITERS=$scheduled continues it; another RUN_NAME trains anew)" >&2
+      exit 2
+    fi
   fi
   "$PYTHON" train_net.py --config-file "$TRAIN_CONFIG" ${RESUME[@]+"${RESUME[@]}"} \
     SOLVER.MAX_ITER "$ITERS" SOLVER.WARMUP_ITERS "$WARMUP" SOLVER.STEPS "($STEP1, $STEP2)" \

@@ -67,6 +67,23 @@ def test_training_stopped_by_the_time_limit_is_not_scored(tmp_path):
     assert "training stopped after 31 of 44 iterations (time limit): run the same command again" in done.stdout
 
 
+def test_a_resume_with_another_schedule_is_refused(tmp_path):
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("SOLVER:\n  BASE_LR: 0.01\n  MAX_ITER: 1100\n  STEPS: [825, 1000]\n")
+    (run / "last_checkpoint").write_text("model_0000549.pth")
+
+    def script(iters):
+        return subprocess.run(["bash", SCRIPT, "configs/kumar_ab1.yaml", "r"], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHON="false", RUNS_DIR=str(tmp_path / "runs"), ITERS=iters))
+
+    other = script("44")
+    assert other.returncode == 2
+    assert "was started for 1100 iterations; ITERS=44 would change its schedule half-way" in other.stderr
+    same = script("1100")
+    assert same.returncode == 1 and "was started for" not in same.stderr  # on to training (a stand-in that fails)
+
+
 def test_a_model_final_without_metrics_is_scored(tmp_path):
     # Weights put in the run folder by hand (no training log): scored, not trained over.
     status, argv = _training_call(tmp_path, ("model_final.pth", "config.yaml"))
