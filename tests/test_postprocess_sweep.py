@@ -202,3 +202,38 @@ def test_the_tuning_script_scores_val_and_test_with_the_thresholds_it_chose(tmp_
     assert val["mean"]["aji"] == pytest.approx(best["best"]["aji"])
     assert (tuned / "nuclei_synthetic_train" / "per_image.csv").is_file()
     assert gzip.decompress((tuned / "eval_log.txt.gz").read_bytes()).decode().count("Rank of current process") == 1
+
+
+def test_the_tuning_script_leaves_kumars_validation_label_maps_out(tmp_path):
+    """As collect_results.sh: kumar_val's metrics and per-image CSV are kept, its label maps are not
+    (room in a Kumar device carry); kumar_test's are. Kumar's layout with 64x64 images."""
+    import tifffile
+    from PIL import Image
+
+    from nucseg_d2.data.synthetic import generate_tile
+
+    data = tmp_path / "data" / "kumar"
+    for folder in ("images", "labels"):
+        (data / folder).mkdir(parents=True)
+    with open(os.path.join(REPO, "nucseg_d2", "data", "splits", "kumar2017_split.csv")) as stream:
+        image_ids = [row["image_id"] for row in csv.DictReader(stream)]
+    for index, image_id in enumerate(image_ids):
+        image, label_map = generate_tile(np.random.default_rng(index), size=(64, 64))
+        tifffile.imwrite(data / "images" / f"{image_id}.tif", image)
+        Image.fromarray(label_map.astype(np.uint16)).save(data / "labels" / f"{image_id}.png")
+    run = tmp_path / "runs" / "kumar_run"
+    run.mkdir(parents=True)
+    cfg = build_predict_cfg(CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.RPN.POST_NMS_TOPK_TEST", "32",
+                                     "TEST.DETECTIONS_PER_IMAGE", "8", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.01"])
+    (run / "config.yaml").write_text(cfg.dump())
+    torch.manual_seed(0)
+    torch.save({"model": build_model(cfg).state_dict()}, run / "model_final.pth")
+    results = tmp_path / "results"
+    env = dict(os.environ, RUNS_DIR=str(tmp_path / "runs"), RESULTS_DIR=str(results), PYTHON=sys.executable,
+               NUCSEG_CACHE=str(tmp_path / "cache"), NUCSEG_DATASETS=str(tmp_path / "data"))
+    done = subprocess.run(["bash", os.path.join(REPO, "scripts", "tune_postprocess.sh"), "kumar_run", "kumar_val"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    tuned = results / "kumar_run_pp"
+    assert (tuned / "kumar_val" / "per_image.csv").is_file() and not (tuned / "kumar_val" / "label_maps").exists()
+    assert len(list((tuned / "kumar_test" / "label_maps").glob("*.png"))) == 14
