@@ -9,14 +9,7 @@ import time
 
 def best_time(function, repeats):
     """(seconds of the fastest of ``repeats`` calls, what that call returned)."""
-    best, best_result = math.inf, None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        seconds = time.perf_counter() - start
-        if seconds < best:
-            best, best_result = seconds, result
-    return best, best_result
+    return best_times_interleaved([function], repeats)[0]
 
 
 def best_times_interleaved(functions, repeats):
