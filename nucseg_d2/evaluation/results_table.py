@@ -20,6 +20,7 @@ before the tables and tests (``--run NAME=DIR1,DIR2``).
     python -m nucseg_d2.evaluation.results_table --update docs/RESULTS.md   # regenerate its tables
 """
 import argparse
+import collections
 import datetime
 import gzip
 import os
@@ -439,7 +440,7 @@ def _render(args: argparse.Namespace) -> str:
     runs = [tuple(item.split("=", 1)) for item in args.run]
     if any(len(run) != 2 for run in runs):
         raise ValueError(f"--run takes NAME=DIR or NAME=DIR1{SEED_SEPARATOR}DIR2 (seeds), got {args.run}")
-    repeated = sorted({name for name, _ in runs if [n for n, _ in runs].count(name) > 1})
+    repeated = sorted(name for name, count in collections.Counter(name for name, _ in runs).items() if count > 1)
     if repeated:  # --pair and the stars find runs by name
         raise ValueError(f"--run names must differ; repeated: {', '.join(repeated)}")
     # A folder whose own name holds the separator is one folder, not seeds.
