@@ -171,19 +171,26 @@ def test_the_tuning_script_names_a_run_that_was_not_trained(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_tuning_script_scores_val_and_test_with_the_thresholds_it_chose(tmp_path):
-    """scripts/tune_postprocess.sh on an (untrained) demo run: the chosen thresholds are those the
-    evaluation used, and the validation figures it reports equal the sweep's best."""
-    run = tmp_path / "runs" / "demo_run"
+def _untrained_run(tmp_path, name, proposals, detections, **env):
+    """An untrained demo run where tune_postprocess.sh reads trained ones (RUNS_DIR/NAME/{config.yaml,
+    model_final.pth}); returns the script's environment (results under tmp_path/results)."""
+    run = tmp_path / "runs" / name
     run.mkdir(parents=True)
-    cfg = build_predict_cfg(CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.RPN.POST_NMS_TOPK_TEST", "64",
-                                     "TEST.DETECTIONS_PER_IMAGE", "32", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.01"])
+    cfg = build_predict_cfg(CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.RPN.POST_NMS_TOPK_TEST", str(proposals),
+                                     "TEST.DETECTIONS_PER_IMAGE", str(detections),
+                                     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.01"])
     (run / "config.yaml").write_text(cfg.dump())
     torch.manual_seed(0)
     torch.save({"model": build_model(cfg).state_dict()}, run / "model_final.pth")
+    return dict(os.environ, RUNS_DIR=str(tmp_path / "runs"), RESULTS_DIR=str(tmp_path / "results"),
+                PYTHON=sys.executable, NUCSEG_CACHE=str(tmp_path / "cache"), **env)
+
+
+def test_the_tuning_script_scores_val_and_test_with_the_thresholds_it_chose(tmp_path):
+    """scripts/tune_postprocess.sh on an (untrained) demo run: the chosen thresholds are those the
+    evaluation used, and the validation figures it reports equal the sweep's best."""
+    env = _untrained_run(tmp_path, "demo_run", proposals=64, detections=32)
     results = tmp_path / "results"
-    env = dict(os.environ, RUNS_DIR=str(tmp_path / "runs"), RESULTS_DIR=str(results), PYTHON=sys.executable,
-               NUCSEG_CACHE=str(tmp_path / "cache"))
     command = ["bash", os.path.join(REPO, "scripts", "tune_postprocess.sh"), "demo_run", "nuclei_synthetic_val",
                "nuclei_synthetic_train"]
     for _ in range(2):  # a second run replaces the first's results
@@ -221,16 +228,8 @@ def test_the_tuning_script_leaves_kumars_validation_label_maps_out(tmp_path):
         image, label_map = generate_tile(np.random.default_rng(index), size=(64, 64))
         tifffile.imwrite(data / "images" / f"{image_id}.tif", image)
         Image.fromarray(label_map.astype(np.uint16)).save(data / "labels" / f"{image_id}.png")
-    run = tmp_path / "runs" / "kumar_run"
-    run.mkdir(parents=True)
-    cfg = build_predict_cfg(CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.RPN.POST_NMS_TOPK_TEST", "32",
-                                     "TEST.DETECTIONS_PER_IMAGE", "8", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.01"])
-    (run / "config.yaml").write_text(cfg.dump())
-    torch.manual_seed(0)
-    torch.save({"model": build_model(cfg).state_dict()}, run / "model_final.pth")
+    env = _untrained_run(tmp_path, "kumar_run", proposals=32, detections=8, NUCSEG_DATASETS=str(tmp_path / "data"))
     results = tmp_path / "results"
-    env = dict(os.environ, RUNS_DIR=str(tmp_path / "runs"), RESULTS_DIR=str(results), PYTHON=sys.executable,
-               NUCSEG_CACHE=str(tmp_path / "cache"), NUCSEG_DATASETS=str(tmp_path / "data"))
     done = subprocess.run(["bash", os.path.join(REPO, "scripts", "tune_postprocess.sh"), "kumar_run", "kumar_val"],
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
