@@ -2,11 +2,17 @@
 import contextlib
 import logging
 import os
+import re
 import sys
 import uuid
 from typing import Dict, Iterable, Iterator, Sequence
 
 __all__ = ["atomic_path", "first_few", "files_by_stem", "leave_distributed_worker", "remove_stale_temp_files"]
+
+
+# atomic_path's temp file beside PATH: ".<name of PATH>.<12 hex digits>.tmp".
+_TEMP_TOKEN_LENGTH = 12
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{%d}\.tmp" % _TEMP_TOKEN_LENGTH)
 
 
 @contextlib.contextmanager
@@ -19,7 +25,7 @@ def atomic_path(path) -> Iterator[str]:
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    temp_path = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    temp_path = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:_TEMP_TOKEN_LENGTH]}.tmp")
     try:
         os.makedirs(directory, exist_ok=True)
         # Reserve the name with mode "x" (not mkstemp: that creates 0600 files; this one follows
@@ -46,21 +52,28 @@ def atomic_path(path) -> Iterator[str]:
         raise
 
 
-def remove_stale_temp_files(path) -> int:
-    """Remove the temp files :func:`atomic_path` left beside ``path`` when a process writing it was
-    killed outright (a slide's label map can leave gigabytes); call it only where no other process
-    writes ``path``. Returns how many were removed."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    prefix, removed = f".{os.path.basename(path)}.", 0
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(directory):
-            middle = name[len(prefix):-len(".tmp")]
-            if name.startswith(prefix) and name.endswith(".tmp") and len(middle) == 12 and \
-                    all(c in "0123456789abcdef" for c in middle):
+def remove_stale_temp_files(paths) -> Dict[str, int]:
+    """Remove the temp files :func:`atomic_path` left beside each of ``paths`` (one path, or
+    several) when a process writing it was killed outright (a slide's label map can leave
+    gigabytes); call it only where no other process writes them. Each folder is listed once, however
+    many of its files are asked about. Returns {path: temp files removed} for the paths that had any."""
+    paths = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
+    targets_by_folder: Dict[str, Dict[str, str]] = {}
+    for path in paths:
+        targets_by_folder.setdefault(os.path.dirname(os.path.abspath(path)), {})[os.path.basename(path)] = path
+    removed: Dict[str, int] = {}
+    for directory, targets in targets_by_folder.items():
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            match = _TEMP_NAME.fullmatch(name)
+            path = targets.get(match["target"]) if match else None
+            if path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, name))
-                    removed += 1
+                    removed[path] = removed.get(path, 0) + 1
     return removed
 
 

@@ -47,7 +47,7 @@ def test_stale_temp_files_of_a_killed_writer_are_removed_and_nothing_else(tmp_pa
     keep = [".slide_labels.tif.notours.tmp", ".other.tif.0123456789ab.tmp", "slide_labels.tif.tmp"]
     for name in keep:
         (tmp_path / name).write_text("")
-    assert remove_stale_temp_files(target) == 1
+    assert remove_stale_temp_files(target) == {str(target): 1}
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
 
 

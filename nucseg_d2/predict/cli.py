@@ -249,10 +249,11 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
     tag = f"[rank {rank}] " if world_size > 1 else ""
     summary = {"done": [], "skipped": [], "failed": [], "setup_error": None}
     todo = []
-    for image_id, path in inputs:
-        paths = output_paths(path, args.output, args.formats)
-        # Each input's outputs are written by this rank alone: what a killed run left is no one's.
-        stale = sum(remove_stale_temp_files(p) for p in paths.values())
+    outputs = [(image_id, path, output_paths(path, args.output, args.formats)) for image_id, path in inputs]
+    # Each input's outputs are written by this rank alone: what a killed run left is no one's.
+    removed = remove_stale_temp_files(p for _, _, paths in outputs for p in paths.values())
+    for image_id, path, paths in outputs:
+        stale = sum(removed.get(p, 0) for p in paths.values())
         if stale:
             print(f"{tag}{path}: removed {stale} temp file(s) left by an interrupted run", flush=True)
         if not args.overwrite:
