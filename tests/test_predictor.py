@@ -420,6 +420,21 @@ def test_slide_pixels_of_grey_and_alpha_slides_become_rgb(tmp_path):
         np.testing.assert_array_equal(slide.read(0, 1, 0, 3)[0], [[255] * 3, [224] * 3, [100] * 3])
 
 
+
+@pytest.mark.parametrize("photometric", ["separated", "palette", "miniswhite"])
+def test_slides_in_colour_spaces_read_as_raw_samples_are_refused(tmp_path, photometric):
+    import tifffile
+
+    shape = (512, 512, 4) if photometric == "separated" else (512, 512)
+    extra = {"colormap": np.zeros((3, 256), np.uint16)} if photometric == "palette" else {}
+    path = tmp_path / f"{photometric}.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.zeros(shape, np.uint8), tile=(256, 256), photometric=photometric, **extra)
+        tif.write(np.zeros(shape, np.uint8)[::2, ::2], tile=(256, 256), photometric=photometric,
+                  subfiletype=1, **extra)
+    with pytest.raises(NucleiDataError, match=rf"{photometric}.tif: {photometric.upper()} TIFF colour space"):
+        SlideSource(path, backend="tiffslide")
+
 class _RecordingBlankModel(LabelStandIn):
     """Finds nothing; remembers the tiles it was shown."""
 

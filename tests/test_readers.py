@@ -114,6 +114,59 @@ def test_16bit_colour_image_is_scaled_not_truncated(tmp_path, suffix):
     assert image[0, 0].tolist() == [2, 254, 255]
 
 
+def test_16bit_colour_png_is_found_with_pillows_older_plain_tuple_tiles(tmp_path, monkeypatch):
+    # Pillow before _Tile stored image.tile entries as plain tuples (no .args).
+    import nucseg_d2.data.readers as readers
+
+    rgb16 = np.zeros((2, 2, 3), np.uint16)
+    rgb16[0, 0] = (500, 65280, 65535)
+    cv2.imwrite(str(tmp_path / "rgb16.png"), rgb16[..., ::-1])
+    Image.fromarray(np.full((2, 2, 3), 7, np.uint8)).save(tmp_path / "rgb8.png")
+    real_open = Image.open
+
+    def open_with_tuple_tiles(*args, **kwargs):
+        image = real_open(*args, **kwargs)
+        image.tile = [tuple(tile) for tile in image.tile]
+        return image
+
+    monkeypatch.setattr(readers.Image, "open", open_with_tuple_tiles)
+    assert read_rgb_image(tmp_path / "rgb8.png")[0, 0].tolist() == [7, 7, 7]
+    with pytest.warns(UserWarning, match="16-bit"):
+        assert read_rgb_image(tmp_path / "rgb16.png")[0, 0].tolist() == [2, 254, 255]
+
+
+@pytest.mark.parametrize("colormap_bits", [16, 8])
+def test_palette_tiff_image_reads_through_its_colormap(tmp_path, colormap_bits):
+    full = 65535 if colormap_bits == 16 else 255  # the TIFF spec's 16-bit, or a writer's 8-bit entries
+    colormap = np.zeros((3, 256), np.uint16)
+    colormap[0, 1] = full  # index 1: red
+    colormap[2, 2] = full  # index 2: blue
+    colormap[:, 3] = full // 2  # index 3: mid grey: 32767 -> 127 (round(32767 * 255 / 65535)), 127 -> 127
+    indices = np.array([[0, 1], [2, 3]], np.uint8)
+    tifffile.imwrite(tmp_path / "indexed.tif", indices, photometric="palette", colormap=colormap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not "greyscale replicated": it is colour
+        image = read_rgb_image(tmp_path / "indexed.tif")
+    assert image.tolist() == [[[0, 0, 0], [255, 0, 0]], [[0, 0, 255], [127, 127, 127]]]
+    # A label map keeps the indices, as palette PNG label maps do.
+    assert read_label_map(tmp_path / "indexed.tif").tolist() == [[0, 1], [2, 3]]
+
+
+def test_tiff_stack_of_pages_is_refused_not_read_as_channels(tmp_path):
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((3, 8, 9), np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "pages.tif", np.zeros((2, 8, 9, 3), np.uint8), photometric="rgb")
+    for name in ("stack.tif", "pages.tif"):
+        with pytest.raises(NucleiDataError, match=rf"{name}: TIFF holds an array of shape .*expected one 2-D image"):
+            read_rgb_image(tmp_path / name)
+        with pytest.raises(NucleiDataError, match=rf"{name}: TIFF holds"):
+            read_label_map(tmp_path / name)
+    # A planar (channel-first) RGB TIFF is one image.
+    planar = np.zeros((3, 8, 9), np.uint8)
+    planar[0] = 200
+    tifffile.imwrite(tmp_path / "planar.tif", planar, photometric="rgb", planarconfig="separate")
+    assert read_rgb_image(tmp_path / "planar.tif")[0, 0].tolist() == [200, 0, 0]
+
+
 def test_transparent_pixels_become_white_glass(tmp_path):
     # Straight alpha: colour 100 at alpha 0, 51, 255 gives 255, 100 * 0.2 + 255 * 0.8 = 224, 100.
     rgba = np.full((1, 3, 4), 100, np.uint8)

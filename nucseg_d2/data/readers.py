@@ -38,7 +38,7 @@ _INT32_MAX = np.iinfo(np.int32).max
 _INT64_MAX = np.iinfo(np.int64).max
 # Label maps and masks keep their stored values whatever the photometric tag (Fiji saves masks
 # with an inverting LUT as MINISWHITE); an image's colours would be wrong.
-_TIFF_PHOTOMETRICS_REFUSED_FOR_IMAGES = (
+TIFF_PHOTOMETRICS_REFUSED_FOR_IMAGES = (
     tifffile.PHOTOMETRIC.MINISWHITE, tifffile.PHOTOMETRIC.SEPARATED, tifffile.PHOTOMETRIC.CIELAB,
     tifffile.PHOTOMETRIC.ICCLAB, tifffile.PHOTOMETRIC.ITULAB,
 )
@@ -65,19 +65,25 @@ def _read_pixels(path, palette_as_indices=False, refused_tiff_photometrics=()):
             with tifffile.TiffFile(path) as tif:
                 photometric = tif.pages[0].photometric
                 if photometric in refused_tiff_photometrics:
-                    # tifffile returns the raw samples: CMYK inks or inverted grey would pass
-                    # as RGB or grey with wrong colours.
-                    raise NucleiDataError(f"{path}: {photometric.name} TIFF colour space is not "
-                                          "supported; save the image as RGB or greyscale")
-                pixels = tif.asarray()
-            # Planar TIFFs come channel-first.
-            if pixels.ndim == 3 and pixels.shape[0] in (3, 4) and pixels.shape[2] > 4:
-                pixels = np.moveaxis(pixels, 0, -1)
+                    raise_unsupported_tiff_colour_space(path, photometric)
+                series = tif.series[0]
+                pixels, axes = series.asarray(), series.axes
+                colormap = tif.pages[0].colormap
+            if axes[0] in "SC" and len(axes) == 3 and pixels.shape[0] <= 4:
+                pixels, axes = np.moveaxis(pixels, 0, -1), axes[1:] + "S"  # planar: channel-first
+            if axes not in ("YX", "YXS"):
+                # A stack of pages or planes (axes Q, I, Z, T...) would otherwise pass as channels.
+                raise NucleiDataError(f"{path}: TIFF holds an array of shape {pixels.shape} (axes {axes}); "
+                                      "expected one 2-D image, grey or colour")
+            if photometric == tifffile.PHOTOMETRIC.PALETTE and not palette_as_indices:
+                # Indexed colour: the values are palette indices, as in palette PNGs.
+                return _palette_to_rgb(pixels, colormap, path)
             return pixels
         with Image.open(path) as image:
             # Pillow keeps only the high byte of 16-bit colour PNGs; OpenCV returns all 16 bits.
             # (The raw mode is only visible before load() clears image.tile.)
-            if image.mode in ("RGB", "RGBA") and image.tile and ";16" in str(image.tile[0].args):
+            # tile[0][3] is the decoder's args in both Pillow's tuples and its later _Tile.
+            if image.mode in ("RGB", "RGBA") and image.tile and ";16" in str(image.tile[0][3]):
                 return _read_16bit_colour_png(path)
             image.load()  # decodes everything, so truncated files fail here
             if image.mode == "1":
@@ -98,6 +104,24 @@ def _read_pixels(path, palette_as_indices=False, refused_tiff_photometrics=()):
         ) from err
     except Exception as err:  # any decoder error means the file is unreadable
         raise NucleiDataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
+
+
+def raise_unsupported_tiff_colour_space(path, photometric):
+    # tifffile returns the raw samples: CMYK inks or inverted grey would pass as RGB or grey
+    # with wrong colours.
+    raise NucleiDataError(f"{path}: {photometric.name} TIFF colour space is not supported; "
+                          "save the image as RGB or greyscale")
+
+
+def _palette_to_rgb(indices, colormap, path):
+    """Indexed-colour pixels through a TIFF colormap (3, 2**bits), stored 16-bit per the TIFF
+    specification, or 8-bit by writers that ignore it."""
+    if colormap is None or indices.ndim != 2 or indices.max(initial=0) >= colormap.shape[1]:
+        raise NucleiDataError(f"{path}: palette TIFF whose indices do not fit its colormap")
+    colormap = np.asarray(colormap)
+    if colormap.max() > 255:
+        colormap = np.round(colormap.astype(np.float32) * (255.0 / 65535.0))
+    return np.ascontiguousarray(np.moveaxis(colormap.astype(np.uint8)[:, indices], 0, -1))
 
 
 def _read_16bit_colour_png(path):
@@ -143,7 +167,7 @@ def read_rgb_image(path):
     suffix = os.path.splitext(path)[1].lower()
     if suffix in (".npy", ".mat", ".xml"):
         raise NucleiDataError(f"{path}: not an image file")
-    pixels = _read_pixels(path, refused_tiff_photometrics=_TIFF_PHOTOMETRICS_REFUSED_FOR_IMAGES)
+    pixels = _read_pixels(path, refused_tiff_photometrics=TIFF_PHOTOMETRICS_REFUSED_FOR_IMAGES)
     if pixels.dtype.kind == "f" or pixels.dtype == bool:
         raise NucleiDataError(
             f"{path}: unsupported image dtype {pixels.dtype} (expected 8- or 16-bit)"

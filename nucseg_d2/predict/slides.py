@@ -18,7 +18,10 @@ import cv2
 import numpy as np
 import tifffile
 
-from ..data.readers import NucleiDataError, composite_on_white, read_rgb_image
+from ..data.readers import (
+    TIFF_PHOTOMETRICS_REFUSED_FOR_IMAGES, NucleiDataError, composite_on_white, raise_unsupported_tiff_colour_space,
+    read_rgb_image,
+)
 from .tiling import Tile
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
+_TIFF_PHOTOMETRICS_REFUSED_FOR_SLIDES = TIFF_PHOTOMETRICS_REFUSED_FOR_IMAGES + (tifffile.PHOTOMETRIC.PALETTE,)
 # tiffslide reads TIFF-based formats only; the others (MIRAX, Hamamatsu VMS, ...) need OpenSlide.
 _TIFFSLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".tif", ".tiff", ".svslide")
 
@@ -214,6 +218,12 @@ class SlideSource(ImageSource):
 
     def _setup(self, level, mpp, roi):
         slide = self._slide
+        if self.backend == "tiffslide":
+            # tiffslide returns the stored samples: palette indices, CMYK inks or inverted grey
+            # would pass as grey or RGB(A) with wrong colours.
+            photometric = slide.ts_tifffile.pages[0].photometric
+            if photometric in _TIFF_PHOTOMETRICS_REFUSED_FOR_SLIDES:
+                raise_unsupported_tiff_colour_space(self.path, photometric)
         props = slide.properties
         prefix = "tiffslide" if self.backend == "tiffslide" else "openslide"
         base_mpp = props.get(f"{prefix}.mpp-x")
