@@ -516,6 +516,38 @@ def test_register_nuclei_folder(tmp_path):
         MetadataCatalog.remove(name)
 
 
+
+def test_nuclei_folder_refuses_labels_without_images_and_labels_of_another_format(tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for stem in ("a", "b"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / f"{stem}.png")
+        _write_label_png(labels / f"{stem}.png", _tiny_label_map(0))
+    _write_label_png(labels / "c.png", _tiny_label_map(1))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "d.gif")  # not an image suffix read
+    _write_label_png(labels / "d.png", _tiny_label_map(2))
+    binary_labels = tmp_path / "binary"
+    binary_labels.mkdir()
+    np.save(binary_labels / "a.npy", np.zeros((8, 8), np.uint8))
+    _write_label_png(binary_labels / "b.png", _tiny_label_map(0) > 0)
+    names = {"nucseg_test_orphan_labels": (labels, "label_map"),
+             "nucseg_test_binary_npy": (binary_labels, "tnbc_binary")}
+    for name, (label_dir, label_format) in names.items():
+        datasets.register_nuclei_folder(name, images, label_dir, label_format)
+    try:
+        # The set would otherwise shrink to a and b without a word.
+        orphans = r"labels: 2 label\(s\) without an image .* in .*images: c\.png, d\.png"
+        with pytest.raises(NucleiDataError, match=orphans):
+            DatasetCatalog.get("nucseg_test_orphan_labels")
+        # tnbc_binary reads image masks: a.npy is not its label (it was decoded as a corrupt image).
+        with pytest.raises(NucleiDataError, match=r"1 image\(s\) without a label \(\.png, \.tif, \.tiff\) .*: a\.png"):
+            DatasetCatalog.get("nucseg_test_binary_npy")
+    finally:
+        for name in names:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
 def test_register_nuclei_folder_is_lazy(tmp_path):
     name = "nucseg_test_lazy_folder"
     datasets.register_nuclei_folder(name, tmp_path / "no_images", tmp_path / "no_labels")

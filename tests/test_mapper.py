@@ -303,6 +303,21 @@ def test_reader_errors_propagate_with_the_file_name(tmp_path):
     wrong_size = dict(record, height=record["height"] + 1)
     with pytest.raises(NucleiDataError, match="tile"):
         mapper(wrong_size)
+    other = _write_record(tmp_path, np.zeros((5, 7), np.int32), name="small")
+    wrong_label = dict(record, label_file=other["label_file"])
+    with pytest.raises(NucleiDataError, match=r"small_label.png: label map is 5x7 but image .*tile.png is 36x52"):
+        mapper(wrong_label)
+
+
+def test_training_record_may_leave_its_size_to_the_image(tmp_path):
+    # A user's own DatasetCatalog function need not give height and width.
+    record = _write_record(tmp_path, _layout_label_map())
+    unsized = {key: value for key, value in record.items() if key not in ("height", "width")}
+    mapper = NucleiDatasetMapper(is_train=True, augmentations=[], image_format="RGB", min_fragment_area=4)
+    with_size, without_size = mapper(record), mapper(unsized)
+    assert (without_size["height"], without_size["width"]) == (36, 52)
+    assert len(without_size["instances"]) == len(with_size["instances"]) > 0
+    assert torch.equal(without_size["instances"].gt_masks.tensor, with_size["instances"].gt_masks.tensor)
 
 
 def test_from_config_uses_cfg(tmp_path):

@@ -293,8 +293,15 @@ def _pair_by_stem(image_dir, label_dir, label_suffixes, dataset_name):
     unlabelled = sorted(os.path.basename(images[stem]) for stem in images if stem not in labels)
     if unlabelled:
         raise NucleiDataError(
-            f"{image_dir}: {len(unlabelled)} image(s) without a label in {label_dir}: "
+            f"{image_dir}: {len(unlabelled)} image(s) without a label ({', '.join(label_suffixes)}) in {label_dir}: "
             f"{first_few(unlabelled, 10)}"
+        )
+    # Dropping these would shrink a training or test set unnoticed.
+    orphans = sorted(os.path.basename(labels[stem]) for stem in labels if stem not in images)
+    if orphans:
+        raise NucleiDataError(
+            f"{label_dir}: {len(orphans)} label(s) without an image ({', '.join(_IMAGE_SUFFIXES)}) in "
+            f"{image_dir}: {first_few(orphans, 10)}"
         )
     return [(images[stem], labels[stem]) for stem in sorted(images)]
 
@@ -311,8 +318,13 @@ def _folder_specs(pairs, label_format):
     ]
 
 
+# The files each label format reads, so that a label file of another kind is named as such.
+_LABEL_SUFFIXES_OF_FORMAT = {"label_map": LABEL_MAP_SUFFIXES, "tnbc_binary": (".png", ".tif", ".tiff"),
+                             "monuseg_xml": (".xml",), "cpm17_mat": (".mat",)}
+
+
 def _load_folder(dataset_name, image_dir, label_dir, label_format):
-    label_suffixes = (".xml",) if label_format == "monuseg_xml" else LABEL_MAP_SUFFIXES
+    label_suffixes = _LABEL_SUFFIXES_OF_FORMAT[label_format]
     pairs = _pair_by_stem(image_dir, label_dir, label_suffixes, dataset_name)
     return build_records(_folder_specs(pairs, label_format), dataset_name)
 

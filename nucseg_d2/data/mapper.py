@@ -136,21 +136,16 @@ class NucleiDatasetMapper:
             "min_fragment_area": cfg.INPUT.MIN_FRAGMENT_AREA,
         }
 
-    def _read_labels(self, record: dict, image_shape: Tuple[int, int]):
-        """Label map of a training record; None at test time (evaluators read labels themselves)."""
+    def _read_labels(self, record: dict):
+        """Label map of a training record whose height and width are the image's (load_label_map
+        checks the map against them); None at test time (evaluators read labels themselves)."""
         if not self.is_train:
             return None
         if not record.get("label_file"):
             raise readers.NucleiDataError(
                 f"{record.get('file_name')}: training record has no 'label_file'"
             )
-        label_map = readers.load_label_map(record)
-        if label_map.shape != image_shape:
-            raise readers.NucleiDataError(
-                f"{record['label_file']}: label map size {label_map.shape} does not match "
-                f"image {record['file_name']} size {image_shape}"
-            )
-        return label_map
+        return readers.load_label_map(record)
 
     def __call__(self, record: dict) -> dict:
         # Shallow copy: the record is not modified, and its (possibly large) cached annotations
@@ -170,7 +165,7 @@ class NucleiDatasetMapper:
                 f"(height, width) {tuple(expected)}"
             )
         dataset_dict["height"], dataset_dict["width"] = image_shape
-        label_map = self._read_labels(record, image_shape)
+        label_map = self._read_labels(dataset_dict)  # records may leave the size to the image
 
         # Augment in RGB (stain jitter works in HED space); convert channel order afterwards.
         aug_input = T.AugInput(image, sem_seg=label_map)
