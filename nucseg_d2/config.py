@@ -161,9 +161,19 @@ def validate_nucseg_config(cfg):
         raise NucleiConfigError(
             f"SOLVER.NUCLEI.TIME_LIMIT_S must be >= 0 (0 = no limit), got {cfg.SOLVER.NUCLEI.TIME_LIMIT_S}")
     nuclei = cfg.TEST.NUCLEI
-    for key in ("SCORE_THRESH", "MASK_THRESH", "MAX_OVERLAP"):
+    for key in ("SCORE_THRESH", "MAX_OVERLAP"):
         if not 0.0 <= nuclei[key] <= 1.0:
             raise NucleiConfigError(f"TEST.NUCLEI.{key} must be in [0, 1], got {nuclei[key]}")
+    if not 0.0 < nuclei.MASK_THRESH < 1.0:
+        # Pixels are kept above it: at 1 every mask is empty, and at 0 every pixel of the box (or,
+        # pasted full-size by Detectron2, which keeps >= it, of the whole image) is kept.
+        raise NucleiConfigError(f"TEST.NUCLEI.MASK_THRESH must be in (0, 1), got {nuclei.MASK_THRESH}")
+    if not 0.0 <= cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST <= 1.0:
+        raise NucleiConfigError(
+            f"MODEL.ROI_HEADS.SCORE_THRESH_TEST must be in [0, 1], got {cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST}")
+    if cfg.TEST.DETECTIONS_PER_IMAGE <= 0:
+        # Every evaluation and prediction would be empty.
+        raise NucleiConfigError(f"TEST.DETECTIONS_PER_IMAGE must be > 0, got {cfg.TEST.DETECTIONS_PER_IMAGE}")
     if nuclei.COCO_AP and not cfg.MODEL.NUCSEG.PASTE_FULL_MASKS:
         # COCOEvaluator reads full-image pred_masks; NucleiRCNN otherwise returns only compact
         # box-relative pred_mask_probs, and COCOEvaluator would silently report box AP only.
@@ -263,6 +273,18 @@ def _validate_model_branches(cfg):
         raise NucleiConfigError(
             "MODEL.NUCSEG.RETURN_SEMANTIC True needs the semantic branch: MODEL.NUCSEG.SEMANTIC_ON True in "
             f"PanopticNucleiRCNN (now {architecture}, SEMANTIC_ON {nucseg.SEMANTIC_ON})")
+    if architecture in META_ARCH_REGISTRY and not not_panoptic:
+        # Eq. 4's weights are MODEL.NUCSEG.LOSS_WEIGHTS: a head's own weight would multiply the
+        # same loss a second time.
+        own = {"MODEL.SEM_SEG_HEAD.LOSS_WEIGHT": cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT,
+               "MODEL.RPN.LOSS_WEIGHT": cfg.MODEL.RPN.LOSS_WEIGHT,
+               "MODEL.RPN.BBOX_REG_LOSS_WEIGHT": cfg.MODEL.RPN.BBOX_REG_LOSS_WEIGHT,
+               "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT": cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT}
+        doubled = {key: value for key, value in own.items() if value != 1.0}
+        if doubled:
+            raise NucleiConfigError(
+                f"{doubled}: {architecture} weighs its losses by MODEL.NUCSEG.LOSS_WEIGHTS (Eq. 4), which these "
+                "would multiply again; set the weight there and leave these at 1.0")
     branches_on = [key for key in ("SEMANTIC_ON", "FUSION_ON") if nucseg[key]]
     if not branches_on:
         return
@@ -297,7 +319,28 @@ def check_run_inputs(cfg, eval_only: bool = False, resume: bool = False):
     if not eval_only and cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
         # Detectron2's AMPTrainer would assert this only after building the model and the data.
         raise NucleiConfigError(f"SOLVER.AMP.ENABLED needs a CUDA device; MODEL.DEVICE is {cfg.MODEL.DEVICE}")
+    if not eval_only:
+        if not cfg.DATASETS.TRAIN:
+            raise NucleiConfigError("DATASETS.TRAIN is empty: name the data set(s) to train on")
+        for key in ("SOLVER.IMS_PER_BATCH", "SOLVER.CHECKPOINT_PERIOD", "SOLVER.MAX_ITER"):
+            section, name = key.split(".")
+            if cfg[section][name] <= 0:
+                raise NucleiConfigError(f"{key} must be > 0, got {cfg[section][name]}")
     checkpoint = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    trained = [name for name in ("last_checkpoint", "model_final.pth")
+               if os.path.isfile(os.path.join(cfg.OUTPUT_DIR, name))]
+    if trained and not resume:
+        # Detectron2 would overwrite the run's config.yaml at once, then its checkpoints (training)
+        # or its inference/ results (an evaluation).
+        if eval_only:
+            raise NucleiConfigError(
+                f"OUTPUT_DIR {cfg.OUTPUT_DIR} holds a trained run ({trained[0]}), whose config.yaml and "
+                "inference/ results an --eval-only there would replace: give the evaluation its own OUTPUT_DIR "
+                f"(e.g. {os.path.join(cfg.OUTPUT_DIR, 'eval')}), or --resume to score the run's last checkpoint")
+        raise NucleiConfigError(
+            f"OUTPUT_DIR {cfg.OUTPUT_DIR} holds a trained run ({trained[0]}), whose checkpoints and config.yaml "
+            "training anew there would replace: --resume continues it; another OUTPUT_DIR (or deleting this "
+            "one) trains anew")
     resumes = resume and os.path.isfile(checkpoint)
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not resumes and not os.path.isfile(weights):

@@ -82,6 +82,15 @@ def test_build_nuclei_cfg_from_file_or_node_with_overrides():
         ("tnbc.yaml", ["INPUT.AUG.SHARPEN_STRENGTH", "(0.1, 0.2, 0.3)"], "SHARPEN_STRENGTH must be a range"),
         ("tnbc.yaml", ["INPUT.AUG.STAIN_JITTER_SCALE", "1.5"], r"STAIN_JITTER_SCALE must be in \[0, 1\), got 1.5"),
         ("tnbc.yaml", ["INPUT.AUG.STAIN_JITTER_SHIFT", "-0.1"], "STAIN_JITTER_SHIFT must be >= 0"),
+        # Kept above the threshold: 0 keeps a whole box (whole image when pasted full-size), 1 nothing.
+        ("tnbc.yaml", ["TEST.NUCLEI.MASK_THRESH", "0.0"], r"MASK_THRESH must be in \(0, 1\), got 0.0"),
+        ("tnbc.yaml", ["TEST.NUCLEI.MASK_THRESH", "1.0"], r"MASK_THRESH must be in \(0, 1\), got 1.0"),
+        ("tnbc.yaml", ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.5"], r"SCORE_THRESH_TEST must be in \[0, 1\]"),
+        ("tnbc.yaml", ["TEST.DETECTIONS_PER_IMAGE", "0"], "DETECTIONS_PER_IMAGE must be > 0, got 0"),
+        # PanopticNucleiRCNN weighs by LOSS_WEIGHTS; the heads' own weights would apply twice.
+        ("tnbc.yaml", ["MODEL.SEM_SEG_HEAD.LOSS_WEIGHT", "0.5"],
+         r"\{'MODEL.SEM_SEG_HEAD.LOSS_WEIGHT': 0.5\}: PanopticNucleiRCNN .* MODEL.NUCSEG.LOSS_WEIGHTS"),
+        ("tnbc_ab3.yaml", ["MODEL.RPN.LOSS_WEIGHT", "2.0"], r"'MODEL.RPN.LOSS_WEIGHT': 2.0\}: PanopticNucleiRCNN"),
     ],
 )
 def test_values_the_model_would_misuse_are_rejected_naming_the_key(config, overrides, problem):
@@ -122,8 +131,26 @@ def test_run_inputs_are_checked_before_a_model_is_built(tmp_path):
         check_run_inputs(build_nuclei_cfg(cfg, ["MODEL.WEIGHTS", str(tmp_path / "nope.pth")]))
     with pytest.raises(NucleiConfigError, match="--eval-only needs trained weights"):
         check_run_inputs(cfg, eval_only=True)
+    for key, value in [("SOLVER.IMS_PER_BATCH", "0"), ("SOLVER.CHECKPOINT_PERIOD", "0"), ("SOLVER.MAX_ITER", "-1")]:
+        with pytest.raises(NucleiConfigError, match=f"{key} must be > 0, got {value}"):
+            check_run_inputs(build_nuclei_cfg(cfg, [key, value]))
+    with pytest.raises(NucleiConfigError, match="DATASETS.TRAIN is empty"):
+        check_run_inputs(build_nuclei_cfg(cfg, ["DATASETS.TRAIN", "()"]))
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
     check_run_inputs(cfg, eval_only=True, resume=True)  # --resume evaluates the last checkpoint
+    check_run_inputs(cfg, resume=True)  # and continues the training
+
+
+@pytest.mark.parametrize("saved", ["last_checkpoint", "model_final.pth"])
+def test_a_trained_run_is_not_overwritten_without_resume(tmp_path, saved):
+    cfg = build_nuclei_cfg(CONFIGS[0].parent / "demo.yaml",
+                           ["OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", str(tmp_path / saved)])
+    (tmp_path / saved).write_text("trained")
+    with pytest.raises(NucleiConfigError, match=f"holds a trained run \\({saved}\\).* --resume continues it"):
+        check_run_inputs(build_nuclei_cfg(cfg, ["MODEL.WEIGHTS", ""]))
+    with pytest.raises(NucleiConfigError, match="--eval-only there would replace.*its own OUTPUT_DIR"):
+        check_run_inputs(cfg, eval_only=True)
+    check_run_inputs(build_nuclei_cfg(cfg, ["OUTPUT_DIR", str(tmp_path / "eval")]), eval_only=True)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

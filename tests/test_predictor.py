@@ -272,8 +272,11 @@ def test_small_and_all_background_images():
 @pytest.mark.parametrize("kwargs, message", [
     ({"tile_size": 256, "overlap": 256}, "0 <= overlap < tile_size, got 256, 256"),
     ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"mask_thresh": 0.0}, r"0 < mask_thresh < 1 .*got 0.5, 0.0, 0.7"),
+    ({"score_thresh": 1.5}, r"got 1.5, 0.5, 0.7"),
+    ({"max_overlap": -0.1}, r"got 0.5, 0.5, -0.1"),
 ])
-def test_bad_tiling_arguments_are_refused(kwargs, message):
+def test_bad_tiling_and_threshold_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         NucleiPredictor(model=LabelStandIn(), **kwargs)
 

@@ -46,7 +46,7 @@ def test_each_budget_is_used_and_caps_the_nuclei_found(tmp_path, untrained_demo_
     # number of nuclei found follows the number of proposals.
     cfg = build_predict_cfg(os.path.join(REPO, "configs", "demo.yaml"), [
         "MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.ROI_HEADS.NMS_THRESH_TEST", "1.0",
-        "TEST.NUCLEI.SCORE_THRESH", "0.0", "TEST.NUCLEI.MASK_THRESH", "0.0", "TEST.NUCLEI.MAX_OVERLAP", "1.0"])
+        "TEST.NUCLEI.SCORE_THRESH", "0.0", "TEST.NUCLEI.MASK_THRESH", "1e-6", "TEST.NUCLEI.MAX_OVERLAP", "1.0"])
     (run / "config.yaml").write_text(cfg.dump())
     shutil.copyfile(untrained_demo_weights, run / "model_final.pth")  # thresholds change no weights
 

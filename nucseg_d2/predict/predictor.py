@@ -162,6 +162,10 @@ class NucleiPredictor:
         self.score_thresh = score_thresh if score_thresh is not None else (nuclei.SCORE_THRESH if nuclei else 0.5)
         self.mask_thresh = mask_thresh if mask_thresh is not None else (nuclei.MASK_THRESH if nuclei else 0.5)
         self.max_overlap = max_overlap if max_overlap is not None else (nuclei.MAX_OVERLAP if nuclei else 0.7)
+        # The bounds validate_nucseg_config sets on TEST.NUCLEI (MASK_THRESH 0 keeps whole boxes).
+        if not (0 <= self.score_thresh <= 1 and 0 < self.mask_thresh < 1 and 0 <= self.max_overlap <= 1):
+            raise ValueError(f"need 0 <= score_thresh <= 1, 0 < mask_thresh < 1 and 0 <= max_overlap <= 1, got "
+                             f"{self.score_thresh}, {self.mask_thresh}, {self.max_overlap}")
         self.input_format = self.cfg.INPUT.FORMAT if self.cfg is not None else "RGB"
         min_size = self.cfg.INPUT.MIN_SIZE_TEST if self.cfg is not None else 0
         self.resize = (T.ResizeShortestEdge([min_size, min_size], self.cfg.INPUT.MAX_SIZE_TEST)
