@@ -282,6 +282,53 @@ def test_extra_predictions_can_be_allowed(folders, tmp_path):
     assert sorted(_rows(tmp_path / "out")) == ["a", "b", "c"]
 
 
+def test_a_detectron2_training_log_is_never_replaced(folders, tmp_path, capsys):
+    gt_dir, pred_dir = folders
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    log = run_dir / "metrics.json"
+    log.write_text('{"iteration": 19, "total_loss": 2.5, "lr": 0.001}\n{"iteration": 39, "total_loss": 1.9}\n')
+    before = log.read_bytes()
+    argv = ["--pred", pred_dir, "--gt", gt_dir, "--pred-suffix", "_pred", "-o", run_dir]
+    for extra in ([], ["--overwrite"]):
+        assert _run(*argv, *extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {log}: not a nucseg-eval summary (Detectron2's training log")
+        assert "even with --overwrite" in err and len(err.splitlines()) == 1
+        assert log.read_bytes() == before
+        assert sorted(os.listdir(run_dir)) == ["metrics.json"]
+
+
+def test_an_earlier_evaluation_is_replaced_only_with_overwrite(folders, tmp_path, capsys, monkeypatch):
+    gt_dir, pred_dir = folders
+    out = tmp_path / "out"
+    argv = ["--pred", pred_dir, "--gt", gt_dir, "--pred-suffix", "_pred", "-o", out]
+    assert _run(*argv, "--metrics", "aji") == 0
+    capsys.readouterr()
+    earlier = {name: (out / name).read_bytes() for name in ("metrics.json", "per_image.csv")}
+
+    import nucseg_d2.evaluation.folder_eval as folder_eval
+
+    # Refused before any map is scored: a large folder is not scored only to be refused at the end.
+    monkeypatch.setattr(folder_eval, "score_image", lambda *args, **kwargs: pytest.fail("scored"))
+    assert _run(*argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out / 'metrics.json'}: already exists (an earlier evaluation's); pass --overwrite " \
+                  "to replace it, or give another -o folder\n"
+    assert {name: (out / name).read_bytes() for name in earlier} == earlier
+    monkeypatch.undo()
+    assert _run(*argv, "--overwrite") == 0
+    assert "dice1" in _rows(out)["a"] and "dice1" in _metrics_json(out)["mean"]
+    # The per-image table alone, or one that is not a nucseg-eval table, counts too.
+    (out / "metrics.json").unlink()
+    assert _run(*argv) == 2
+    assert f"{out / 'per_image.csv'}: already exists" in capsys.readouterr().err
+    (out / "per_image.csv").write_text("name,score\nx,1\n")
+    assert _run(*argv, "--overwrite") == 2
+    assert "not a nucseg-eval per-image table (its header lacks image_id, num_gt, num_pred)" in capsys.readouterr().err
+    assert (out / "per_image.csv").read_text() == "name,score\nx,1\n"
+
+
 def test_runs_as_a_module_with_exit_status_2(folders, tmp_path):
     gt_dir, pred_dir = folders
     completed = subprocess.run(

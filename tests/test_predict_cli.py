@@ -1,6 +1,7 @@
 """nucseg-predict end to end: a folder with a corrupt file, resuming, bad setups, slides, and
 sharding over 2 CPU processes (gloo) through Detectron2's launch."""
 import csv
+import hashlib
 import json
 import os
 import re
@@ -117,6 +118,50 @@ def test_glob_list_file_and_all_background_image(tmp_path, untrained_demo_weight
     document.write_bytes(b"PK\x03\x04")
     assert _run([str(document)], tmp_path / "out_document", untrained_demo_weights) == 1
     assert re.search(r"error: .*report.docx: unsupported format .docx", capsys.readouterr().err)
+
+
+def test_list_files_with_a_byte_order_mark_or_not_utf8(tmp_path, untrained_demo_weights, capsys):
+    # Notepad's "UTF-8" starts with a byte-order mark; it must not become part of the first path.
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("in/img0.png\r\nin/Estómago 1.png\r\n".encode("utf-8-sig"))
+    assert expand_inputs([str(listing)]) == [str(tmp_path / "in" / name) for name in ("img0.png", "Estómago 1.png")]
+    # Windows PowerShell's `>` writes UTF-16: one line naming the list, not a traceback.
+    listing.write_bytes("in/img0.png\n".encode("utf-16"))
+    assert _run([str(listing)], tmp_path / "out", untrained_demo_weights) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {listing}: input list is not UTF-8 text") and len(err.splitlines()) == 1
+    assert not os.listdir(tmp_path / "out")
+
+
+def test_weights_from_the_config_are_recorded_by_content(tmp_path, untrained_demo_weights, capsys):
+    images = _images(tmp_path / "in", 2, size=(64, 64))
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(open(untrained_demo_weights, "rb").read())
+    output = tmp_path / "out"
+
+    def run(inputs, checkpoint=weights):  # no --weights: MODEL.WEIGHTS through --opts
+        return main([*inputs, "--config-file", CONFIG, "--output", str(output), "--quiet", "--formats", "labels",
+                     *FAST, "MODEL.WEIGHTS", str(checkpoint)])
+
+    assert run(images[:1]) == 0
+    settings = json.loads((output / "nucseg_predict_settings.json").read_text())
+    assert settings["weights"] == {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    capsys.readouterr()
+    # Retrained weights saved under the same name: skipping img0 and predicting img1 would give a
+    # folder of two models' predictions.
+    state = torch.load(untrained_demo_weights, map_location="cpu")
+    key = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][key] = state["model"][key] + 1
+    torch.save(state, weights)
+    stamp = os.path.getmtime(output / "img0_labels.tif")
+    assert run(images) == 2
+    err = capsys.readouterr().err
+    assert f"holds predictions made with other settings (weights {weights}: see" in err
+    assert sorted(os.listdir(output)) == ["img0_labels.tif", "nucseg_predict_settings.json"]
+    assert os.path.getmtime(output / "img0_labels.tif") == stamp
+    assert run(images, tmp_path / "missing.pth") == 2
+    assert f"{tmp_path / 'missing.pth'}: checkpoint file not found (MODEL.WEIGHTS of the config)" in \
+        capsys.readouterr().err
 
 
 def test_setup_errors_are_one_clear_line(tmp_path, untrained_demo_weights, capsys):

@@ -87,6 +87,46 @@ def test_per_image_table_refuses_runs_of_other_images(tmp_path):
         per_image_table([("Baseline", base), ("Other", str(other))], "kumar_test")
 
 
+def test_a_metric_no_run_holds_is_named_with_the_file_and_its_columns(tmp_path, capsys):
+    base = _write_run(tmp_path / "base", "d", [0.5, 0.6, 0.7])
+    other = _write_run(tmp_path / "other", "d", [0.4, 0.6, 0.8])
+    both = ["--run", f"B={base}", "--run", f"O={other}"]
+    for argv, named in ((["--run", f"B={base}"], "base"), (both, "base"), (both + ["--per-group"], "base"),
+                        (both + ["--pair", "O > B"], "other")):
+        assert main(["--dataset", "d", "--metrics", "aji, dic1", *argv]) == 2
+        source = tmp_path / named / "d" / "per_image.csv"
+        assert capsys.readouterr().err == f"error: {source}: no column 'dic1' (columns: image_id, organ, aji)\n"
+    # The per-image table is of aji: a file without it is named the same way.
+    (tmp_path / "plain" / "d").mkdir(parents=True)
+    (tmp_path / "plain" / "d" / "per_image.csv").write_text("image_id,dice1\nimg0,0.5\n")
+    with pytest.raises(ValueError, match=r"plain/d/per_image.csv: no column 'aji' \(columns: image_id, dice1\)"):
+        per_image_table([("P", str(tmp_path / "plain"))], "d")
+
+
+@pytest.mark.parametrize("cell", ["", "nan"])
+def test_an_empty_or_nan_cell_is_named_with_the_file_and_image(tmp_path, capsys, cell):
+    base = _write_run(tmp_path / "base", "d", [0.5, cell, 0.7])
+    other = _write_run(tmp_path / "other", "d", [0.4, 0.6, 0.8])
+    message = f"{tmp_path / 'base' / 'd' / 'per_image.csv'}: aji of 'img1' is not a number: {cell!r}"
+    for argv in (["--run", f"B={base}"], ["--run", f"O={other}", "--run", f"B={base}"], ["--run", f"B={base}",
+                 "--per-image-only"]):
+        assert main(["--dataset", "d", "--metrics", "aji", *argv]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("config, problem", [
+    ("", "no DATASETS.TEST list in the run's config"),
+    ("DATASETS:\n  TEST: [tnbc_val\n", "not a readable YAML config"),
+    ("DATASETS: null\n", "no DATASETS.TEST list in the run's config"),
+])
+def test_a_curve_from_an_empty_or_damaged_config_names_it(tmp_path, capsys, config, problem):
+    run = _write_training_metrics(tmp_path / "run", ["tnbc_val"], [{"iteration": 19, "nuclei/aji": 0.4}])
+    (tmp_path / "run" / "config.yaml").write_text(config)
+    assert main(["--dataset", "tnbc_val", "--curve", "--run", f"P={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'run' / 'config.yaml'}: {problem}") and len(err.splitlines()) == 1
+
+
 def _write_organs(folder, dataset, rows):
     path = folder / dataset
     path.mkdir(parents=True)
@@ -119,7 +159,7 @@ def test_group_table_gives_each_runs_mean_per_organ(tmp_path):
                                [("a", "Colon", 0.7, 0.7), ("b", "Liver", 0.7, 0.9), ("c", "Breast", 0.1, 0.5)])
     with pytest.raises(ValueError, match="other organ labels .* to b$"):
         group_table([("B", base), ("R", relabelled)], "kumar_test", ["aji"])
-    with pytest.raises(ValueError, match="per_image.csv: aji2 of 'c' is not a number"):
+    with pytest.raises(ValueError, match=r"per_image.csv: no column 'aji2' \(columns: image_id, organ, aji, dice1\)"):
         group_table([("B", base)], "kumar_test", ["aji2"])
     (tmp_path / "plain" / "d").mkdir(parents=True)
     (tmp_path / "plain" / "d" / "per_image.csv").write_text("image_id,aji\nimg0,0.5\n")

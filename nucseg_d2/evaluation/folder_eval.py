@@ -4,7 +4,7 @@ Command line (installed as ``nucseg-eval``)::
 
     python -m nucseg_d2.evaluation.folder_eval --pred PRED_DIR --gt GT_DIR -o OUT_DIR \
         [--gt-suffix _label] [--pred-suffix _pred] [--groups groups.csv [--group-column organ]] \
-        [--metrics aji,aji_plus,paper_aji,dice1,pq | all] [--allow-extra-predictions]
+        [--metrics aji,aji_plus,paper_aji,dice1,pq | all] [--allow-extra-predictions] [--overwrite]
 
     python -m nucseg_d2.evaluation.folder_eval --pred PRED_DIR --dataset kumar_test -o OUT_DIR
 
@@ -16,7 +16,9 @@ groups (organ, patient) come from a registered data set and prediction stems mus
 ids. Writes the same ``metrics.json`` and ``per_image.csv`` as
 :class:`~nucseg_d2.evaluation.NucleiEvaluator` and prints a table. Exit status 2, with a message
 naming the files, for missing pairs, size mismatches, non-integer or unreadable maps and empty
-folders.
+folders, and when ``OUT_DIR`` already holds ``metrics.json`` or ``per_image.csv``: an earlier
+evaluation's are replaced only with ``--overwrite``, any other file of those names (Detectron2's
+training log) never.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from .reporting import (
     PER_IMAGE_CSV,
     ImageScore,
     format_summary_table,
+    report_overwrite_problem,
     score_image,
     summarize_scores,
     write_reports,
@@ -200,16 +203,23 @@ def evaluate_label_map_folder(
     groups_csv: Optional[str] = None,
     group_column: Optional[str] = None,
     allow_extra_predictions: bool = False,
+    overwrite: bool = False,
 ) -> Tuple[Dict[str, object], List[Dict[str, object]], Optional[str]]:
     """Score every prediction in ``pred_dir`` against ``gt_dir`` or the data set ``dataset``.
 
     Returns (summary, per-image rows, group key); with ``output_dir`` also writes
-    ``metrics.json`` and ``per_image.csv`` there. Raises FolderEvalError when anything cannot be
-    scored; read errors and size mismatches are collected over all pairs and reported together,
-    so one run shows every bad file.
+    ``metrics.json`` and ``per_image.csv`` there (replacing an earlier evaluation's only with
+    ``overwrite``, and no other file: see :func:`~.reporting.report_overwrite_problem`). Raises
+    FolderEvalError when anything cannot be scored or written; read errors and size mismatches are
+    collected over all pairs and reported together, so one run shows every bad file.
     """
     if (gt_dir is None) == (dataset is None):
         raise FolderEvalError("give exactly one of a ground-truth folder (--gt) or a data set (--dataset)")
+    if output_dir is not None:
+        # Before any map is read: scoring a large folder only to be refused at the end wastes the run.
+        problem = report_overwrite_problem(output_dir, overwrite)
+        if problem:
+            raise FolderEvalError(problem)
     metrics = list(metrics)
     metric_names = metric_keys(metrics)
     predictions = label_maps_by_stem(pred_dir, pred_suffix, role="prediction")
@@ -296,6 +306,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-column", metavar="NAME", help="group column of --groups when it has several")
     parser.add_argument("--allow-extra-predictions", action="store_true",
                         help="ignore prediction files without ground truth instead of failing")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the metrics.json and per_image.csv of an earlier evaluation in the "
+                             "-o folder (never another file of those names, e.g. Detectron2's training log)")
     return parser
 
 
@@ -315,6 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             groups_csv=args.groups,
             group_column=args.group_column,
             allow_extra_predictions=args.allow_extra_predictions,
+            overwrite=args.overwrite,
         )
     except (FolderEvalError, NucleiDataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

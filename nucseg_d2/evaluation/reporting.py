@@ -30,6 +30,7 @@ __all__ = [
     "write_json_atomic",
     "write_csv_atomic",
     "write_reports",
+    "report_overwrite_problem",
     "format_summary_table",
     "read_training_metrics",
 ]
@@ -158,6 +159,64 @@ def write_reports(output_dir: str, summary: Mapping[str, object],
     write_json_atomic(json_path, summary)
     write_csv_atomic(csv_path, rows)
     return json_path, csv_path
+
+
+# Keys every summary written by write_reports holds; a metrics.json without them is someone else's.
+_SUMMARY_KEYS = ("mean", "std", "count", "num_images", "pooled_aji")
+
+
+def _not_a_report(path: str, name: str) -> Optional[str]:
+    """None when ``path`` is a report file that write_reports wrote, else what it is instead."""
+    if not os.path.isfile(path):
+        return "not a regular file"
+    try:
+        with open(path, encoding="utf-8", newline="") as stream:
+            text = stream.read()
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    except OSError as err:
+        return f"cannot be read to check what it is ({err.strerror or err})"
+    if name == PER_IMAGE_CSV:
+        header = next(csv.reader(text.splitlines()[:1]), [])
+        missing = [column for column in ID_AND_COUNT_COLUMNS if column not in header]
+        return f"its header lacks {', '.join(missing)}" if missing else None
+    try:
+        summary = json.loads(text)
+    except json.JSONDecodeError:
+        summary = None
+    if isinstance(summary, dict) and all(key in summary for key in _SUMMARY_KEYS):
+        return None
+    first_line = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        first = json.loads(first_line)
+    except json.JSONDecodeError:
+        first = None
+    if isinstance(first, dict) and "iteration" in first:
+        # A training run's only record of its losses (viz curves reads it): worth a refusal, not a replace.
+        return "Detectron2's training log (JSON lines with 'iteration')"
+    return f"no JSON object with {', '.join(_SUMMARY_KEYS)}"
+
+
+def report_overwrite_problem(output_dir: str, overwrite: bool = False) -> Optional[str]:
+    """None when :func:`write_reports` may write into ``output_dir``, else why not, naming the file.
+
+    An earlier run's ``metrics.json`` or ``per_image.csv`` is replaced only with ``overwrite``; a
+    file of that name that write_reports did not write (Detectron2's JSON-lines training log in a
+    run folder) is never replaced. Meant to be asked before any scoring, so a refusal costs nothing.
+    """
+    existing = [(name, os.path.join(output_dir, name)) for name in (METRICS_JSON, PER_IMAGE_CSV)]
+    existing = [(name, path) for name, path in existing if os.path.lexists(path)]
+    # A foreign file is reported first: --overwrite would not get past it either.
+    for name, path in existing:
+        foreign = _not_a_report(path, name)
+        if foreign is not None:
+            what = "summary" if name == METRICS_JSON else "per-image table"
+            return (f"{path}: not a nucseg-eval {what} ({foreign}); it is not replaced, even with --overwrite: "
+                    "give another -o folder")
+    if existing and not overwrite:
+        return (f"{existing[0][1]}: already exists (an earlier evaluation's); pass --overwrite to replace "
+                "it, or give another -o folder")
+    return None
 
 
 def _format_value(value) -> str:

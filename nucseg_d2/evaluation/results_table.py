@@ -119,6 +119,17 @@ def _source(run_folders: RunFolders, dataset: str) -> str:
     return " + ".join(os.path.join(d, dataset, PER_IMAGE_CSV) for d in _folders(run_folders))
 
 
+def _require_columns(rows: Dict[str, Dict[str, str]], metrics: Sequence[str], source: str) -> None:
+    """ValueError naming ``source`` and its columns when it lacks a requested metric column.
+
+    Asked before any table is built, so a typo in --metrics is named as such, not as a bare KeyError.
+    """
+    columns = list(next(iter(rows.values()), {}))
+    missing = [metric for metric in metrics if metric not in columns]
+    if missing:
+        raise ValueError(f"{source}: no column {', '.join(map(repr, missing))} (columns: {', '.join(columns)})")
+
+
 def _seeds_note(runs: Sequence[Tuple[str, RunFolders]],
                 after: str = "; the ± and the tests are over images, not seeds.") -> List[str]:
     averaged = [f"{name} ({len(_folders(d))} seeds)" for name, d in runs if len(_folders(d)) > 1]
@@ -134,6 +145,8 @@ def results_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
     (baseline). A run may be several folders, seeds of one configuration: see :func:`run_per_image_rows`."""
     baseline_name, baseline_dirs = runs[0]
     rows_of_runs = [run_per_image_rows(run_dirs, dataset) for _, run_dirs in runs]
+    for (_, run_dirs), rows in zip(runs, rows_of_runs):
+        _require_columns(rows, metrics, _source(run_dirs, dataset))
     baseline_rows = rows_of_runs[0]
     header = ["run", "images"] + list(metrics)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -144,7 +157,7 @@ def results_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
                 rows, baseline_rows, metrics, _source(run_dirs, dataset), _source(baseline_dirs, dataset))}
         cells = [name, str(len(rows))]
         for metric in metrics:
-            values = np.array([float(r[metric]) for r in rows.values()])
+            values = numeric_column(rows, list(rows), metric, _source(run_dirs, dataset))
             std = values.std(ddof=1) if len(values) > 1 else float("nan")
             mark = f" {stars[metric]}" if metric in stars else ""
             cells.append(f"{values.mean():.4f} ± {std:.4f}{mark}")
@@ -166,18 +179,20 @@ def _group_key(rows: Dict[str, Dict[str, str]]) -> Optional[str]:
 def per_image_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str, metric: str = "aji") -> str:
     """One row per image (with its organ or patient when recorded), one column per run, as the
     paper's Table 2. Every run must hold the same images."""
-    tables = [(name, run_per_image_rows(d, dataset)) for name, d in runs]
+    tables = [(name, run_per_image_rows(d, dataset), _source(d, dataset)) for name, d in runs]
     first_rows = tables[0][1]
-    for (_, rows), (_, run_dirs) in zip(tables[1:], runs[1:]):
-        require_same_images(first_rows, rows, _source(runs[0][1], dataset), _source(run_dirs, dataset))
+    for _, rows, source in tables:
+        _require_columns(rows, [metric], source)
+        require_same_images(first_rows, rows, tables[0][2], source)
     group_key = _group_key(first_rows)
     image_ids = sorted(first_rows, key=lambda i: (first_rows[i][group_key] if group_key else "", i))
-    header = ([group_key] if group_key else []) + ["image"] + [f"{name} {metric}" for name, _ in tables]
+    header = ([group_key] if group_key else []) + ["image"] + [f"{name} {metric}" for name, _, _ in tables]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for image_id in image_ids:
+    values = [numeric_column(rows, image_ids, metric, source) for _, rows, source in tables]
+    for k, image_id in enumerate(image_ids):
         cells = [first_rows[image_id][group_key]] if group_key else []
         cells.append(image_id)
-        cells += [f"{float(rows[image_id][metric]):.4f}" for _, rows in tables]
+        cells += [f"{column[k]:.4f}" for column in values]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -191,6 +206,8 @@ def group_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str,
     Every run must hold the same images with the same group labels."""
     tables = [(name, run_per_image_rows(d, dataset), _source(d, dataset)) for name, d in runs]
     _, first_rows, first_source = tables[0]
+    for _, rows, source in tables:
+        _require_columns(rows, metrics, source)
     group_key = _group_key(first_rows)
     if group_key is None:
         raise ValueError(f"the per-group table needs a {' or '.join(GROUP_FIELDS)} column in {first_source}")
@@ -257,6 +274,7 @@ def pairs_table(runs: Sequence[Tuple[str, RunFolders]], dataset: str, pairs: Seq
         for name in (better, worse):
             if name not in rows:
                 rows[name] = run_per_image_rows(run_dirs[name], dataset)
+                _require_columns(rows[name], metrics, _source(run_dirs[name], dataset))
         tests = {r["metric"]: r for r in compare_per_image_rows(
             rows[better], rows[worse], metrics, _source(run_dirs[better], dataset), _source(run_dirs[worse], dataset))}
         cells = [f"{better}{PAIR_SEPARATOR}{worse}", str(next(iter(tests.values()))["n"])]
@@ -280,8 +298,17 @@ def _evaluated_with_others(run_dir: str, dataset: str) -> bool:
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path}: the run's config is needed to read its evaluations")
-    with open(config_path) as f:
-        test_sets = list(yaml.safe_load(f).get("DATASETS", {}).get("TEST", []))
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path}: not a readable YAML config ({' '.join(str(e).split())})") from e
+    datasets = config.get("DATASETS") if isinstance(config, dict) else None
+    test_sets = datasets.get("TEST") if isinstance(datasets, dict) else None
+    if not isinstance(test_sets, (list, tuple)):
+        # An empty or cut file (a run killed while it was written) loads as None or a bare string.
+        raise ValueError(f"{config_path}: no DATASETS.TEST list in the run's config (empty or damaged file?)")
+    test_sets = list(test_sets)
     if dataset not in test_sets:
         raise ValueError(f"{run_dir}: {dataset} was not evaluated during training "
                          f"(DATASETS.TEST {test_sets})")
@@ -453,7 +480,7 @@ def _render(args: argparse.Namespace) -> str:
                          "are separate tables; ask for one")
     if args.cost:
         return cost_table(runs, args.dataset)
-    metrics = args.metrics.split(",") if args.metrics else None
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     if args.pair:
         pairs = [tuple(name.strip() for name in item.split(PAIR_SEPARATOR, 1)) for item in args.pair]
         if any(len(pair) != 2 for pair in pairs):

@@ -109,8 +109,9 @@ def expand_inputs(specs: Sequence[str], output_dir: Optional[str] = None) -> Lis
 
     A folder gives its image/slide files (not recursive; hidden files, and files in the output
     folder named as this tool's outputs, excluded); a glob its matches with an image/slide
-    suffix; a ``.txt``/``.lst`` file the paths it lists; anything else is taken as a file, so a
-    missing one fails by name later.
+    suffix; a ``.txt``/``.lst`` file the paths it lists (UTF-8, a byte-order mark dropped);
+    anything else is taken as a file, so a missing one fails by name later. Raises NucleiDataError
+    naming the folder or list that cannot be read.
     """
     paths: List[str] = []
     earlier_outputs: List[str] = []
@@ -128,7 +129,11 @@ def expand_inputs(specs: Sequence[str], output_dir: Optional[str] = None) -> Lis
     for spec in specs:
         if os.path.isdir(spec) or (any(ch in spec for ch in "*?[") and not os.path.exists(spec)):
             if os.path.isdir(spec):
-                found = sorted(p for p in (os.path.join(spec, n) for n in os.listdir(spec)) if supported(p))
+                try:
+                    names = os.listdir(spec)
+                except OSError as err:
+                    raise NucleiDataError(f"{spec}: cannot list the input folder ({err.strerror or err})") from err
+                found = sorted(p for p in (os.path.join(spec, n) for n in names) if supported(p))
             else:
                 found = sorted(p for p in glob.glob(spec, recursive=True) if supported(p))
             if not found:
@@ -137,11 +142,20 @@ def expand_inputs(specs: Sequence[str], output_dir: Optional[str] = None) -> Lis
             paths += found
         elif spec.lower().endswith(LIST_SUFFIXES) and os.path.isfile(spec):
             base = os.path.dirname(os.path.abspath(spec))
-            with open(spec, encoding="utf-8") as stream:
-                for line in stream:
-                    line = line.strip()
-                    if line and not line.startswith("#"):
-                        paths.append(line if os.path.isabs(line) else os.path.join(base, line))
+            try:
+                # utf-8-sig: Notepad and spreadsheets start UTF-8 text with a byte-order mark, which
+                # would otherwise become part of the first path.
+                with open(spec, encoding="utf-8-sig") as stream:
+                    lines = stream.read().splitlines()
+            except UnicodeDecodeError as err:
+                raise NucleiDataError(f"{spec}: input list is not UTF-8 text ({err.reason} at byte {err.start}); "
+                                      "save it as UTF-8") from err
+            except OSError as err:
+                raise NucleiDataError(f"{spec}: cannot read the input list ({err.strerror or err})") from err
+            for line in lines:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    paths.append(line if os.path.isabs(line) else os.path.join(base, line))
         else:
             paths.append(spec)
     if earlier_outputs:
@@ -241,6 +255,19 @@ def _error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
+def _setup_error_line(err: BaseException) -> str:
+    # A KeyError's message is the bare key: an unknown config key or override.
+    return _error_line(err) if not isinstance(err, KeyError) else f"config: {err}"
+
+
+NO_WEIGHTS = "no weights: give --weights or set MODEL.WEIGHTS in the config"
+
+
+def _run_weights(args, cfg) -> str:
+    """The checkpoint the run loads: --weights, else MODEL.WEIGHTS of the built config (YAML and --opts)."""
+    return args.weights or cfg.MODEL.WEIGHTS
+
+
 def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: int) -> Dict:
     """Predict and write this rank's inputs; returns its summary (done / skipped / failed)."""
     from .predictor import NucleiPredictor
@@ -277,9 +304,9 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
         device = f"cuda:{comm.get_local_rank()}"
     try:
         cfg = build_predict_cfg(args.config_file, args.opts)
-        weights = args.weights or cfg.MODEL.WEIGHTS
+        weights = _run_weights(args, cfg)
         if not weights:
-            raise CheckpointError("no weights: give --weights or set MODEL.WEIGHTS in the config")
+            raise CheckpointError(NO_WEIGHTS)
         predictor = NucleiPredictor(  # the built cfg: the YAML and overrides are not read again
             cfg, weights=weights, device=device, tile_size=args.tile_size, overlap=args.overlap,
             batch_size=args.batch_size, tta=args.tta, progress=not args.quiet and rank == 0,
@@ -288,7 +315,7 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
         raise
     except Exception as err:  # any failure here is one line and exit 2, never a traceback that
         # would end this rank before its all_gather and so take its sibling ranks down with it
-        summary["setup_error"] = _error_line(err) if not isinstance(err, KeyError) else f"config: {err}"
+        summary["setup_error"] = _setup_error_line(err)
         logger.debug("%s", traceback.format_exc())
         return summary
     if args.settings_to_record is not None:  # after the model loaded: a failed start writes nothing
@@ -350,28 +377,30 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def prediction_settings(args) -> Dict:
+def prediction_settings(args, weights: str) -> Dict:
     """What decides the predicted nuclei (not --formats, --device, --batch-size or --quiet), by
     content, so that machines sharing the output folder, a moved checkout or copied weights agree:
-    the config file's SHA-256 (a _BASE_ of it is not followed) and the weights' (about a second
-    for a 0.5 GB checkpoint), or the address they are fetched from."""
-    weights = {"address": args.weights}
-    if args.weights and "://" not in args.weights:
-        weights = {"sha256": _sha256(args.weights)}
+    the config file's SHA-256 (a _BASE_ of it is not followed) and that of ``weights``, the
+    checkpoint the run loads (:func:`_run_weights`; about a second for a 0.5 GB checkpoint), or
+    the address it is fetched from."""
+    if "://" in weights:
+        weights_recorded = {"address": weights}
+    else:
+        weights_recorded = {"sha256": _sha256(weights)}
     return {
         "config_sha256": _sha256(args.config_file),
-        "opts": list(args.opts), "weights": weights, "level": args.level, "mpp": args.mpp,
+        "opts": list(args.opts), "weights": weights_recorded, "level": args.level, "mpp": args.mpp,
         "roi": list(args.roi) if args.roi else None, "tile_size": args.tile_size, "overlap": args.overlap,
         "tta": bool(args.tta), "tissue_mask": args.tissue_mask,
     }
 
 
-def _check_settings(args) -> Tuple[Optional[str], Optional[Dict]]:
+def _check_settings(args, weights: str) -> Tuple[Optional[str], Optional[Dict]]:
     """(None, the settings to record once the model is loaded, or None when recorded already) when
     the output folder may take this run, else (the problem, None): its outputs came from other
     settings, and skipping them would mix the two runs (GeoJSON ids against another label map, a
     region never analysed)."""
-    settings = prediction_settings(args)
+    settings = prediction_settings(args, weights)
     path = os.path.join(args.output, SETTINGS_FILE)
     if os.path.isfile(path) and not args.overwrite:
         try:
@@ -381,7 +410,9 @@ def _check_settings(args) -> Tuple[Optional[str], Optional[Dict]]:
             return f"{path}: cannot read the settings of the outputs there ({err}); --overwrite to redo", None
         differing = sorted(key for key in set(settings) | set(recorded) if settings.get(key) != recorded.get(key))
         if differing:
-            return (f"{args.output} holds predictions made with other settings ({', '.join(differing)}: see "
+            # The weights may have come from the config: name the file, which the command line may not.
+            named = [f"weights {weights}" if key == "weights" else key for key in differing]
+            return (f"{args.output} holds predictions made with other settings ({', '.join(named)}: see "
                     f"{path}); give another --output, or --overwrite to redo every input"), None
         return None, None
     return None, settings
@@ -437,14 +468,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not os.path.isfile(args.config_file):
         print(f"error: config file not found: {args.config_file}", file=sys.stderr)
         return EXIT_SETUP_ERROR
-    if args.weights is not None and "://" not in args.weights and not os.path.isfile(args.weights):
-        print(f"error: {args.weights}: checkpoint file not found", file=sys.stderr)
+    try:
+        # Built here too, not only by the workers: the settings recorded (and compared) must hold
+        # the weights MODEL.WEIGHTS names when --weights is not given.
+        weights = _run_weights(args, build_predict_cfg(args.config_file, args.opts))
+    except Exception as err:  # a bad config or override: one line, as when a worker builds it
+        print(f"error: {_setup_error_line(err)}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+    if not weights:
+        print(f"error: {NO_WEIGHTS}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+    if "://" not in weights and not os.path.isfile(weights):
+        where = "" if args.weights else " (MODEL.WEIGHTS of the config)"
+        print(f"error: {weights}: checkpoint file not found{where}", file=sys.stderr)
         return EXIT_SETUP_ERROR
     problem = _check_output_dir(args.output)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_SETUP_ERROR
-    paths = expand_inputs(args.inputs, args.output)
+    try:
+        paths = expand_inputs(args.inputs, args.output)
+    except NucleiDataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
     if not paths:
         print(f"error: no input images or slides found in {' '.join(args.inputs)}", file=sys.stderr)
         return EXIT_SETUP_ERROR
@@ -453,7 +499,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         listed = "; ".join(f"{stem}: {', '.join(group)}" for stem, group in sorted(collisions.items()))
         print(f"error: inputs whose outputs would share a name (same file stem): {listed}", file=sys.stderr)
         return EXIT_SETUP_ERROR
-    problem, args.settings_to_record = _check_settings(args)
+    problem, args.settings_to_record = _check_settings(args, weights)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_SETUP_ERROR
