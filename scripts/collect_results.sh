@@ -8,12 +8,21 @@
 #   bash scripts/collect_results.sh OUT_FOLDER RUN_NAME      # what gpu_train_eval.sh left in $OUT
 #   bash scripts/collect_results.sh OUT_FOLDER/NAME.tar RUN  # one run of gpu_timed_runs.sh
 # RESULTS_DIR (default results/ of the repository) is where RUN_NAME/ goes.
+#
+# The folder is assembled as RUN_NAME.partial and moved into place whole, so an error or an
+# interruption leaves an existing results/RUN_NAME as it was. Collecting the same run again (the
+# same config.yaml) replaces its data-set folders and collected files (stale ones go) and keeps the
+# files added beside them since (device_output.txt, test_eval_log.txt.gz). A RUN_NAME holding
+# another run (another config.yaml, or none) is refused; FORCE=1 replaces it whole.
 set -euo pipefail
 SRC=$(realpath "$1"); RUN=$2
 cd "$(dirname "$0")/.."
 DEST=${RESULTS_DIR:-results}/$RUN
+PARTIAL=$DEST.partial
+unpacked=
+trap 'rm -rf ${unpacked:+"$unpacked"} "$PARTIAL"' EXIT  # after a successful move PARTIAL is gone already
 if [[ -f $SRC ]]; then
-  unpacked=$(mktemp -d); trap 'rm -rf "$unpacked"' EXIT
+  unpacked=$(mktemp -d)
   tar -C "$unpacked" -xf "$SRC"; SRC=$unpacked
 fi
 # The run's log goes along as log.txt.gz: results_table --cost reads the timings from it, and it
@@ -32,18 +41,44 @@ if (( ${#missing[@]} )); then
   echo "error: $1 lacks ${missing[*]}; nothing collected into $DEST" >&2
   exit 1
 fi
-mkdir -p "$DEST"
-if [[ -f "$SRC/inference.tar" ]]; then
-  tar -C "$DEST" -xf "$SRC/inference.tar" && cp -r "$DEST"/inference/. "$DEST"/ && rm -r "$DEST/inference"
-else
-  cp -r "$SRC"/inference/. "$DEST"/
+# Refused before anything is written: collecting another run over this one would lose it.
+same_run=0
+if [[ -e $DEST ]]; then
+  if [[ -f $DEST/config.yaml ]] && cmp -s "$SRC/config.yaml" "$DEST/config.yaml"; then
+    same_run=1
+  elif [[ ${FORCE:-0} != 1 ]] && [[ ! -d $DEST || -n $(ls -A "$DEST") ]]; then
+    if [[ -f $DEST/config.yaml ]]; then why="its config.yaml differs from $1's"; else why="it has no config.yaml"; fi
+    echo "error: $DEST holds another run ($why); nothing collected (FORCE=1 replaces it)" >&2
+    exit 1
+  fi
 fi
-cp "$SRC/$training_metrics" "$DEST/training_metrics.json"
-gzip -9 -n -c "$SRC/$log" > "$DEST/log.txt.gz"
-rm -f "$DEST/log.txt"  # an uncompressed log from an earlier collection would be read first
-cp "$SRC/config.yaml" "$DEST/config.yaml"
-find "$DEST" -name '*.pth' -delete
+rm -rf "$PARTIAL"  # what an interrupted collection left
+mkdir -p "$PARTIAL"
+if [[ -f "$SRC/inference.tar" ]]; then
+  tar -C "$PARTIAL" -xf "$SRC/inference.tar"
+  cp -r "$PARTIAL"/inference/. "$PARTIAL"/
+  rm -r "$PARTIAL/inference"
+else
+  cp -r "$SRC"/inference/. "$PARTIAL"/
+fi
+cp "$SRC/$training_metrics" "$PARTIAL/training_metrics.json"
+gzip -9 -n -c "$SRC/$log" > "$PARTIAL/log.txt.gz"
+cp "$SRC/config.yaml" "$PARTIAL/config.yaml"
+find "$PARTIAL" -name '*.pth' -delete
 # Kumar's validation label maps stay behind (metrics and per-image CSV are kept): a Kumar device
 # command carries the tree beside 44.5 MiB of data, 64 MiB at most (docs/REPRODUCING.md).
-rm -rf "$DEST/kumar_val/label_maps"
+rm -rf "$PARTIAL/kumar_val/label_maps"
+if (( same_run )); then
+  # Files put beside an earlier collection of this run come from nowhere else (the device's console,
+  # cpu_train_eval.sh's test log). Data-set folders are not kept: the source has the current ones.
+  # An uncompressed log.txt from an earlier collection would be read before log.txt.gz.
+  for kept in "$DEST"/*; do
+    name=$(basename "$kept")
+    if [[ -f $kept && ! -L $kept && ! -e $PARTIAL/$name && $name != log.txt && $name != *.pth ]]; then
+      cp -p "$kept" "$PARTIAL/"
+    fi
+  done
+fi
+# As scripts/tune_postprocess.sh: the old folder goes only once the new one is complete.
+rm -rf "$DEST"; mv "$PARTIAL" "$DEST"
 du -sh "$DEST"

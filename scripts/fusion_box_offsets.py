@@ -18,7 +18,6 @@ import sys
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import pairwise_iou
@@ -28,9 +27,40 @@ from detectron2.utils.events import EventStorage
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from nucseg_d2.config import build_nuclei_cfg  # noqa: E402
+from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg  # noqa: E402
 from nucseg_d2.data import NucleiDatasetMapper, register_config_datasets  # noqa: E402
+from nucseg_d2.data.readers import NucleiDataError  # noqa: E402
 from nucseg_d2.modeling.meta_arch import FUSION_BOX_FIELDS  # noqa: E402
+from nucseg_d2.predict import CheckpointError, load_checkpoint  # noqa: E402
+
+# What the diagnostic scripts report as one `error:` line (exit status 2) instead of a traceback.
+PROJECT_ERRORS = (NucleiConfigError, NucleiDataError, CheckpointError)
+
+
+def check_checkpoint_files(paths) -> None:
+    """Refuse an empty or missing checkpoint path before the slow batch building."""
+    for path in paths:
+        if not path:
+            # DetectionCheckpointer would go on with the randomly initialised model.
+            raise CheckpointError("--weights is empty: no checkpoint given")
+        if "://" not in path and not os.path.isfile(path):  # URLs are fetched (or refused) when loaded
+            raise CheckpointError(f"{path}: checkpoint file not found")
+
+
+def build_trained_model(cfg, weights: str, config_file: str):
+    """``build_model(cfg)`` with ``weights`` loaded strictly: any missing, unexpected or wrongly
+    shaped key raises CheckpointError naming the file."""
+    model = build_model(cfg)
+    # load_checkpoint forgives a checkpoint without the semantic head and feature fusion, which
+    # never run at inference unless the semantic map is asked for; the training pass measured here
+    # runs them (loss_fusion), so ask for it while loading and demand their weights too.
+    return_semantic = getattr(model, "return_semantic", False)
+    model.return_semantic = True
+    try:
+        load_checkpoint(model, weights, what=f"{cfg.MODEL.META_ARCHITECTURE} ({config_file})")
+    finally:
+        model.return_semantic = return_semantic
+    return model
 
 
 def fixed_batches(cfg, num_batches: int, seed: int):
@@ -99,22 +129,34 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=8, help="training batches (default 8)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except PROJECT_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(parser, args) -> int:
     cfg = build_nuclei_cfg(args.config_file, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
     if not cfg.MODEL.NUCSEG.FUSION_ON:
         parser.error(f"{args.config_file}: MODEL.NUCSEG.FUSION_ON is off; nothing is pasted")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    check_checkpoint_files(args.weights)
+    # Every checkpoint is loaded once before the batches are built and the first row measured
+    # (minutes each): one of another architecture further down the list is refused at once.
+    for weights in args.weights:
+        build_trained_model(cfg, weights, args.config_file)
     batches = fixed_batches(cfg, args.batches, args.seed)
     print(f"# {platform.node()} {platform.machine()}, torch threads {torch.get_num_threads()}, "
           f"{args.batches} batches of {cfg.SOLVER.IMS_PER_BATCH} from {cfg.DATASETS.TRAIN[0]}")
 
     def measured_rows():
         for weights in args.weights:
-            model = build_model(cfg)
-            DetectionCheckpointer(model).load(weights)
-            yield weights, measure(model, batches, args.seed)
+            yield weights, measure(build_trained_model(cfg, weights, args.config_file), batches, args.seed)
 
     print_markdown_table("checkpoint", measured_rows())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

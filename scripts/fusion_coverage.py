@@ -19,15 +19,19 @@ import sys
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
-from fusion_box_offsets import fixed_batches, print_markdown_table  # noqa: E402
+from fusion_box_offsets import (  # noqa: E402
+    PROJECT_ERRORS,
+    build_trained_model,
+    check_checkpoint_files,
+    fixed_batches,
+    print_markdown_table,
+)
 from nucseg_d2.config import build_nuclei_cfg  # noqa: E402
 from nucseg_d2.modeling.fusion import paste_mask_logits  # noqa: E402
 
@@ -91,6 +95,14 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=8, help="training batches (default 8)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except PROJECT_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(parser, args) -> int:
     cfg = build_nuclei_cfg(args.config_file, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
     if not cfg.MODEL.NUCSEG.FUSION_ON:
         parser.error(f"{args.config_file}: MODEL.NUCSEG.FUSION_ON is off; nothing is pasted")
@@ -99,15 +111,18 @@ def main(argv=None):
     if args.batches < 1:
         parser.error(f"--batches must be >= 1, got {args.batches}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    check_checkpoint_files([args.weights])
+    # Loaded before the batches are built (minutes on Kumar): a checkpoint of another architecture
+    # is refused at once.
+    model = build_trained_model(cfg, args.weights, args.config_file)
     batches = fixed_batches(cfg, args.batches, args.seed)
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(args.weights)
     print(f"# {platform.node()} {platform.machine()}, torch threads {torch.get_num_threads()}, "
           f"{args.batches} batches of {cfg.SOLVER.IMS_PER_BATCH} from {cfg.DATASETS.TRAIN[0]}, "
           f"{args.weights}, positive fraction {cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION}")
     print_markdown_table("ROIs per image", ((rois_per_image, measure(model, batches, rois_per_image, args.seed))
                                             for rois_per_image in args.rois_per_image))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -81,11 +81,96 @@ def test_train_net_output_dir_without_checkpoints(tmp_path):
     stale = tmp_path / "results" / "run1" / "log.txt"  # an uncompressed log of an earlier collection
     stale.parent.mkdir(parents=True)
     stale.write_text("stale")
+    (stale.parent / "config.yaml").write_text("SEED: 1\n")  # of this same run: collecting it again is allowed
     run = _collect(output, tmp_path / "results")
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "log.txt.gz", "tnbc_test", "training_metrics.json"]
     assert gzip.decompress((run / "log.txt.gz").read_bytes()).decode() == LOG
     assert not list(run.rglob("*.pth"))
     assert (run / "training_metrics.json").read_text() == '{"iteration": 9}\n'
+
+
+def _train_net_output(root: Path, config: str = "SEED: 1\n") -> Path:
+    _inference_tree(root)
+    (root / "metrics.json").write_text('{"iteration": 9}\n')
+    (root / "config.yaml").write_text(config)
+    (root / "log.txt").write_text(LOG)
+    return root
+
+
+def test_collecting_the_same_run_again_leaves_no_stale_data_set_folder(tmp_path):
+    output = _train_net_output(tmp_path / "output")
+    run = _collect(output, tmp_path / "results")
+    # A data set evaluated by an earlier evaluation of the run, and a file put beside the collection
+    # (the device's console output, cpu_train_eval.sh's test log): only the latter is kept.
+    (run / "old_set" / "label_maps").mkdir(parents=True)
+    (run / "old_set" / "per_image.csv").write_text("image_id,aji\nz,0.1\n")
+    (run / "device_output.txt").write_text("console")
+    (output / "inference" / "tnbc_test" / "per_image.csv").write_text("image_id,aji\na,0.9\n")
+    assert _collect(output, tmp_path / "results") == run
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "device_output.txt", "log.txt.gz", "tnbc_test",
+                                                     "training_metrics.json"]
+    assert (run / "tnbc_test" / "per_image.csv").read_text() == "image_id,aji\na,0.9\n"
+    assert (run / "device_output.txt").read_text() == "console"
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["run1"]  # no .partial left behind
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_another_run_is_refused_and_left_as_it_was_unless_force(tmp_path):
+    run = _collect(_train_net_output(tmp_path / "first"), tmp_path / "results")
+    (run / "device_output.txt").write_text("console of the first run")
+    before = _tree(run)
+    second = _train_net_output(tmp_path / "second", config="SEED: 2\n")
+    (second / "inference" / "tnbc_val").mkdir()
+    (second / "inference" / "tnbc_val" / "per_image.csv").write_text("image_id,aji\nv,0.3\n")
+    env = dict(os.environ, RESULTS_DIR=str(tmp_path / "results"))
+    done = subprocess.run(["bash", str(SCRIPT), str(second), "run1"], env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr == (f"error: {tmp_path / 'results' / 'run1'} holds another run (its config.yaml differs "
+                           f"from {second}'s); nothing collected (FORCE=1 replaces it)\n")
+    assert _tree(run) == before
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["run1"]
+
+    # FORCE=1 replaces it whole: nothing of the first run stays (its console output is not the second's).
+    subprocess.run(["bash", str(SCRIPT), str(second), "run1"], env=dict(env, FORCE="1"), check=True,
+                   capture_output=True)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "log.txt.gz", "tnbc_test", "tnbc_val",
+                                                     "training_metrics.json"]
+    assert (run / "config.yaml").read_text() == "SEED: 2\n"
+
+
+def test_a_folder_that_is_not_a_collected_run_is_refused(tmp_path):
+    notes = tmp_path / "results" / "run1"
+    notes.mkdir(parents=True)
+    (notes / "sweep.csv").write_text("kept")
+    env = dict(os.environ, RESULTS_DIR=str(tmp_path / "results"))
+    done = subprocess.run(["bash", str(SCRIPT), str(_train_net_output(tmp_path / "output")), "run1"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "holds another run (it has no config.yaml)" in done.stderr
+    assert _tree(notes) == {"sweep.csv": b"kept"}
+
+
+def test_a_failed_collection_leaves_the_earlier_one(tmp_path):
+    work, returned = tmp_path / "work", tmp_path / "out"
+    _inference_tree(work)
+    returned.mkdir()
+    with tarfile.open(returned / "inference.tar", "w") as tar:
+        tar.add(work / "inference", arcname="inference")
+    (returned / "training_metrics.json").write_text('{"iteration": 99}\n')
+    (returned / "config.yaml").write_text("SEED: 1\n")
+    (returned / "train_eval.log").write_text(LOG)
+    run = _collect(returned, tmp_path / "results")
+    before = _tree(run)
+    # The same run returned again, its evaluation damaged on the way.
+    (returned / "inference.tar").write_bytes(b"not a tar archive")
+    (returned / "training_metrics.json").write_text('{"iteration": 100}\n')
+    env = dict(os.environ, RESULTS_DIR=str(tmp_path / "results"))
+    done = subprocess.run(["bash", str(SCRIPT), str(returned), "run1"], env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert _tree(run) == before
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["run1"]
 
 
 def test_missing_source_fails(tmp_path):

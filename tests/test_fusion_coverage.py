@@ -4,7 +4,13 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
 
+from nucseg_d2.predict.predictor import build_predict_cfg
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fusion_coverage.py"
 spec = importlib.util.spec_from_file_location("fusion_coverage", SCRIPT)
 fusion_coverage = importlib.util.module_from_spec(spec)
@@ -65,3 +71,67 @@ def test_markdown_table_prints_the_committed_layout(capsys):
         "| 128 | 32 | 39.531 | 32.000 |",
         "| 512 | 32 | 39.531 | 126.531 |",
     ]
+
+
+@pytest.fixture(scope="module")
+def maskrcnn_weights(tmp_path_factory):
+    """A checkpoint of the demo's plain Mask R-CNN: no semantic head, no fusion, the stock mask head."""
+    model = build_model(build_predict_cfg(str(CONFIGS / "demo_maskrcnn.yaml"), ["MODEL.DEVICE", "cpu"]))
+    path = tmp_path_factory.mktemp("maskrcnn") / "model_final.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return str(path)
+
+
+def _no_batches(*args, **kwargs):
+    raise AssertionError("training batches were built before the checkpoint was checked")
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_naming_its_missing_keys(maskrcnn_weights, capsys,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(fusion_coverage, "fixed_batches", _no_batches)
+    status = fusion_coverage.main(["--config-file", str(CONFIGS / "demo.yaml"), "--weights", maskrcnn_weights])
+    assert status == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {maskrcnn_weights}: checkpoint does not match the architecture of")
+    # The semantic head and the fusion run in the training pass measured: their weights are demanded
+    # too (the predictor's loader forgives their absence), so every key the file lacks is counted.
+    fusion_keys = build_model(build_predict_cfg(str(CONFIGS / "demo.yaml"), ["MODEL.DEVICE", "cpu"])).state_dict()
+    missing = set(fusion_keys) - set(torch.load(maskrcnn_weights)["model"])
+    assert any(key.startswith("sem_seg_head.") for key in missing)
+    assert f"missing keys ({len(missing)}): feature_fusion.predictor.bias, " in err
+
+
+@pytest.mark.parametrize("weights, message", [
+    ("nowhere/model_final.pth", "nowhere/model_final.pth: checkpoint file not found"),
+    ("", "--weights is empty"),  # fvcore's loader would go on with the untrained model
+])
+def test_a_missing_or_empty_checkpoint_is_refused_before_any_batch(weights, message, capsys, monkeypatch):
+    monkeypatch.setattr(fusion_coverage, "fixed_batches", _no_batches)
+    status = fusion_coverage.main(["--config-file", str(CONFIGS / "demo.yaml"), "--weights", weights])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err
+
+
+def test_the_trained_model_s_own_checkpoint_is_measured(tmp_path, untrained_demo_weights, capsys):
+    from PIL import Image
+
+    from nucseg_d2.data.synthetic import generate_tile
+
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+    image, label_map = generate_tile(np.random.default_rng(0), size=(64, 64))
+    Image.fromarray(image).save(tmp_path / "images" / "t0.png")
+    Image.fromarray(label_map.astype(np.uint16)).save(tmp_path / "labels" / "t0.png")
+    config = tmp_path / "config.yaml"
+    config.write_text(f'_BASE_: "{CONFIGS / "demo.yaml"}"\n'
+                      f"DATASETS:\n  NUCLEI_FOLDERS: [[coverage_main_train, {tmp_path / 'images'}, "
+                      f"{tmp_path / 'labels'}]]\n  TRAIN: [coverage_main_train]\n"
+                      "SOLVER:\n  IMS_PER_BATCH: 1\nINPUT:\n  CROP:\n    SIZE: [64, 64]\n")
+    status = fusion_coverage.main(["--config-file", str(config), "--weights", untrained_demo_weights,
+                                   "--rois-per-image", "16", "--batches", "1"])
+    assert status == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("| ROIs per image | crops | nuclei | positive_rois |")
+    assert lines[3].startswith("| 16 | 1 |")
