@@ -270,6 +270,35 @@ def test_build_augmentations_follows_cfg():
     assert build_nuclei_augmentations(cfg, is_train=True) == []
 
 
+
+def test_build_augmentations_passes_each_configured_range_to_its_augmentation():
+    # Degenerate ranges, each value distinct, so a drawn transform shows which key reached it.
+    cfg = _cfg()
+    for key in ("GAUSSIAN_BLUR", "GAUSSIAN_NOISE", "EMBOSS", "SHARPEN", "STAIN_JITTER"):
+        cfg.INPUT.AUG[key + "_PROB"] = 1.0
+    cfg.INPUT.AUG.GAUSSIAN_BLUR_SIGMA = (2.0, 2.0)
+    cfg.INPUT.AUG.GAUSSIAN_NOISE_STD = (7.0, 7.0)
+    cfg.INPUT.AUG.EMBOSS_STRENGTH = (0.3, 0.3)
+    cfg.INPUT.AUG.SHARPEN_STRENGTH = (0.4, 0.4)
+    cfg.INPUT.AUG.STAIN_JITTER_SCALE = 0.2
+    cfg.INPUT.AUG.STAIN_JITTER_SHIFT = 0.03
+    cfg.INPUT.AUG.HFLIP = cfg.INPUT.AUG.VFLIP = cfg.INPUT.AUG.ROT90 = False
+    image = _he_like_image()
+    np.random.seed(0)
+    drawn = {type(a.aug): a.aug.get_transform(image) for a in build_nuclei_augmentations(cfg, is_train=True)}
+    assert drawn[RandomGaussianBlur].sigma == 2.0
+    assert drawn[RandomGaussianNoise].std == 7.0
+    np.testing.assert_allclose(drawn[RandomEmboss].kernel, emboss_kernel(0.3, 1.0))
+    np.testing.assert_allclose(drawn[RandomSharpen].kernel, sharpen_kernel(0.4, 1.0))
+    # The defaults are 0.05 and 0.01: 20 draws of 3 reach past them, never past the configured values.
+    stain_jitter = [a.aug for a in build_nuclei_augmentations(cfg, is_train=True)
+                    if isinstance(a.aug, RandomStainJitter)][0]
+    jitters = [stain_jitter.get_transform(image) for _ in range(20)]
+    scale_deviation = np.abs(np.array([j.scale for j in jitters]) - 1.0)
+    shift = np.abs(np.array([j.shift for j in jitters]))
+    assert drawn[RandomStainJitter].scale.shape == (3,)
+    assert 0.05 < scale_deviation.max() <= 0.2 and 0.01 < shift.max() <= 0.03
+
 @pytest.mark.parametrize("image_hw", [(10, 12), (40, 50), (12, 40)])
 def test_crop_works_on_images_smaller_than_the_crop(image_hw):
     cfg = _cfg()
