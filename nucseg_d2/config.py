@@ -269,6 +269,9 @@ def _validate_model_branches(cfg):
     if nucseg.FUSION_BOXES != "predicted" and not nucseg.FUSION_ON:
         raise NucleiConfigError(
             f"MODEL.NUCSEG.FUSION_BOXES {nucseg.FUSION_BOXES!r}: MODEL.NUCSEG.FUSION_ON False, so nothing is pasted")
+    if nucseg.FUSION_IN_FEATURE != "p2" and not nucseg.FUSION_ON:
+        raise NucleiConfigError(f"MODEL.NUCSEG.FUSION_IN_FEATURE {nucseg.FUSION_IN_FEATURE!r}: "
+                                "MODEL.NUCSEG.FUSION_ON False, so no fused map is made")
     if nucseg.RETURN_SEMANTIC and (not_panoptic or not nucseg.SEMANTIC_ON):
         raise NucleiConfigError(
             "MODEL.NUCSEG.RETURN_SEMANTIC True needs the semantic branch: MODEL.NUCSEG.SEMANTIC_ON True in "

@@ -91,6 +91,7 @@ def test_build_nuclei_cfg_from_file_or_node_with_overrides():
         ("tnbc.yaml", ["MODEL.SEM_SEG_HEAD.LOSS_WEIGHT", "0.5"],
          r"\{'MODEL.SEM_SEG_HEAD.LOSS_WEIGHT': 0.5\}: PanopticNucleiRCNN .* MODEL.NUCSEG.LOSS_WEIGHTS"),
         ("tnbc_ab3.yaml", ["MODEL.RPN.LOSS_WEIGHT", "2.0"], r"'MODEL.RPN.LOSS_WEIGHT': 2.0\}: PanopticNucleiRCNN"),
+        ("tnbc_ab3.yaml", ["MODEL.NUCSEG.FUSION_IN_FEATURE", "p3"], "FUSION_IN_FEATURE 'p3': .*FUSION_ON False"),
     ],
 )
 def test_values_the_model_would_misuse_are_rejected_naming_the_key(config, overrides, problem):
