@@ -44,9 +44,30 @@ def test_initial_map_is_nearest_upsampled_conv_of_p2_cropped_to_the_image():
     per_cell = module.predictor(p2)
     for y, x in [(0, 0), (3, 3), (4, 4), (19, 29), (7, 13)]:
         torch.testing.assert_close(initial[0, :, y, x], per_cell[0, :, y // 4, x // 4])
-    # The 3x3 variant convolves after upsampling, at input resolution.
-    wide_kernel = FeatureFusion(in_channels=3, in_stride=4, kernel_size=3)
-    assert wide_kernel.initial_map(p2, (HEIGHT, WIDTH)).shape == (1, 2, HEIGHT, WIDTH)
+
+
+def test_3x3_initial_map_convolves_the_x4_nearest_upsampled_p2():
+    """Paper Sec. 3.1 / docs/MODEL.md: P2 is upsampled x4 (nearest) and THEN convolved to 2 channels.
+    A 3x3 conv does not commute with upsampling: at each cell border the window straddles two cells."""
+    torch.manual_seed(0)
+    module = FeatureFusion(in_channels=3, in_stride=4, kernel_size=3)
+    torch.nn.init.normal_(module.predictor.weight, std=1.0)  # visible, unlike the std 0.001 init
+    torch.nn.init.normal_(module.predictor.bias, std=1.0)
+    p2 = _p2()
+    with torch.no_grad():
+        initial = module.initial_map(p2, (HEIGHT, WIDTH))
+        # Nearest x4 written out as repeats (each P2 cell -> a 4x4 block), not F.interpolate.
+        upsampled = p2.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)
+        assert upsampled.shape[-2:] == (20, 32)
+        # Zero-padded 3x3 conv over the whole 20 x 32 map, then cropped to the 20 x 30 image:
+        # column 29's window reads column 30 of the upsampled P2, not padding.
+        expected = F.conv2d(upsampled, module.predictor.weight, module.predictor.bias, padding=1)[..., :HEIGHT, :WIDTH]
+        swapped = F.conv2d(p2, module.predictor.weight, module.predictor.bias, padding=1)
+        swapped = swapped.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)[..., :HEIGHT, :WIDTH]
+    assert initial.shape == (1, 2, HEIGHT, WIDTH)
+    torch.testing.assert_close(initial, expected)
+    # The opposite order is a different map, so the comparison above can tell them apart.
+    assert (swapped - expected).abs().max() > 0.1
 
 
 def test_tall_and_wide_boxes_replace_exactly_their_pixels():
@@ -147,18 +168,26 @@ def test_matches_sequential_grid_sample_replacement_in_values_and_gradients(monk
     count = 40
     corners = torch.rand(count, 2) * torch.tensor([WIDTH, HEIGHT]) - 3
     sizes = torch.rand(count, 2) * 12 + 0.5
-    boxes = torch.cat([corners, corners + sizes], dim=1)
-    masks = torch.randn(count, 7, 7, requires_grad=True)
+    # ROI 0 (columns/rows 4..7) lies inside the last ROI (columns/rows 2..9): completely hidden.
+    hidden, cover = torch.tensor([[4.0, 4.0, 8.0, 8.0]]), torch.tensor([[2.0, 2.0, 10.0, 10.0]])
+    boxes = torch.cat([hidden, torch.cat([corners, corners + sizes], dim=1), cover])
+    masks = torch.randn(count + 2, 7, 7, requires_grad=True)
     p2 = _p2(requires_grad=True)
-    reference = _sequential_reference(module.initial_map(p2, (HEIGHT, WIDTH))[0], masks, boxes)
+    initial = module.initial_map(p2, (HEIGHT, WIDTH))[0]
+    reference = _sequential_reference(initial, masks, boxes)
     weights = torch.randn_like(reference)
     ref_mask_grad, ref_p2_grad = torch.autograd.grad((reference * weights).sum(), [masks, p2])
+    # ROI 0 gets no gradient because later ROIs hide it, not because it is off the map: alone it gets one.
+    assert torch.all(ref_mask_grad[0] == 0)
+    alone = _sequential_reference(initial.detach(), masks[:1], boxes[:1])
+    assert torch.autograd.grad((alone * weights).sum(), masks)[0][0].abs().sum() > 0
 
     for max_entries in (1 << 22, 7):  # one scatter chunk, then many small ones
         monkeypatch.setattr(fusion_module, "_MAX_SCATTER_ENTRIES", max_entries)
         fused = module(p2, [masks], [boxes], (HEIGHT, WIDTH))[0]
         torch.testing.assert_close(fused, reference)
         mask_grad, p2_grad = torch.autograd.grad((fused * weights).sum(), [masks, p2])
+        assert torch.all(mask_grad[0] == 0)  # the hidden ROI
         torch.testing.assert_close(mask_grad, ref_mask_grad)
         torch.testing.assert_close(p2_grad, ref_p2_grad)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
@@ -17,6 +18,7 @@ from detectron2.utils.events import EventStorage
 from nucseg_d2 import add_nucseg_config
 from nucseg_d2.config import NucleiConfigError, merge_config_file, validate_nucseg_config
 from nucseg_d2.modeling import NucleiROIHeads, PanopticNucleiRCNN
+from nucseg_d2.modeling.fusion import fusion_loss
 from nucseg_d2.modeling.postprocess import instances_to_label_map
 
 from model_inputs import synthetic_training_input
@@ -100,6 +102,32 @@ def test_training_gives_the_seven_losses_of_eq4_all_finite(batch):
     sum(losses.values()).backward()
     for branch in (model.sem_seg_head, model.feature_fusion, model.roi_heads.mask_head, model.backbone):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.parameters())
+
+
+def test_semantic_targets_are_padded_with_the_ignore_value_and_line_up_with_the_fused_map():
+    # Not square once padded: 64 x 80 and 40 x 48 pad to 64 x 96 (80 -> 96 by size_divisibility 32),
+    # so a height/width swap cannot go unnoticed.
+    batch = [synthetic_training_input(3, 64, 80), synthetic_training_input(5, 40, 48)]
+    cfg = _small_cfg()
+    assert cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE == 255 and cfg.MODEL.NUCSEG.LOSS_WEIGHTS.SEMSEG2 == 1.0
+    model = _build(cfg)
+    assert model.backbone.size_divisibility == 32
+    captured = {}
+    model.sem_seg_head.register_forward_pre_hook(lambda m, inputs: captured.__setitem__("targets", inputs[1]))
+    model.feature_fusion.register_forward_hook(lambda m, inputs, output: captured.__setitem__("fused", output))
+    losses = _train_losses(model, batch)
+    targets, fused = captured["targets"], captured["fused"]
+
+    # Built by hand: 255 everywhere, each image's own 0/1 map in its top-left corner.
+    expected = torch.full((2, 64, 96), 255, dtype=torch.int64)
+    expected[0, :64, :80] = batch[0]["sem_seg"]
+    expected[1, :40, :48] = batch[1]["sem_seg"]
+    assert targets.shape == (2, 64, 96) and fused.shape == (2, 2, 64, 96)
+    assert torch.equal(targets, expected)
+    assert (targets == 255).sum() == 2 * 64 * 96 - 64 * 80 - 40 * 48  # exactly the padding is ignored
+    # L_semseg2 scores F_N against these targets pixel for pixel, the padding left out.
+    torch.testing.assert_close(losses["loss_fusion"], fusion_loss(fused, targets, 255))
+    torch.testing.assert_close(losses["loss_fusion"], F.cross_entropy(fused, expected, ignore_index=255))
 
 
 def test_training_step_on_a_batch_with_an_image_without_nuclei(batch):
@@ -411,6 +439,41 @@ def test_nuclei_roi_heads_losses_equal_standard_roi_heads(num_classes, cls_agnos
     assert set(losses) == set(expected) == {"loss_cls", "loss_box_reg", "loss_mask"}
     for name in expected:
         torch.testing.assert_close(losses[name], expected[name])
+
+
+@pytest.mark.parametrize("num_classes,cls_agnostic_mask", [(1, False), (3, False), (3, True)])
+def test_nuclei_roi_heads_inference_equals_standard_roi_heads(num_classes, cls_agnostic_mask):
+    """Eval mode, same weights, features and proposals: the detections (pred_boxes, scores, pred_classes)
+    and pred_masks are identical, bit for bit. pred_masks is what both heads give at this level:
+    mask_rcnn_inference's (R, 1, M, M) probabilities of each detection's predicted class; NucleiRCNN only
+    renames it pred_mask_probs later, in its post-processing (compact_detector_postprocess)."""
+    standard, features, proposals, _ = _roi_heads_and_inputs("StandardROIHeads", num_classes, cls_agnostic_mask)
+    nuclei, *_ = _roi_heads_and_inputs("NucleiROIHeads", num_classes, cls_agnostic_mask)
+    # Larger than the default init, so that detections, classes and per-class masks clearly differ.
+    for layer in (standard.box_predictor.cls_score, standard.box_predictor.bbox_pred, standard.mask_head.predictor):
+        torch.nn.init.normal_(layer.weight, std=0.5)
+    nuclei.load_state_dict(standard.state_dict())
+    outputs = {}
+    for name, heads in (("standard", standard), ("nuclei", nuclei)):
+        heads.eval()
+        with torch.no_grad():
+            outputs[name] = heads(None, features, [p[:] for p in proposals])
+    (expected, expected_losses), (results, losses) = outputs["standard"], outputs["nuclei"]
+    assert losses == expected_losses == {}
+    assert len(results) == len(expected) == 2
+    fields = {"pred_boxes", "scores", "pred_classes", "pred_masks"}
+    for result, reference in zip(results, expected):
+        assert set(result.get_fields()) == set(reference.get_fields()) == fields
+        assert len(reference) > 0 and result.image_size == reference.image_size
+        assert torch.equal(result.pred_boxes.tensor, reference.pred_boxes.tensor)
+        assert torch.equal(result.scores, reference.scores)
+        assert torch.equal(result.pred_classes, reference.pred_classes)
+        assert result.pred_masks.shape == (len(reference), 1, 28, 28)
+        assert torch.equal(result.pred_masks, reference.pred_masks)
+    classes = torch.cat([r.pred_classes for r in expected])
+    assert len(classes.unique()) == num_classes  # with 3 classes, every class's path is compared
+    masks = torch.cat([r.pred_masks for r in expected])
+    assert masks.min() < 0.2 and masks.max() > 0.8  # not the flat 0.5 of an untrained predictor
 
 
 @pytest.mark.parametrize("num_classes,cls_agnostic_mask", [(1, False), (3, False), (3, True)])
