@@ -64,7 +64,7 @@ def add_nucseg_config(cfg):
     # Keep detections scoring above this. Only those above MODEL.ROI_HEADS.SCORE_THRESH_TEST (0.05)
     # exist, so any value up to that keeps them all.
     _C.TEST.NUCLEI.SCORE_THRESH = 0.5
-    _C.TEST.NUCLEI.MASK_THRESH = 0.5  # binarise mask probabilities at this value
+    _C.TEST.NUCLEI.MASK_THRESH = 0.5  # mask probabilities above this are foreground; in (0, 1)
     # Drop a mask more than this fraction covered by higher-scoring masks; else keep its free part.
     _C.TEST.NUCLEI.MAX_OVERLAP = 0.7
     # Metrics the NucleiEvaluator reports (names from nucseg_d2.evaluation.metrics).

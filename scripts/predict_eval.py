@@ -9,7 +9,7 @@ inference (e.g. --tta) becomes a results folder the tables of docs/RESULTS.md ca
 
     python scripts/predict_eval.py --config-file results/tnbc_proposed_cpu1100/config.yaml \
         --weights output/tnbc_proposed_cpu1100/model_final.pth --dataset tnbc_val \
-        --run-dir results/tnbc_proposed_cpu1100_predictor_tta --tta
+        --run-dir results/my_predictor_tta --tta
 
 An existing RUN_DIR/DATASET is refused unless --overwrite. The folder is built as
 RUN_DIR/DATASET.partial and renamed into place once scored, so an error or interruption never

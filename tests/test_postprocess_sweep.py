@@ -136,6 +136,7 @@ def test_cli_reads_a_folder_data_set_named_in_the_config(tmp_path, untrained_dem
     (["--dataset", "nuclei_synthetic_val", "MODEL.NO_SUCH_KEY", "1"], "MODEL.NO_SUCH_KEY"),
     (["--dataset", "nuclei_synthetic_val", "--score-thresh", "0.5,1.5"], "--score-thresh: expected values in"),
     (["--dataset", "nuclei_synthetic_val", "--mask-thresh", "half"], "--mask-thresh: expected comma-separated"),
+    (["--dataset", "nuclei_synthetic_val", "--mask-thresh", "0.5,0"], "--mask-thresh: expected values in (0, 1)"),
     (["--dataset", "nuclei_synthetic_val", "--score-thresh", "0.01"], "below the model's"),
     (["--dataset", "no_such_set"], "no_such_set"),
 ])

@@ -335,8 +335,9 @@ _FOLDER_REGISTRATIONS = {}  # name -> (image_dir, label_dir, label_format)
 def register_nuclei_folder(name, image_dir, label_dir, label_format="label_map"):
     """Register a user data set: ``image_dir`` images paired by file stem with ``label_dir`` labels.
 
-    Labels are PNG/TIFF/.npy/.mat label maps (or TNBC-style binary masks with label_format
-    "tnbc_binary", Aperio XML with "monuseg_xml"). Registering the same name with the same
+    Labels are PNG/TIFF/.npy/.mat label maps (or TNBC-style binary PNG/TIFF masks with label_format
+    "tnbc_binary", Aperio XML with "monuseg_xml", CPM-17 .mat with "cpm17_mat"); an image without a
+    label, or a label without an image, is a NucleiDataError when the set is first read. Registering the same name with the same
     arguments again is a no-op; with other arguments, or a name taken by another data set, an error.
     """
     if label_format not in LABEL_FORMATS:

@@ -83,8 +83,14 @@ def _parse_values(text: str, option: str) -> Tuple[float, ...]:
         values = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise SweepError(f"{option}: expected comma-separated numbers, got {text!r}") from None
-    if not values or not all(0.0 <= value <= 1.0 for value in values):
-        raise SweepError(f"{option}: expected values in [0, 1], got {text!r}")
+    # Mask probabilities are kept above the threshold: 0 would keep whole boxes, 1 nothing
+    # (TEST.NUCLEI.MASK_THRESH refuses both, so a winning 0 or 1 could not be used).
+    if option == "--mask-thresh":
+        bounds, outside = "(0, 1)", [value for value in values if not 0.0 < value < 1.0]
+    else:
+        bounds, outside = "[0, 1]", [value for value in values if not 0.0 <= value <= 1.0]
+    if not values or outside:
+        raise SweepError(f"{option}: expected values in {bounds}, got {text!r}")
     return values
 
 
