@@ -171,7 +171,6 @@ def test_the_tuning_script_names_a_run_that_was_not_trained(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-@pytest.mark.slow
 def _untrained_run(tmp_path, name, proposals, detections, **env):
     """An untrained demo run where tune_postprocess.sh reads trained ones (RUNS_DIR/NAME/{config.yaml,
     model_final.pth}); returns the script's environment (results under tmp_path/results)."""
@@ -187,6 +186,7 @@ def _untrained_run(tmp_path, name, proposals, detections, **env):
                 PYTHON=sys.executable, NUCSEG_CACHE=str(tmp_path / "cache"), **env)
 
 
+@pytest.mark.slow
 def test_the_tuning_script_scores_val_and_test_with_the_thresholds_it_chose(tmp_path):
     """scripts/tune_postprocess.sh on an (untrained) demo run: the chosen thresholds are those the
     evaluation used, and the validation figures it reports equal the sweep's best."""
@@ -212,6 +212,7 @@ def test_the_tuning_script_scores_val_and_test_with_the_thresholds_it_chose(tmp_
     assert gzip.decompress((tuned / "eval_log.txt.gz").read_bytes()).decode().count("Rank of current process") == 1
 
 
+@pytest.mark.slow
 def test_the_tuning_script_leaves_kumars_validation_label_maps_out(tmp_path):
     """As collect_results.sh: kumar_val's metrics and per-image CSV are kept, its label maps are not
     (room in a Kumar device carry); kumar_test's are. Kumar's layout with 64x64 images."""

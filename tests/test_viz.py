@@ -172,6 +172,25 @@ def test_metrics_json_resumed_run_replaces_the_old_tail(tmp_path):
     assert series["lr"][99] == 0.001
 
 
+
+def test_metrics_json_evaluation_written_after_a_later_training_line_is_no_restart(tmp_path):
+    # As Detectron2 writes an evaluation at 274 (EVAL_PERIOD 275) whose iteration logged no losses:
+    # its values come after those of 279, keys in first-stored order (results/*_cpu1100 hold this).
+    lines = [{"iteration": 259, "total_loss": 2.0, "lr": 0.01}, {"iteration": 279, "total_loss": 1.9, "lr": 0.01},
+             {"iteration": 274, "nuclei/aji": 0.5}, {"iteration": 299, "total_loss": 1.8, "lr": 0.01}]
+    path = tmp_path / "metrics.json"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    series = read_training_metrics(path)
+    assert series["total_loss"] == {259: 2.0, 279: 1.9, 299: 1.8}
+    assert series["nuclei/aji"] == {274: 0.5}
+
+
+def test_metrics_json_of_a_published_run_keeps_every_logged_loss():
+    path = REPO_ROOT / "results" / "tnbc_proposed_cpu1100" / "training_metrics.json"
+    logged = {json.loads(line)["iteration"] for line in open(path) if '"total_loss"' in line}
+    assert {279, 559, 839} <= logged  # each followed in the file by an earlier evaluation
+    assert set(read_training_metrics(path)["total_loss"]) == logged
+
 def test_training_curves(tmp_path):
     path = tmp_path / "metrics.json"
     _write_metrics_json(path)

@@ -254,8 +254,11 @@ def read_training_metrics(metrics_json) -> Dict[str, Dict[int, float]]:
     """{key: {iteration: value}} from Detectron2's metrics.json (one JSON object per line).
 
     Detectron2 appends to the file when a run is resumed or started again in the same folder, so
-    an iteration lower than the previous line's starts a new run: earlier lines from that
-    iteration on are dropped (resume: the rerun replaces them; fresh start: the old run goes).
+    a training line (losses, lr) at an iteration lower than the previous line's starts a new run:
+    earlier lines from that iteration on are dropped (resume: the rerun replaces them; fresh start:
+    the old run goes). An evaluation line may come after a later training line (Detectron2 writes
+    an iteration's values in the order their keys were first stored: the losses at 279 before the
+    evaluation at 274), so a lower one without training values is kept.
     A line that does not parse (a run killed mid-write) is skipped.
     """
     entries: List[dict] = []
@@ -267,7 +270,8 @@ def read_training_metrics(metrics_json) -> Dict[str, Dict[int, float]]:
                 continue
             if not isinstance(entry, dict) or not isinstance(entry.get("iteration"), (int, float)):
                 continue
-            if entries and entry["iteration"] < entries[-1]["iteration"]:
+            training_line = "total_loss" in entry or "lr" in entry
+            if training_line and entries and entry["iteration"] < entries[-1]["iteration"]:
                 entries = [e for e in entries if e["iteration"] < entry["iteration"]]
             entries.append(entry)
     series: Dict[str, Dict[int, float]] = {}
