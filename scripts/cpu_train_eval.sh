@@ -9,7 +9,10 @@
 #   e.g. bash scripts/cpu_train_eval.sh configs/tnbc.yaml tnbc_proposed_cpu1100 SEED 55304682
 #
 # Environment: ITERS (1100), VAL (tnbc_val), TEST (tnbc_test), PYTHON (.venv/bin/python),
-# NUCSEG_DATASETS (where tnbc/ and kumar/ lie), RUNS_DIR (output). Run again after an interruption:
+# NUCSEG_DATASETS (where tnbc/ and kumar/ lie), RUNS_DIR (output), RESULTS_DIR (results), FORCE.
+# A RESULTS_DIR/RUN_NAME holding another collected run (another config.yaml) is refused before
+# training, as collect_results.sh would refuse it after; FORCE=1 replaces it.
+# Run again after an interruption:
 # training resumes from the last checkpoint with the config the run started with (its saved
 # config.yaml, not CONFIG as it reads now), and a finished training goes straight to the test
 # evaluation. A training stopped by SOLVER.NUCLEI.TIME_LIMIT_S short of ITERS is not finished: the
@@ -24,6 +27,7 @@ CONFIG=$1; RUN=$2; shift 2
 PYTHON=${PYTHON:-.venv/bin/python}
 ITERS=${ITERS:-1100}; VAL=${VAL:-tnbc_val}; TEST=${TEST:-tnbc_test}
 OUT=${RUNS_DIR:-output}/$RUN
+DEST=${RESULTS_DIR:-results}/$RUN
 if ! [[ $ITERS =~ ^[0-9]+$ ]] || (( ITERS < 12 )); then
   echo "ITERS must be a whole number >= 12 (the schedule needs warm-up, two lr steps and 4 evaluations), got '$ITERS'" >&2
   exit 2
@@ -36,6 +40,15 @@ trained_iterations() {  # 1 + the last iteration logged in the run's metrics.jso
   last=$(grep -o '"iteration": [0-9]*' "$OUT/metrics.json" 2>/dev/null | awk '{print $2}' | sort -n | tail -n 1 || true)
   echo $(( ${last:--1} + 1 ))
 }
+
+# Asked now, not after hours of training: collect_results.sh collects into DEST only the run
+# already there (the same config.yaml), unless FORCE=1.
+if [[ ${FORCE:-0} != 1 && -e $DEST ]] && [[ ! -d $DEST || -n $(ls -A "$DEST") ]] \
+    && ! { [[ -f $OUT/config.yaml && -f $DEST/config.yaml ]] && cmp -s "$OUT/config.yaml" "$DEST/config.yaml"; }; then
+  echo "error: $DEST holds another collected run (a published one?); give another RUN_NAME, or FORCE=1 to" \
+    "replace it when this run is collected" >&2
+  exit 2
+fi
 
 SECONDS=0
 # A time limit before commit b4e0802 saved model_final before the schedule's end (now model_<iteration>):
@@ -80,7 +93,7 @@ mkdir -p "$OUT/inference"
 rm -rf "${OUT:?}/inference/$TEST"
 cp -r "$OUT/test_eval/inference/$TEST" "$OUT/inference/$TEST"
 bash scripts/collect_results.sh "$OUT" "$RUN"
-gzip -9 -n -c "$OUT/test_eval/log.txt" > "results/$RUN/test_eval_log.txt.gz"
-rm -f "results/$RUN/test_eval_log.txt"  # an uncompressed log from an earlier run would be read first
-"$PYTHON" -m nucseg_d2.evaluation.results_table --dataset "$VAL" --curve --run "$RUN=results/$RUN"
-"$PYTHON" -m nucseg_d2.evaluation.results_table --dataset "$TEST" --run "$RUN=results/$RUN"
+gzip -9 -n -c "$OUT/test_eval/log.txt" > "$DEST/test_eval_log.txt.gz"
+rm -f "$DEST/test_eval_log.txt"  # an uncompressed log from an earlier run would be read first
+"$PYTHON" -m nucseg_d2.evaluation.results_table --dataset "$VAL" --curve --run "$RUN=$DEST"
+"$PYTHON" -m nucseg_d2.evaluation.results_table --dataset "$TEST" --run "$RUN=$DEST"

@@ -88,3 +88,29 @@ def test_a_model_final_without_metrics_is_scored(tmp_path):
     # Weights put in the run folder by hand (no training log): scored, not trained over.
     status, argv = _training_call(tmp_path, ("model_final.pth", "config.yaml"))
     assert status == 3 and "--eval-only" in argv
+
+
+def test_a_results_folder_of_another_run_is_refused_before_training(tmp_path):
+    # collect_results.sh would refuse it only after the training (hours).
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    published = tmp_path / "results" / "r"
+    published.mkdir(parents=True)
+    (published / "config.yaml").write_text("SEED: 1\n")
+
+    def script(**env):
+        return subprocess.run(["bash", SCRIPT, "configs/kumar_ab1.yaml", "r"], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHON="false", RUNS_DIR=str(tmp_path / "runs"),
+                                       RESULTS_DIR=str(tmp_path / "results"), ITERS="44", **env))
+
+    fresh = script()
+    assert fresh.returncode == 2 and f"{published} holds another collected run" in fresh.stderr
+    assert (published / "config.yaml").read_text() == "SEED: 1\n"
+    (run / "config.yaml").write_text("SEED: 2\n")  # a run started under that name with other settings
+    assert script().returncode == 2
+    # FORCE=1, or the run already collected there (its config.yaml), goes on to training (a stand-in that fails).
+    forced = script(FORCE="1")
+    assert forced.returncode == 1 and "holds another" not in forced.stderr
+    (run / "config.yaml").write_text("SEED: 1\n")
+    same = script()
+    assert same.returncode == 1 and "holds another" not in same.stderr
