@@ -17,6 +17,8 @@ from detectron2.structures import Instances
 from nucseg_d2.evaluation.postprocess_sweep import SweepError, best_setting, main, sweep_postprocess
 from nucseg_d2.predict.predictor import build_predict_cfg
 
+from real_data import REAL_DATA_ROOT  # noqa: E402  (tests/ helper)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "demo.yaml")
 SIZE = (20, 20)
@@ -139,6 +141,9 @@ def test_cli_reads_a_folder_data_set_named_in_the_config(tmp_path, untrained_dem
     (["--dataset", "nuclei_synthetic_val", "--mask-thresh", "0.5,0"], "--mask-thresh: expected values in (0, 1)"),
     (["--dataset", "nuclei_synthetic_val", "--score-thresh", "0.01"], "below the model's"),
     (["--dataset", "no_such_set"], "no_such_set"),
+    # Thresholds chosen on images the model trained on would flatter it.
+    (["--dataset", "nuclei_synthetic_val", "DATASETS.TRAIN", "('nuclei_synthetic_train', 'nuclei_synthetic_val')"],
+     "nuclei_synthetic_val shares 8 image(s) with nuclei_synthetic_val (DATASETS.TRAIN of the run)"),
 ])
 def test_cli_refusals_name_the_problem_and_write_nothing(tmp_path, untrained_demo_weights, capsys, extra, message):
     out = tmp_path / "sweep"
@@ -148,6 +153,25 @@ def test_cli_refusals_name_the_problem_and_write_nothing(tmp_path, untrained_dem
     error = capsys.readouterr().err
     assert message in error and error.startswith("error: ")
     assert not out.exists()
+
+
+@pytest.mark.skipif(not (REAL_DATA_ROOT / "tnbc").is_dir(), reason="real TNBC data absent")
+def test_a_validation_set_holding_a_cross_validation_folds_test_patients_is_refused(monkeypatch):
+    from detectron2.data import DatasetCatalog
+
+    from nucseg_d2.evaluation.postprocess_sweep import _refuse_images_the_run_trained_or_is_tested_on
+
+    monkeypatch.setenv("NUCSEG_DATASETS", str(REAL_DATA_ROOT))
+    tnbc = os.path.join(REPO, "configs", "tnbc.yaml")
+    val = DatasetCatalog.get("tnbc_val")  # patients 02 and 05
+    _refuse_images_the_run_trained_or_is_tested_on(build_predict_cfg(tnbc), "tnbc_val", val)  # the usual run
+    fold2 = build_predict_cfg(tnbc, ["DATASETS.TRAIN", "('tnbc_cv5_fold2_train',)",
+                                     "DATASETS.TEST", "('tnbc_cv5_fold2_test',)"])
+    with pytest.raises(SweepError, match=r"tnbc_val shares \d+ image\(s\) with tnbc_cv5_fold2_train"):
+        _refuse_images_the_run_trained_or_is_tested_on(fold2, "tnbc_val", val)  # patient 05
+    fold2_test_only = build_predict_cfg(fold2, ["DATASETS.TRAIN", "('tnbc_train',)"])
+    with pytest.raises(SweepError, match=r"with tnbc_cv5_fold2_test \(DATASETS.TEST of the run\): 02_"):
+        _refuse_images_the_run_trained_or_is_tested_on(fold2_test_only, "tnbc_val", val)  # patient 02
 
 
 def test_an_option_after_the_overrides_is_named(tmp_path, untrained_demo_weights, capsys):

@@ -24,6 +24,7 @@ from ..config import NucleiConfigError
 from ..data.readers import NucleiDataError
 from ..modeling.postprocess import instances_to_label_map
 from ..predict.predictor import CheckpointError, build_predict_cfg
+from ..utils import first_few
 from .metrics import metric_keys
 from .reporting import pooled_aji_from_scores, score_image, write_csv_atomic, write_json_atomic
 
@@ -121,13 +122,37 @@ def _run_model(cfg, weights: str, dataset: str) -> List[Tuple[str, np.ndarray, o
     unknown = unregistered_datasets_message([dataset])
     if unknown:
         raise SweepError(unknown)
+    records = DatasetCatalog.get(dataset)
+    _refuse_images_the_run_trained_or_is_tested_on(cfg, dataset, records)
     predictor = NucleiPredictor(cfg, weights=weights)
     images = []
-    for record in DatasetCatalog.get(dataset):
+    for record in records:
         image = read_rgb_image(record["file_name"])
         instances = predictor.run_model([image])[0].to("cpu")
         images.append((str(record["image_id"]), load_label_map(record), instances))
     return images
+
+
+def _refuse_images_the_run_trained_or_is_tested_on(cfg, dataset: str, records) -> None:
+    """The sweep's images must be none of the run's DATASETS.TRAIN, nor of a test split in its
+    DATASETS.TEST: a validation set by name can hold them (tnbc_val's patients 02 and 05 are test
+    patients of tnbc_cv5 folds 2 and 4)."""
+    from detectron2.data import DatasetCatalog
+
+    from ..data.datasets import unregistered_datasets_message
+
+    files = {os.path.realpath(record["file_name"]) for record in records}
+    others = [("DATASETS.TRAIN", name) for name in cfg.DATASETS.TRAIN]
+    others += [("DATASETS.TEST", name) for name in cfg.DATASETS.TEST if _is_test_split(name) and name != dataset]
+    for key, name in others:
+        if unregistered_datasets_message([name]):
+            continue  # a set this checkout does not have holds none of these files
+        shared = sorted(os.path.basename(record["file_name"]) for record in DatasetCatalog.get(name)
+                        if os.path.realpath(record["file_name"]) in files)
+        if shared:
+            raise SweepError(f"{dataset} shares {len(shared)} image(s) with {name} ({key} of the run): "
+                             f"{first_few(shared, 5)}; choose post-processing on images the run neither "
+                             "trained on nor is tested on")
 
 
 def _is_test_split(dataset: str) -> bool:
