@@ -148,6 +148,26 @@ def test_compare_csv_hausdorff_is_better_when_lower(tmp_path):
     assert row["stars"] == "**"
 
 
+
+def test_an_infinite_value_leaves_the_metric_untested_and_says_where(tmp_path, capsys):
+    # A found nothing in image r: its object Hausdorff is inf, and the differences have no mean.
+    csv_a = write_csv(tmp_path / "a.csv", hausdorff_rows([1, 2, math.inf]))
+    csv_b = write_csv(tmp_path / "b.csv", hausdorff_rows([3, 5, 7]))
+    (row,) = compare_per_image_csv(csv_a, csv_b)
+    assert math.isnan(row["p"]) and row["stars"] == "n/a"
+    assert row["note"] == "not tested: object_hausdorff is infinite for r"
+    assert main([csv_a, csv_b]) == 0
+    assert "not tested: object_hausdorff is infinite for r" in capsys.readouterr().out
+    (finite,) = compare_per_image_csv(csv_b, csv_b)  # equal differences, no inf: n/a without a note
+    assert finite["note"] == ""
+
+
+def test_a_csv_saved_with_a_byte_order_mark_compares_like_the_plain_one(tmp_path):
+    csv_a, csv_b = table_2_csvs(tmp_path)
+    with_bom = tmp_path / "bom.csv"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + open(csv_a, "rb").read())
+    assert compare_per_image_csv(str(with_bom), csv_b) == compare_per_image_csv(csv_a, csv_b)
+
 def test_compare_rows_pairs_images_by_id_whatever_their_order():
     rows_a = {"img2": {"aji": "0.8"}, "img1": {"aji": "0.6"}, "img3": {"aji": "1.0"}}
     rows_b = {"img1": {"aji": "0.5"}, "img2": {"aji": "0.6"}, "img3": {"aji": "0.7"}}

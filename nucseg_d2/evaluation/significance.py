@@ -64,6 +64,10 @@ def paired_one_tailed_ttest(a: Sequence[float], b: Sequence[float]) -> PairedTTe
         raise ValueError(f"a paired t-test needs at least 2 pairs, got {a.size}")
     differences = a - b
     mean_difference = float(np.mean(differences))
+    if not np.all(np.isfinite(differences)):
+        # An infinite value (object Hausdorff of an image where a method found nothing) leaves the
+        # mean and variance of the differences undefined: NaN, which compare_per_image_rows explains.
+        return PairedTTest(float("nan"), float("nan"), int(a.size), mean_difference)
     # 0.6 - 0.5 and 0.7 - 0.6 differ in the last bits: without a tolerance such "equal" differences
     # would give t ~ 1e15 and '***'.
     if np.ptp(differences) <= _EQUAL_DIFFERENCES_RTOL * max(1.0, float(np.max(np.abs(differences)))):
@@ -90,7 +94,8 @@ def significance_stars(p: float) -> str:
 
 def read_per_image_rows(path: str, key: str = "image_id") -> Dict[str, Dict[str, str]]:
     """A per-image CSV as ``{row[key]: row}``; ValueError on a missing key column, duplicates or no rows."""
-    with open(path, newline="") as f:
+    # utf-8-sig: a CSV saved again by a spreadsheet starts with a byte-order mark.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or key not in reader.fieldnames:
             raise ValueError(f"{path}: no {key!r} column (columns: {reader.fieldnames})")
@@ -140,7 +145,8 @@ def compare_per_image_csv(csv_a: str, csv_b: str, metrics: Optional[Sequence[str
     ``metrics`` default: the known metric columns (``metric_keys()``) present in both files.
     Raises ValueError when the two files do not hold the same image ids (naming the ids found
     in only one of them), on duplicate ids, or on non-numeric values. Returns one dict per
-    metric: metric, better ("higher"/"lower"), n, mean_a, mean_b, t, p, stars.
+    metric: metric, better ("higher"/"lower"), n, mean_a, mean_b, t, p, stars, note (why a
+    metric was not tested: the images where it is infinite; else "").
     """
     return compare_per_image_rows(read_per_image_rows(csv_a, key), read_per_image_rows(csv_b, key),
                                   metrics, csv_a, csv_b)
@@ -174,6 +180,7 @@ def compare_per_image_rows(rows_a: Mapping[str, Mapping[str, str]], rows_b: Mapp
         b = numeric_column(rows_b, ids, metric, source_b)
         lower_is_better = metric in LOWER_IS_BETTER
         test = paired_one_tailed_ttest(b, a) if lower_is_better else paired_one_tailed_ttest(a, b)
+        infinite = [image_id for image_id, x, y in zip(ids, a, b) if not (math.isfinite(x) and math.isfinite(y))]
         table.append({
             "metric": metric,
             "better": "lower" if lower_is_better else "higher",
@@ -183,6 +190,7 @@ def compare_per_image_rows(rows_a: Mapping[str, Mapping[str, str]], rows_b: Mapp
             "t": test.statistic,
             "p": test.pvalue,
             "stars": significance_stars(test.pvalue),
+            "note": f"not tested: {metric} is infinite for {', '.join(infinite)}" if infinite else "",
         })
     return table
 
@@ -194,7 +202,8 @@ def format_table(table: Sequence[Dict[str, object]], name_a: str = "A", name_b: 
               f"{r['t']:.3f}", f"{r['p']:.3g}", str(r["stars"])] for r in table]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([render(header), render(["-" * w for w in widths])] + [render(line) for line in lines])
+    notes = [str(r["note"]) for r in table if r.get("note")]
+    return "\n".join([render(header), render(["-" * w for w in widths])] + [render(line) for line in lines] + notes)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
