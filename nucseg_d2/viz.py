@@ -130,12 +130,16 @@ def match_categories(gt, pred, iou_threshold: float = 0.5,
 
 
 def _category_masks(label_map: np.ndarray, categories: Mapping[int, str]) -> Dict[str, np.ndarray]:
-    """{category: boolean mask of the nuclei in it} via one lookup table over the ids."""
+    """{category: boolean mask of the nuclei in it} via one lookup table over the ids (np.isin
+    where the largest id would make that table larger than the map: ids past 2^31 exist)."""
     masks = {}
     ids = np.fromiter(categories.keys(), np.int64, len(categories))
     names = np.array(list(categories.values()), dtype=object)
     max_id = int(label_map.max()) if label_map.size else 0
     for category in set(categories.values()):
+        if max_id > max(label_map.size, 2**16):
+            masks[category] = np.isin(label_map, ids[names == category])
+            continue
         lookup = np.zeros(max_id + 1, bool)
         lookup[ids[names == category]] = True
         masks[category] = lookup[label_map]
@@ -282,8 +286,16 @@ def plot_per_image_metrics(per_image_csv, out_png, metrics: Optional[Sequence[st
         if finite_all.size and finite_all.min() >= 0 and finite_all.max() <= 1:
             axis.set_ylim(0, 1.02)
         mean = finite_all.mean() if finite_all.size else math.nan
+        # matplotlib draws no bar for inf (an object Hausdorff where nothing was found), which
+        # would read as a perfect 0: a marker at the top shows each.
+        infinite = np.flatnonzero(np.isinf(values))
+        title = f"{metric}: mean {mean:.3f} over {finite_all.size} images"
+        if infinite.size:
+            top = finite_all.max() if finite_all.size else 1.0
+            axis.plot(positions[infinite], np.full(infinite.size, top), "^", color="red", markersize=6)
+            title += f"; {infinite.size} more infinite (red ^)"
         axis.set_ylabel(metric)
-        axis.set_title(f"{metric}: mean {mean:.3f} over {len(rows)} images", fontsize=9, loc="left")
+        axis.set_title(title, fontsize=9, loc="left")
         axis.grid(axis="y", alpha=0.3)
         axis.set_axisbelow(True)
     axes[-1].set_xticks(positions)

@@ -105,6 +105,17 @@ def test_match_overlay_colours_and_size():
         assert np.any(np.all(np.abs(legend.astype(int) - colour) <= 2, axis=-1))
 
 
+
+def test_match_overlay_of_ids_past_two_to_the_31():
+    # read_label_map keeps such ids as int64; a lookup table up to them would need a TiB.
+    gt, pred = _hand_made_maps()
+    huge_gt, huge_pred = gt.astype(np.int64), pred.astype(np.int64)
+    huge_gt[gt > 0] += 2**40
+    huge_pred[pred > 0] += 2**40
+    image = np.full(gt.shape + (3,), 128, np.uint8)
+    np.testing.assert_array_equal(match_overlay(image, huge_gt, huge_pred, legend=False),
+                                  match_overlay(image, gt, pred, legend=False))
+
 def test_match_overlay_keeps_wide_images_at_their_size(tmp_path):
     gt, pred = _hand_made_maps()
     wide = [np.tile(a, (1, 10)) for a in (gt, pred)]  # 600 pixels wide: no enlargement
@@ -162,6 +173,19 @@ def _write_metrics_json(path):
     text = "\n".join(json.dumps(line) for line in lines) + '\n{"iteration": 119, "loss_cl'
     path.write_text(text)
 
+
+
+def test_per_image_bars_show_infinite_values(tmp_path, monkeypatch):
+    # An object Hausdorff with nothing found is inf: matplotlib draws no bar, which reads as 0.
+    path = tmp_path / "per_image.csv"
+    path.write_text("image_id,object_hausdorff\na,4.0\nb,inf\nc,6.0\n")
+    figures = []
+    monkeypatch.setattr(viz, "_save_figure", lambda figure, out: figures.append(figure))
+    plot_per_image_metrics(path, tmp_path / "bars.png", metrics=["object_hausdorff"])
+    axis = figures[0].axes[0]
+    assert axis.get_title(loc="left") == "object_hausdorff: mean 5.000 over 2 images; 1 more infinite (red ^)"
+    (markers,) = axis.get_lines()
+    assert markers.get_xdata().tolist() == [1] and markers.get_ydata().tolist() == [6.0]
 
 def test_metrics_json_resumed_run_replaces_the_old_tail(tmp_path):
     path = tmp_path / "metrics.json"
