@@ -1,5 +1,6 @@
 """Small helpers shared by data, evaluation and prediction code (no model imports)."""
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -10,9 +11,17 @@ from typing import Dict, Iterable, Iterator, Sequence
 __all__ = ["atomic_path", "first_few", "files_by_stem", "leave_distributed_worker", "remove_stale_temp_files"]
 
 
-# atomic_path's temp file beside PATH: ".<name of PATH>.<12 hex digits>.tmp".
+# atomic_path's temp file beside PATH: ".<name of PATH>.<12 hex digits>.tmp", the name replaced by
+# "~" and its hash where that would pass the 255 bytes a file name may have.
 _TEMP_TOKEN_LENGTH = 12
 _TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{%d}\.tmp" % _TEMP_TOKEN_LENGTH)
+_NAME_MAX = 255
+
+
+def _temp_target(name: str) -> str:
+    if len(f".{name}.{'0' * _TEMP_TOKEN_LENGTH}.tmp".encode()) <= _NAME_MAX:
+        return name
+    return "~" + hashlib.sha256(name.encode()).hexdigest()[:32]
 
 
 @contextlib.contextmanager
@@ -25,7 +34,8 @@ def atomic_path(path) -> Iterator[str]:
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    temp_path = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:_TEMP_TOKEN_LENGTH]}.tmp")
+    temp_name = f".{_temp_target(os.path.basename(path))}.{uuid.uuid4().hex[:_TEMP_TOKEN_LENGTH]}.tmp"
+    temp_path = os.path.join(directory, temp_name)
     try:
         os.makedirs(directory, exist_ok=True)
         # Reserve the name with mode "x" (not mkstemp: that creates 0600 files; this one follows
@@ -47,7 +57,8 @@ def atomic_path(path) -> Iterator[str]:
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(temp_path)
-        if isinstance(err, OSError) and path not in str(err):
+        # The temp path holds a bare file name: only a message naming the path itself will do.
+        if isinstance(err, OSError) and path not in str(err).replace(temp_path, ""):
             raise OSError(f"cannot write {path}: {err}") from err
         raise
 
@@ -60,7 +71,8 @@ def remove_stale_temp_files(paths) -> Dict[str, int]:
     paths = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
     targets_by_folder: Dict[str, Dict[str, str]] = {}
     for path in paths:
-        targets_by_folder.setdefault(os.path.dirname(os.path.abspath(path)), {})[os.path.basename(path)] = path
+        folder = os.path.dirname(os.path.abspath(path))
+        targets_by_folder.setdefault(folder, {})[_temp_target(os.path.basename(path))] = path
     removed: Dict[str, int] = {}
     for directory, targets in targets_by_folder.items():
         try:

@@ -51,6 +51,31 @@ def test_stale_temp_files_of_a_killed_writer_are_removed_and_nothing_else(tmp_pa
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
 
 
+
+
+def test_atomic_path_writes_names_up_to_the_file_name_limit(tmp_path):
+    # ".<name>.<12 hex>.tmp" adds 18 bytes: the temp file of a 250-byte name needs a shorter one.
+    long_name = "n" * 246 + ".png"
+    with atomic_path(tmp_path / long_name) as temp:
+        open(temp, "w").write("done")
+    assert (tmp_path / long_name).read_text() == "done"
+    # What a killed writer of that name leaves is found again; another long name's is left alone.
+    (tmp_path / os.path.basename(temp)).write_text("half")
+    another = f".~{'0' * 32}.0123456789ab.tmp"
+    (tmp_path / another).write_text("")
+    assert remove_stale_temp_files(tmp_path / long_name) == {str(tmp_path / long_name): 1}
+    assert sorted(os.listdir(tmp_path)) == sorted([long_name, another])
+
+
+@pytest.mark.parametrize("path", ["result.txt", "out/result.txt"])
+def test_atomic_path_errors_name_a_relative_path_not_the_temp_file(tmp_path, monkeypatch, path):
+    # The temp name (".result.txt.<hex>.tmp") holds the bare name: the message must name the path.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match=rf"^cannot write {path}: .*No space left on device"):
+        with atomic_path(path) as temp:
+            raise OSError(28, "No space left on device", temp)  # as a full disk while writing
+    assert not os.path.exists(path)
+
 def test_first_few():
     assert first_few(["a", "b"], 3) == "a, b"
     assert first_few(["a", "b", "c", "d", "e"], 2) == "a, b and 3 more"
