@@ -473,6 +473,20 @@ def test_xml_without_regions_warns(tmp_path):
         assert not read_monuseg_xml(tmp_path / "empty.xml", 4, 4).any()
 
 
+def test_unreadable_xml_is_named_not_a_traceback(tmp_path, monkeypatch):
+    import nucseg_d2.data.readers as readers
+
+    path = tmp_path / "locked.xml"
+    path.write_text(_aperio_xml([[(1, 1), (3, 1), (3, 3)]]))
+
+    def refuse(source, *args, **kwargs):  # as reading a file without read permission (tests may run as root)
+        raise PermissionError(13, "Permission denied", str(source))
+
+    monkeypatch.setattr(readers.ET, "parse", refuse)
+    with pytest.raises(NucleiDataError, match=r"locked.xml: cannot read \(Permission denied\)"):
+        read_monuseg_xml(path, 4, 4)
+
+
 @pytest.mark.parametrize(
     "name, text, problem",
     [

@@ -338,6 +338,8 @@ def read_monuseg_xml(path, height, width):
         root = ET.parse(path).getroot()
     except ET.ParseError as err:
         raise NucleiDataError(f"{path}: malformed XML ({err})") from err
+    except OSError as err:  # unreadable (permissions, a failing disk): named like every bad input
+        raise NucleiDataError(f"{path}: cannot read ({err.strerror or err})") from err
     if root.tag != "Annotations" and root.find(".//Annotation") is None:
         raise NucleiDataError(
             f"{path}: not an Aperio annotation file (root <{root.tag}>, no <Annotation>)"
