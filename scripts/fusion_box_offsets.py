@@ -37,6 +37,24 @@ from nucseg_d2.predict import CheckpointError, load_checkpoint  # noqa: E402
 PROJECT_ERRORS = (NucleiConfigError, NucleiDataError, CheckpointError)
 
 
+def run_reporting_errors(run, parser, args) -> int:
+    """``run(parser, args)``'s exit status, or 2 after one ``error:`` line for a bad config, data
+    or checkpoint (this script's and fusion_coverage.py's command lines)."""
+    try:
+        return run(parser, args)
+    except PROJECT_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def fusion_config(parser, config_file):
+    """The run's config on the CPU, without weights of its own; a usage error unless it fuses."""
+    cfg = build_nuclei_cfg(config_file, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    if not cfg.MODEL.NUCSEG.FUSION_ON:
+        parser.error(f"{config_file}: MODEL.NUCSEG.FUSION_ON is off; nothing is pasted")
+    return cfg
+
+
 def check_checkpoint_files(paths) -> None:
     """Refuse an empty or missing checkpoint path before the slow batch building."""
     for path in paths:
@@ -128,18 +146,11 @@ def main(argv=None):
     parser.add_argument("--weights", nargs="+", required=True, help="checkpoints to measure")
     parser.add_argument("--batches", type=int, default=8, help="training batches (default 8)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        return _run(parser, args)
-    except PROJECT_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(_run, parser, parser.parse_args(argv))
 
 
 def _run(parser, args) -> int:
-    cfg = build_nuclei_cfg(args.config_file, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
-    if not cfg.MODEL.NUCSEG.FUSION_ON:
-        parser.error(f"{args.config_file}: MODEL.NUCSEG.FUSION_ON is off; nothing is pasted")
+    cfg = fusion_config(parser, args.config_file)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     check_checkpoint_files(args.weights)
     # Every checkpoint is loaded once before the batches are built and the first row measured

@@ -26,13 +26,13 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 from fusion_box_offsets import (  # noqa: E402
-    PROJECT_ERRORS,
     build_trained_model,
     check_checkpoint_files,
     fixed_batches,
+    fusion_config,
     print_markdown_table,
+    run_reporting_errors,
 )
-from nucseg_d2.config import build_nuclei_cfg  # noqa: E402
 from nucseg_d2.modeling.fusion import paste_mask_logits  # noqa: E402
 
 
@@ -94,18 +94,11 @@ def main(argv=None):
                         help="MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE values to compare (default 128 512)")
     parser.add_argument("--batches", type=int, default=8, help="training batches (default 8)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        return _run(parser, args)
-    except PROJECT_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(_run, parser, parser.parse_args(argv))
 
 
 def _run(parser, args) -> int:
-    cfg = build_nuclei_cfg(args.config_file, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
-    if not cfg.MODEL.NUCSEG.FUSION_ON:
-        parser.error(f"{args.config_file}: MODEL.NUCSEG.FUSION_ON is off; nothing is pasted")
+    cfg = fusion_config(parser, args.config_file)
     if any(value < 1 for value in args.rois_per_image):
         parser.error(f"--rois-per-image must be >= 1, got {args.rois_per_image}")
     if args.batches < 1:

@@ -36,15 +36,21 @@ def _collect(src: Path, results: Path):
     return results / "run1"
 
 
-def test_gpu_return_folder(tmp_path):
+def _gpu_returned(tmp_path, config_text):
+    """The folder gpu_train_eval.sh returns: inference.tar, training metrics, config and log."""
     work, returned = tmp_path / "work", tmp_path / "out"
     _inference_tree(work)
     returned.mkdir()
     with tarfile.open(returned / "inference.tar", "w") as tar:
         tar.add(work / "inference", arcname="inference")
     (returned / "training_metrics.json").write_text('{"iteration": 99}\n')
-    (returned / "config.yaml").write_text("DATASETS:\n  TEST: [tnbc_test]\n")
+    (returned / "config.yaml").write_text(config_text)
     (returned / "train_eval.log").write_text(LOG)
+    return returned
+
+
+def test_gpu_return_folder(tmp_path):
+    returned = _gpu_returned(tmp_path, "DATASETS:\n  TEST: [tnbc_test]\n")
     run = _collect(returned, tmp_path / "results")
     assert (run / "tnbc_test" / "label_maps" / "a.png").read_bytes() == b"png"
     assert (run / "training_metrics.json").read_text() == '{"iteration": 99}\n'
@@ -153,14 +159,7 @@ def test_a_folder_that_is_not_a_collected_run_is_refused(tmp_path):
 
 
 def test_a_failed_collection_leaves_the_earlier_one(tmp_path):
-    work, returned = tmp_path / "work", tmp_path / "out"
-    _inference_tree(work)
-    returned.mkdir()
-    with tarfile.open(returned / "inference.tar", "w") as tar:
-        tar.add(work / "inference", arcname="inference")
-    (returned / "training_metrics.json").write_text('{"iteration": 99}\n')
-    (returned / "config.yaml").write_text("SEED: 1\n")
-    (returned / "train_eval.log").write_text(LOG)
+    returned = _gpu_returned(tmp_path, "SEED: 1\n")
     run = _collect(returned, tmp_path / "results")
     before = _tree(run)
     # The same run returned again, its evaluation damaged on the way.
