@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
+from model_inputs import write_synthetic_folder
 
 from nucseg_d2.predict.predictor import build_predict_cfg
 
@@ -41,18 +42,10 @@ def test_crop_coverage_counts_distinct_nuclei_and_nucleus_pixels_under_a_pasted_
 
 def test_training_batches_come_from_a_folder_named_in_the_config(tmp_path):
     """The diagnostic scripts read DATASETS.TRAIN through the config's own folders."""
-    from PIL import Image
-
     from nucseg_d2.config import build_nuclei_cfg
-    from nucseg_d2.data.synthetic import generate_tile
 
-    for folder in ("images", "labels"):
-        (tmp_path / folder).mkdir()
-    for i in range(2):
-        image, label_map = generate_tile(np.random.default_rng(i), size=(64, 64))
-        Image.fromarray(image).save(tmp_path / "images" / f"t{i}.png")
-        Image.fromarray(label_map.astype(np.uint16)).save(tmp_path / "labels" / f"t{i}.png")
-    folders = repr([["coverage_folder_train", str(tmp_path / "images"), str(tmp_path / "labels")]])
+    images, labels = write_synthetic_folder(tmp_path, 2, 64)
+    folders = repr([["coverage_folder_train", str(images), str(labels)]])
     config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     cfg = build_nuclei_cfg(config, ["DATASETS.NUCLEI_FOLDERS", folders,
                                     "DATASETS.TRAIN", "('coverage_folder_train',)", "SOLVER.IMS_PER_BATCH", "3",
@@ -115,15 +108,7 @@ def test_a_missing_or_empty_checkpoint_is_refused_before_any_batch(weights, mess
 
 
 def test_the_trained_model_s_own_checkpoint_is_measured(tmp_path, untrained_demo_weights, capsys):
-    from PIL import Image
-
-    from nucseg_d2.data.synthetic import generate_tile
-
-    for folder in ("images", "labels"):
-        (tmp_path / folder).mkdir()
-    image, label_map = generate_tile(np.random.default_rng(0), size=(64, 64))
-    Image.fromarray(image).save(tmp_path / "images" / "t0.png")
-    Image.fromarray(label_map.astype(np.uint16)).save(tmp_path / "labels" / "t0.png")
+    write_synthetic_folder(tmp_path, 1, 64)
     config = tmp_path / "config.yaml"
     config.write_text(f'_BASE_: "{CONFIGS / "demo.yaml"}"\n'
                       f"DATASETS:\n  NUCLEI_FOLDERS: [[coverage_main_train, {tmp_path / 'images'}, "

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from model_inputs import write_synthetic_folder
 
 from nucseg_d2.data.readers import read_label_map
-from nucseg_d2.data.synthetic import generate_tile
 from nucseg_d2.evaluation.metrics import aji
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,15 +18,9 @@ spec.loader.exec_module(predict_eval)
 
 
 def test_every_image_is_predicted_written_and_scored(tmp_path, untrained_demo_weights, capsys):
-    for folder in ("images", "labels"):
-        (tmp_path / folder).mkdir()
-    truths = {}
-    for i in range(2):
-        image, label_map = generate_tile(np.random.default_rng(i), size=(96, 96))
-        Image.fromarray(image).save(tmp_path / "images" / f"t{i}.png")
-        Image.fromarray(label_map.astype(np.uint16)).save(tmp_path / "labels" / f"t{i}.png")
-        truths[f"t{i}"] = label_map
-    folders = repr([["predict_eval_folder", str(tmp_path / "images"), str(tmp_path / "labels")]])
+    images, labels = write_synthetic_folder(tmp_path, 2, 96)
+    truths = {f"t{i}": read_label_map(labels / f"t{i}.png") for i in range(2)}
+    folders = repr([["predict_eval_folder", str(images), str(labels)]])
     run_dir = tmp_path / "run"
     status = predict_eval.main([
         "--config-file", str(ROOT / "configs" / "demo.yaml"), "--weights", untrained_demo_weights,
@@ -54,13 +47,8 @@ def test_every_image_is_predicted_written_and_scored(tmp_path, untrained_demo_we
 
 def _synthetic_folder(tmp_path, name):
     """A registered-by-config data set of two synthetic tiles: the config overrides naming it."""
-    for folder in ("images", "labels"):
-        (tmp_path / folder).mkdir()
-    for i in range(2):
-        image, label_map = generate_tile(np.random.default_rng(i), size=(96, 96))
-        Image.fromarray(image).save(tmp_path / "images" / f"t{i}.png")
-        Image.fromarray(label_map.astype(np.uint16)).save(tmp_path / "labels" / f"t{i}.png")
-    return ["DATASETS.NUCLEI_FOLDERS", repr([[name, str(tmp_path / "images"), str(tmp_path / "labels")]])]
+    images, labels = write_synthetic_folder(tmp_path, 2, 96)
+    return ["DATASETS.NUCLEI_FOLDERS", repr([[name, str(images), str(labels)]])]
 
 
 def _arguments(weights, dataset, run_dir, *extra):
