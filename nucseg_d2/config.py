@@ -339,7 +339,7 @@ def check_run_inputs(cfg, eval_only: bool = False, resume: bool = False):
             raise NucleiConfigError(
                 f"OUTPUT_DIR {cfg.OUTPUT_DIR} holds a trained run ({trained[0]}), whose config.yaml and "
                 "inference/ results an --eval-only there would replace: give the evaluation its own OUTPUT_DIR "
-                f"(e.g. {os.path.join(cfg.OUTPUT_DIR, 'eval')}), or --resume to score the run's last checkpoint")
+                f"(e.g. {os.path.join(cfg.OUTPUT_DIR, 'eval')})")
         raise NucleiConfigError(
             f"OUTPUT_DIR {cfg.OUTPUT_DIR} holds a trained run ({trained[0]}), whose checkpoints and config.yaml "
             "training anew there would replace: --resume continues it; another OUTPUT_DIR (or deleting this "

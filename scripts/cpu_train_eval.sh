@@ -6,7 +6,7 @@
 # results/RUN_NAME (scripts/collect_results.sh).
 #
 #   bash scripts/cpu_train_eval.sh CONFIG RUN_NAME [KEY VALUE ...]
-#   e.g. bash scripts/cpu_train_eval.sh configs/tnbc.yaml tnbc_proposed_cpu1100 SEED 55304682
+#   e.g. bash scripts/cpu_train_eval.sh configs/tnbc.yaml tnbc_proposed_repro SEED 55304682
 #
 # Environment: ITERS (1100), VAL (tnbc_val), TEST (tnbc_test), PYTHON (.venv/bin/python),
 # NUCSEG_DATASETS (where tnbc/ and kumar/ lie), RUNS_DIR (output), RESULTS_DIR (results), FORCE.
@@ -55,7 +55,7 @@ SECONDS=0
 # a model_final with a metrics.json that stops short of ITERS is resumed (without a metrics.json,
 # weights put there by hand, it is used).
 if [[ -f $OUT/model_final.pth ]] && { [[ ! -f $OUT/metrics.json ]] || (( $(trained_iterations) >= ITERS )); }; then
-  echo "$OUT/model_final.pth exists: training is done (delete $OUT to train again)"
+  echo "$OUT/model_final.pth exists: training is done (another RUN_NAME, or deleting $OUT, trains again)"
 else
   RESUME=(); TRAIN_CONFIG=$CONFIG
   if [[ -f $OUT/last_checkpoint ]]; then

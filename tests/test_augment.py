@@ -270,7 +270,6 @@ def test_build_augmentations_follows_cfg():
     assert build_nuclei_augmentations(cfg, is_train=True) == []
 
 
-
 def test_build_augmentations_passes_each_configured_range_to_its_augmentation():
     # Degenerate ranges, each value distinct, so a drawn transform shows which key reached it.
     cfg = _cfg()
@@ -298,6 +297,7 @@ def test_build_augmentations_passes_each_configured_range_to_its_augmentation():
     shift = np.abs(np.array([j.shift for j in jitters]))
     assert drawn[RandomStainJitter].scale.shape == (3,)
     assert 0.05 < scale_deviation.max() <= 0.2 and 0.01 < shift.max() <= 0.03
+
 
 @pytest.mark.parametrize("image_hw", [(10, 12), (40, 50), (12, 40)])
 def test_crop_works_on_images_smaller_than_the_crop(image_hw):

@@ -516,7 +516,6 @@ def test_register_nuclei_folder(tmp_path):
         MetadataCatalog.remove(name)
 
 
-
 def test_nuclei_folder_refuses_labels_without_images_and_labels_of_another_format(tmp_path):
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir()
@@ -547,6 +546,7 @@ def test_nuclei_folder_refuses_labels_without_images_and_labels_of_another_forma
         for name in names:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
+
 
 def test_register_nuclei_folder_is_lazy(tmp_path):
     name = "nucseg_test_lazy_folder"

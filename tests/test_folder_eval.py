@@ -327,6 +327,12 @@ def test_an_earlier_evaluation_is_replaced_only_with_overwrite(folders, tmp_path
     assert _run(*argv, "--overwrite") == 2
     assert "not a nucseg-eval per-image table (its header lacks image_id, num_gt, num_pred)" in capsys.readouterr().err
     assert (out / "per_image.csv").read_text() == "name,score\nx,1\n"
+    # A table of ours saved again by a spreadsheet (a byte-order mark before the header) is still ours.
+    assert _run(*argv, "--metrics", "aji", "-o", tmp_path / "again") == 0
+    table = tmp_path / "again" / "per_image.csv"
+    table.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())
+    assert _run(*argv, "-o", tmp_path / "again", "--overwrite") == 0
+    assert not table.read_bytes().startswith(b"\xef\xbb\xbf")
 
 
 def test_runs_as_a_module_with_exit_status_2(folders, tmp_path):

@@ -423,7 +423,6 @@ def test_slide_pixels_of_grey_and_alpha_slides_become_rgb(tmp_path):
         np.testing.assert_array_equal(slide.read(0, 1, 0, 3)[0], [[255] * 3, [224] * 3, [100] * 3])
 
 
-
 @pytest.mark.parametrize("photometric", ["separated", "palette", "miniswhite"])
 def test_slides_in_colour_spaces_read_as_raw_samples_are_refused(tmp_path, photometric):
     import tifffile
@@ -437,6 +436,7 @@ def test_slides_in_colour_spaces_read_as_raw_samples_are_refused(tmp_path, photo
                   subfiletype=1, **extra)
     with pytest.raises(NucleiDataError, match=rf"{photometric}.tif: {photometric.upper()} TIFF colour space"):
         SlideSource(path, backend="tiffslide")
+
 
 class _RecordingBlankModel(LabelStandIn):
     """Finds nothing; remembers the tiles it was shown."""

@@ -155,7 +155,8 @@ def test_palette_tiff_image_reads_through_its_colormap(tmp_path, colormap_bits):
 def test_tiff_stack_of_pages_is_refused_not_read_as_channels(tmp_path):
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((3, 8, 9), np.uint8), photometric="minisblack")
     tifffile.imwrite(tmp_path / "pages.tif", np.zeros((2, 8, 9, 3), np.uint8), photometric="rgb")
-    for name in ("stack.tif", "pages.tif"):
+    tifffile.imwrite(tmp_path / "channels.tif", np.zeros((3, 8, 9), np.uint8), imagej=True)  # ImageJ: axes CYX
+    for name in ("stack.tif", "pages.tif", "channels.tif"):
         with pytest.raises(NucleiDataError, match=rf"{name}: TIFF holds an array of shape .*expected one 2-D image"):
             read_rgb_image(tmp_path / name)
         with pytest.raises(NucleiDataError, match=rf"{name}: TIFF holds"):

@@ -148,7 +148,6 @@ def test_compare_csv_hausdorff_is_better_when_lower(tmp_path):
     assert row["stars"] == "**"
 
 
-
 def test_an_infinite_value_leaves_the_metric_untested_and_says_where(tmp_path, capsys):
     # A found nothing in image r: its object Hausdorff is inf, and the differences have no mean.
     csv_a = write_csv(tmp_path / "a.csv", hausdorff_rows([1, 2, math.inf]))
@@ -167,6 +166,7 @@ def test_a_csv_saved_with_a_byte_order_mark_compares_like_the_plain_one(tmp_path
     with_bom = tmp_path / "bom.csv"
     with_bom.write_bytes(b"\xef\xbb\xbf" + open(csv_a, "rb").read())
     assert compare_per_image_csv(str(with_bom), csv_b) == compare_per_image_csv(csv_a, csv_b)
+
 
 def test_compare_rows_pairs_images_by_id_whatever_their_order():
     rows_a = {"img2": {"aji": "0.8"}, "img1": {"aji": "0.6"}, "img3": {"aji": "1.0"}}

@@ -51,8 +51,6 @@ def test_stale_temp_files_of_a_killed_writer_are_removed_and_nothing_else(tmp_pa
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
 
 
-
-
 def test_atomic_path_writes_names_up_to_the_file_name_limit(tmp_path):
     # ".<name>.<12 hex>.tmp" adds 18 bytes: the temp file of a 250-byte name needs a shorter one.
     long_name = "n" * 246 + ".png"
@@ -75,6 +73,7 @@ def test_atomic_path_errors_name_a_relative_path_not_the_temp_file(tmp_path, mon
         with atomic_path(path) as temp:
             raise OSError(28, "No space left on device", temp)  # as a full disk while writing
     assert not os.path.exists(path)
+
 
 def test_first_few():
     assert first_few(["a", "b"], 3) == "a, b"

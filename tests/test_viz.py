@@ -105,7 +105,6 @@ def test_match_overlay_colours_and_size():
         assert np.any(np.all(np.abs(legend.astype(int) - colour) <= 2, axis=-1))
 
 
-
 def test_match_overlay_of_ids_past_two_to_the_31():
     # read_label_map keeps such ids as int64; a lookup table up to them would need a TiB.
     gt, pred = _hand_made_maps()
@@ -115,6 +114,7 @@ def test_match_overlay_of_ids_past_two_to_the_31():
     image = np.full(gt.shape + (3,), 128, np.uint8)
     np.testing.assert_array_equal(match_overlay(image, huge_gt, huge_pred, legend=False),
                                   match_overlay(image, gt, pred, legend=False))
+
 
 def test_match_overlay_keeps_wide_images_at_their_size(tmp_path):
     gt, pred = _hand_made_maps()
@@ -174,7 +174,6 @@ def _write_metrics_json(path):
     path.write_text(text)
 
 
-
 def test_per_image_bars_show_infinite_values(tmp_path, monkeypatch):
     # An object Hausdorff with nothing found is inf: matplotlib draws no bar, which reads as 0.
     path = tmp_path / "per_image.csv"
@@ -187,6 +186,7 @@ def test_per_image_bars_show_infinite_values(tmp_path, monkeypatch):
     (markers,) = axis.get_lines()
     assert markers.get_xdata().tolist() == [1] and markers.get_ydata().tolist() == [6.0]
 
+
 def test_metrics_json_resumed_run_replaces_the_old_tail(tmp_path):
     path = tmp_path / "metrics.json"
     _write_metrics_json(path)
@@ -194,7 +194,6 @@ def test_metrics_json_resumed_run_replaces_the_old_tail(tmp_path):
     assert series["total_loss"] == {19: 2.0, 39: 2.0, 59: 2.0, 79: 1.5, 99: 1.4}
     assert series["nuclei/aji"] == {49: 0.5, 99: 0.6}
     assert series["lr"][99] == 0.001
-
 
 
 def test_metrics_json_evaluation_written_after_a_later_training_line_is_no_restart(tmp_path):
@@ -214,6 +213,7 @@ def test_metrics_json_of_a_published_run_keeps_every_logged_loss():
     logged = {json.loads(line)["iteration"] for line in open(path) if '"total_loss"' in line}
     assert {279, 559, 839} <= logged  # each followed in the file by an earlier evaluation
     assert set(read_training_metrics(path)["total_loss"]) == logged
+
 
 def test_training_curves(tmp_path):
     path = tmp_path / "metrics.json"

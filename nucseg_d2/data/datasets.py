@@ -337,8 +337,9 @@ def register_nuclei_folder(name, image_dir, label_dir, label_format="label_map")
 
     Labels are PNG/TIFF/.npy/.mat label maps (or TNBC-style binary PNG/TIFF masks with label_format
     "tnbc_binary", Aperio XML with "monuseg_xml", CPM-17 .mat with "cpm17_mat"); an image without a
-    label, or a label without an image, is a NucleiDataError when the set is first read. Registering the same name with the same
-    arguments again is a no-op; with other arguments, or a name taken by another data set, an error.
+    label, or a label without an image, is a NucleiDataError when the set is first read.
+    Registering the same name with the same arguments again is a no-op; with other arguments, or a
+    name taken by another data set, an error.
     """
     if label_format not in LABEL_FORMATS:
         raise ValueError(f"label_format must be one of {LABEL_FORMATS}, got {label_format!r}")

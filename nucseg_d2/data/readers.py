@@ -69,7 +69,8 @@ def _read_pixels(path, palette_as_indices=False, refused_tiff_photometrics=()):
                 series = tif.series[0]
                 pixels, axes = series.asarray(), series.axes
                 colormap = tif.pages[0].colormap
-            if axes[0] in "SC" and len(axes) == 3 and pixels.shape[0] <= 4:
+            # Only samples (S) are a colour image's channels; ImageJ/OME channels (C) are planes.
+            if axes[0] == "S" and len(axes) == 3 and pixels.shape[0] <= 4:
                 pixels, axes = np.moveaxis(pixels, 0, -1), axes[1:] + "S"  # planar: channel-first
             if axes not in ("YX", "YXS"):
                 # A stack of pages or planes (axes Q, I, Z, T...) would otherwise pass as channels.

@@ -170,7 +170,8 @@ def _not_a_report(path: str, name: str) -> Optional[str]:
     if not os.path.isfile(path):
         return "not a regular file"
     try:
-        with open(path, encoding="utf-8", newline="") as stream:
+        # utf-8-sig: a table saved again by a spreadsheet starts with a byte-order mark.
+        with open(path, encoding="utf-8-sig", newline="") as stream:
             text = stream.read()
     except UnicodeDecodeError:
         return "not UTF-8 text"
