@@ -31,7 +31,7 @@ from nucseg_d2.config import NucleiConfigError, build_nuclei_cfg  # noqa: E402
 from nucseg_d2.data import NucleiDatasetMapper, register_config_datasets  # noqa: E402
 from nucseg_d2.data.readers import NucleiDataError  # noqa: E402
 from nucseg_d2.modeling.meta_arch import FUSION_BOX_FIELDS  # noqa: E402
-from nucseg_d2.predict import CheckpointError, load_checkpoint  # noqa: E402
+from nucseg_d2.predict import CheckpointError, load_checkpoint, require_checkpoint_path  # noqa: E402
 
 # What the diagnostic scripts report as one `error:` line (exit status 2) instead of a traceback.
 PROJECT_ERRORS = (NucleiConfigError, NucleiDataError, CheckpointError)
@@ -58,11 +58,7 @@ def fusion_config(parser, config_file):
 def check_checkpoint_files(paths) -> None:
     """Refuse an empty or missing checkpoint path before the slow batch building."""
     for path in paths:
-        if not path:
-            # DetectionCheckpointer would go on with the randomly initialised model.
-            raise CheckpointError("--weights is empty: no checkpoint given")
-        if "://" not in path and not os.path.isfile(path):  # URLs are fetched (or refused) when loaded
-            raise CheckpointError(f"{path}: checkpoint file not found")
+        require_checkpoint_path(path, "--weights")
 
 
 def build_trained_model(cfg, weights: str, config_file: str):

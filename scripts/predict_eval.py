@@ -36,7 +36,7 @@ from nucseg_d2.data.readers import NucleiDataError, read_rgb_image  # noqa: E402
 from nucseg_d2.evaluation.folder_eval import DEFAULT_METRICS, FolderEvalError, evaluate_label_map_folder  # noqa: E402
 from nucseg_d2.evaluation.metrics import metric_keys  # noqa: E402
 from nucseg_d2.evaluation.reporting import format_summary_table, write_reports  # noqa: E402
-from nucseg_d2.predict import CheckpointError, NucleiPredictor  # noqa: E402
+from nucseg_d2.predict import CheckpointError, NucleiPredictor, require_checkpoint_path  # noqa: E402
 from nucseg_d2.predict.predictor import build_predict_cfg  # noqa: E402
 from nucseg_d2.predict.writers import write_label_map_image  # noqa: E402
 from nucseg_d2.utils import atomic_path, first_few  # noqa: E402
@@ -53,9 +53,7 @@ def check_arguments(args, out_dir: str) -> None:
     if os.path.lexists(out_dir) and not args.overwrite:
         raise PredictEvalError(f"{out_dir}: already exists (results of an earlier run); "
                                "pass --overwrite to replace it, or choose another --run-dir")
-    if not args.weights:
-        # NucleiPredictor would go on with a randomly initialised model: scores of no model.
-        raise CheckpointError("--weights is empty: no checkpoint given")
+    require_checkpoint_path(args.weights, "--weights")
     cfg = build_predict_cfg(args.config_file, args.opts)
     register_config_datasets(cfg)  # the run's own folders (DATASETS.NUCLEI_FOLDERS)
     registered = DatasetCatalog.list()

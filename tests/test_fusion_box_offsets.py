@@ -39,7 +39,7 @@ def test_a_missing_or_empty_checkpoint_is_refused_by_name(untrained_demo_weights
     assert _main(untrained_demo_weights, "nowhere/model_0000274.pth") == 2
     assert capsys.readouterr().err == "error: nowhere/model_0000274.pth: checkpoint file not found\n"
     assert _main("") == 2
-    assert capsys.readouterr().err == "error: --weights is empty: no checkpoint given\n"
+    assert capsys.readouterr().err == "error: no checkpoint given (--weights)\n"
 
 
 def test_a_checkpoint_without_the_semantic_head_is_refused(tmp_path, untrained_demo_weights, capsys, monkeypatch):

@@ -97,7 +97,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_its_missing_keys
 
 @pytest.mark.parametrize("weights, message", [
     ("nowhere/model_final.pth", "nowhere/model_final.pth: checkpoint file not found"),
-    ("", "--weights is empty"),  # fvcore's loader would go on with the untrained model
+    ("", "no checkpoint given (--weights)"),  # fvcore's loader would go on with the untrained model
 ])
 def test_a_missing_or_empty_checkpoint_is_refused_before_any_batch(weights, message, capsys, monkeypatch):
     monkeypatch.setattr(fusion_coverage, "fixed_batches", _no_batches)

@@ -117,7 +117,7 @@ def test_a_missing_checkpoint_is_one_error_line_and_no_run_folder(tmp_path, caps
     assert not (tmp_path / "run").exists()
     # An empty --weights would predict with a randomly initialised model.
     assert predict_eval.main(_arguments("", "predict_eval_no_weights", tmp_path / "run", *folders)) == 2
-    assert "--weights is empty" in capsys.readouterr().err
+    assert "no checkpoint given (--weights)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

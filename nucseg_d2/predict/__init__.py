@@ -3,7 +3,7 @@
 ``NucleiPredictor(config, weights).predict(image)`` returns a :class:`PredictionResult`;
 ``python -m nucseg_d2.predict`` / ``nucseg-predict`` runs it over files and writes the outputs.
 """
-from .predictor import CheckpointError, NucleiPredictor, load_checkpoint
+from .predictor import CheckpointError, NucleiPredictor, load_checkpoint, require_checkpoint_path
 from .result import PredictionResult
 from .slides import ArraySource, SlideSource, open_image
 
@@ -12,6 +12,7 @@ __all__ = [
     "PredictionResult",
     "CheckpointError",
     "load_checkpoint",
+    "require_checkpoint_path",
     "open_image",
     "ArraySource",
     "SlideSource",

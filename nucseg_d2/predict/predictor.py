@@ -57,21 +57,27 @@ def _key_list(keys: Sequence[str]) -> str:
     return first_few(sorted(keys), _MAX_KEYS_LISTED)
 
 
+def require_checkpoint_path(path: str, given_as: str = "--weights or MODEL.WEIGHTS") -> None:
+    """CheckpointError for an empty path (Detectron2 would go on with an untrained model) or a local
+    file that is not there; an address (``://``) is fetched, or refused, when loaded."""
+    if not path:
+        raise CheckpointError(f"no checkpoint given ({given_as})")
+    if "://" not in path and not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint file not found")
+
+
 def load_checkpoint(model: torch.nn.Module, path: str, what: str = "the model") -> None:
     """Load ``path`` into ``model`` with DetectionCheckpointer, refusing any mismatch.
 
     Raises CheckpointError naming the file and the missing (in the model, not in the file),
     unexpected (in the file, not in the model) and wrongly shaped keys.
     """
-    if not path:
-        raise CheckpointError("no checkpoint given (--weights or MODEL.WEIGHTS)")
+    require_checkpoint_path(path)
     if "://" in path:  # detectron2://, https://, ...: fetched (and cached) as Detectron2 would
         try:
             path = PathManager.get_local_path(path)
         except Exception as err:
             raise CheckpointError(f"{path}: cannot fetch checkpoint ({type(err).__name__}: {err})") from err
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint file not found")
     checkpointer = _RecordingCheckpointer(model)
     try:
         checkpointer.load(path, checkpointables=[])
