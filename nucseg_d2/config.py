@@ -288,6 +288,7 @@ def _validate_model_branches(cfg):
             raise NucleiConfigError(
                 f"{doubled}: {architecture} weighs its losses by MODEL.NUCSEG.LOSS_WEIGHTS (Eq. 4), which these "
                 "would multiply again; set the weight there and leave these at 1.0")
+    _refuse_settings_of_heads_not_built(cfg, architecture, not_panoptic)
     branches_on = [key for key in ("SEMANTIC_ON", "FUSION_ON") if nucseg[key]]
     if not branches_on:
         return
@@ -307,6 +308,42 @@ def _validate_model_branches(cfg):
             f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE must not be a class (0 background, 1 nucleus) with MODEL.NUCSEG."
             f"{' and '.join(branches_on)} on, got {cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE}; Detectron2's default is 255"
         )
+
+
+def _refuse_settings_of_heads_not_built(cfg, architecture, not_panoptic):
+    """ROI_MASK_HEAD.DUAL_MODAL.* other than nucseg-d2's defaults with another mask head, and
+    SEM_SEG_HEAD.GCN_* with no GCN semantic head built: nothing would read them."""
+    from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+    from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
+
+    from .modeling.gcn_head import GCNSemSegHead
+    from .modeling.mask_head import DualModalMaskHead
+
+    defaults = get_cfg()
+    add_nucseg_config(defaults)
+
+    def built(registry, name, cls):
+        # An unregistered name is left for build_model to name.
+        return name not in registry or issubclass(registry.get(name), cls)
+
+    mask_head = cfg.MODEL.ROI_MASK_HEAD.NAME
+    if not (cfg.MODEL.MASK_ON and built(ROI_MASK_HEAD_REGISTRY, mask_head, DualModalMaskHead)):
+        unread = {f"MODEL.ROI_MASK_HEAD.DUAL_MODAL.{key}": value
+                  for key, value in cfg.MODEL.ROI_MASK_HEAD.DUAL_MODAL.items()
+                  if value != defaults.MODEL.ROI_MASK_HEAD.DUAL_MODAL[key]}
+        if unread:
+            raise NucleiConfigError(f"{unread}: MODEL.ROI_MASK_HEAD.NAME {mask_head} is not the dual-modal head "
+                                    "that reads them; leave them at their defaults")
+    sem_seg_head = cfg.MODEL.SEM_SEG_HEAD.NAME
+    semantic_branch = not not_panoptic and cfg.MODEL.NUCSEG.SEMANTIC_ON
+    if not (semantic_branch and built(SEM_SEG_HEADS_REGISTRY, sem_seg_head, GCNSemSegHead)):
+        gcn_keys = ("GCN_KERNEL_SIZE", "GCN_CHANNELS")
+        unread = {f"MODEL.SEM_SEG_HEAD.{key}": cfg.MODEL.SEM_SEG_HEAD[key] for key in gcn_keys
+                  if cfg.MODEL.SEM_SEG_HEAD[key] != defaults.MODEL.SEM_SEG_HEAD[key]}
+        if unread:
+            raise NucleiConfigError(f"{unread}: no GCN semantic head is built (MODEL.SEM_SEG_HEAD.NAME "
+                                    f"{sem_seg_head}, MODEL.NUCSEG.SEMANTIC_ON {cfg.MODEL.NUCSEG.SEMANTIC_ON}, "
+                                    f"{architecture}); leave them at their defaults")
 
 
 def check_run_inputs(cfg, eval_only: bool = False, resume: bool = False):

@@ -92,6 +92,12 @@ def test_build_nuclei_cfg_from_file_or_node_with_overrides():
          r"\{'MODEL.SEM_SEG_HEAD.LOSS_WEIGHT': 0.5\}: PanopticNucleiRCNN .* MODEL.NUCSEG.LOSS_WEIGHTS"),
         ("tnbc_ab3.yaml", ["MODEL.RPN.LOSS_WEIGHT", "2.0"], r"'MODEL.RPN.LOSS_WEIGHT': 2.0\}: PanopticNucleiRCNN"),
         ("tnbc_ab3.yaml", ["MODEL.NUCSEG.FUSION_IN_FEATURE", "p3"], "FUSION_IN_FEATURE 'p3': .*FUSION_ON False"),
+        # Sizes of heads that are not built would be ignored.
+        ("tnbc_ab2.yaml", ["MODEL.ROI_MASK_HEAD.DUAL_MODAL.SHUFFLE_CONV_DIM", "256"],
+         "DUAL_MODAL.SHUFFLE_CONV_DIM': 256}: MODEL.ROI_MASK_HEAD.NAME MaskRCNNConvUpsampleHead is not the dual"),
+        ("tnbc_ab1.yaml", ["MODEL.SEM_SEG_HEAD.GCN_KERNEL_SIZE", "7"],
+         r"GCN_KERNEL_SIZE': 7}: no GCN semantic head is built \(.*SEMANTIC_ON False"),
+        ("tnbc_maskrcnn.yaml", ["MODEL.SEM_SEG_HEAD.GCN_CHANNELS", "32"], r"GCN_CHANNELS': 32}: .*NucleiRCNN"),
     ],
 )
 def test_values_the_model_would_misuse_are_rejected_naming_the_key(config, overrides, problem):
