@@ -11,7 +11,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -26,6 +26,13 @@ from nucseg_d2.utils import leave_distributed_worker
 
 
 class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # The evaluation sets are first read at the first evaluation, maybe hours in: a missing
+        # or unpaired label file there is named before training instead.
+        for dataset_name in cfg.DATASETS.TEST:
+            DatasetCatalog.get(dataset_name)
+
     @classmethod
     def build_train_loader(cls, cfg):
         return build_detection_train_loader(cfg, mapper=NucleiDatasetMapper(cfg, is_train=True))

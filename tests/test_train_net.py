@@ -180,6 +180,22 @@ def _write_folder_dataset(folder, corrupt_first=False, empty_labels=False):
         (folder / "images" / "tile0.png").write_bytes(data[: len(data) // 3])
 
 
+def test_a_bad_evaluation_set_is_named_before_training(tmp_path, capsys):
+    _write_folder_dataset(tmp_path / "val")
+    (tmp_path / "val" / "images" / "tile1.png").unlink()  # its label map is left without an image
+    folder = f"[['test_unpaired_val', '{tmp_path}/val/images', '{tmp_path}/val/labels']]"
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(ROOT / "configs/demo.yaml"), *TINY, "DATASETS.NUCLEI_FOLDERS", folder,
+         "DATASETS.TEST", "('test_unpaired_val',)", "OUTPUT_DIR", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        train_net.run(args)
+    assert exit_info.value.code == 2
+    assert "1 label(s) without an image" in capsys.readouterr().err
+    # Not one iteration trained (Detectron2 opens metrics.json as the trainer is made).
+    assert not list((tmp_path / "out").glob("model_*.pth"))
+    assert (tmp_path / "out" / "metrics.json").read_text() == ""
+
+
 def test_corrupt_image_is_reported_once_by_name(tmp_path, capsys):
     _write_folder_dataset(tmp_path / "corrupt", corrupt_first=True)
     # The folder is registered from the config alone (DATASETS.NUCLEI_FOLDERS), as a user would.
