@@ -27,11 +27,11 @@ from nucseg_d2.utils import leave_distributed_worker
 
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
-        super().__init__(cfg)
         # The evaluation sets are first read at the first evaluation, maybe hours in: a missing
-        # or unpaired label file there is named before training instead.
+        # or unpaired label file there is named before anything is built or written instead.
         for dataset_name in cfg.DATASETS.TEST:
             DatasetCatalog.get(dataset_name)
+        super().__init__(cfg)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -313,7 +313,7 @@ def _validate_model_branches(cfg):
 def _refuse_settings_of_heads_not_built(cfg, architecture, not_panoptic):
     """ROI_MASK_HEAD.DUAL_MODAL.* other than nucseg-d2's defaults with another mask head, and
     SEM_SEG_HEAD.GCN_* with no GCN semantic head built: nothing would read them."""
-    from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+    from detectron2.modeling import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY, PanopticFPN, SemanticSegmentor
     from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
 
     from .modeling.gcn_head import GCNSemSegHead
@@ -326,24 +326,34 @@ def _refuse_settings_of_heads_not_built(cfg, architecture, not_panoptic):
         # An unregistered name is left for build_model to name.
         return name not in registry or issubclass(registry.get(name), cls)
 
+    def refuse(unread, default_node, why):
+        at_defaults = {key: default_node[key.rsplit(".", 1)[1]] for key in unread}
+        raise NucleiConfigError(f"{unread}: {why}, so nothing reads them; leave them at their defaults {at_defaults}")
+
     mask_head = cfg.MODEL.ROI_MASK_HEAD.NAME
-    if not (cfg.MODEL.MASK_ON and built(ROI_MASK_HEAD_REGISTRY, mask_head, DualModalMaskHead)):
-        unread = {f"MODEL.ROI_MASK_HEAD.DUAL_MODAL.{key}": value
-                  for key, value in cfg.MODEL.ROI_MASK_HEAD.DUAL_MODAL.items()
-                  if value != defaults.MODEL.ROI_MASK_HEAD.DUAL_MODAL[key]}
-        if unread:
-            raise NucleiConfigError(f"{unread}: MODEL.ROI_MASK_HEAD.NAME {mask_head} is not the dual-modal head "
-                                    "that reads them; leave them at their defaults")
+    dual_defaults = defaults.MODEL.ROI_MASK_HEAD.DUAL_MODAL
+    unread = {f"MODEL.ROI_MASK_HEAD.DUAL_MODAL.{key}": value
+              for key, value in cfg.MODEL.ROI_MASK_HEAD.DUAL_MODAL.items() if value != dual_defaults[key]}
+    if unread and not cfg.MODEL.MASK_ON:
+        refuse(unread, dual_defaults, "MODEL.MASK_ON False: no mask head is built")
+    if unread and not built(ROI_MASK_HEAD_REGISTRY, mask_head, DualModalMaskHead):
+        refuse(unread, dual_defaults, f"MODEL.ROI_MASK_HEAD.NAME {mask_head} is not the dual-modal head")
+
+    sem_seg_defaults = defaults.MODEL.SEM_SEG_HEAD
+    unread = {f"MODEL.SEM_SEG_HEAD.{key}": cfg.MODEL.SEM_SEG_HEAD[key] for key in ("GCN_KERNEL_SIZE", "GCN_CHANNELS")
+              if cfg.MODEL.SEM_SEG_HEAD[key] != sem_seg_defaults[key]}
+    if not unread:
+        return
+    # Detectron2's semantic and panoptic models build SEM_SEG_HEAD.NAME too.
+    model_class = META_ARCH_REGISTRY.get(architecture) if architecture in META_ARCH_REGISTRY else None
+    builds_a_semantic_head = model_class is None or issubclass(model_class, (SemanticSegmentor, PanopticFPN)) \
+        or (not not_panoptic and cfg.MODEL.NUCSEG.SEMANTIC_ON)
+    if not builds_a_semantic_head:
+        refuse(unread, sem_seg_defaults, f"MODEL.META_ARCHITECTURE {architecture} with MODEL.NUCSEG.SEMANTIC_ON "
+                                         f"{cfg.MODEL.NUCSEG.SEMANTIC_ON} builds no semantic head")
     sem_seg_head = cfg.MODEL.SEM_SEG_HEAD.NAME
-    semantic_branch = not not_panoptic and cfg.MODEL.NUCSEG.SEMANTIC_ON
-    if not (semantic_branch and built(SEM_SEG_HEADS_REGISTRY, sem_seg_head, GCNSemSegHead)):
-        gcn_keys = ("GCN_KERNEL_SIZE", "GCN_CHANNELS")
-        unread = {f"MODEL.SEM_SEG_HEAD.{key}": cfg.MODEL.SEM_SEG_HEAD[key] for key in gcn_keys
-                  if cfg.MODEL.SEM_SEG_HEAD[key] != defaults.MODEL.SEM_SEG_HEAD[key]}
-        if unread:
-            raise NucleiConfigError(f"{unread}: no GCN semantic head is built (MODEL.SEM_SEG_HEAD.NAME "
-                                    f"{sem_seg_head}, MODEL.NUCSEG.SEMANTIC_ON {cfg.MODEL.NUCSEG.SEMANTIC_ON}, "
-                                    f"{architecture}); leave them at their defaults")
+    if not built(SEM_SEG_HEADS_REGISTRY, sem_seg_head, GCNSemSegHead):
+        refuse(unread, sem_seg_defaults, f"MODEL.SEM_SEG_HEAD.NAME {sem_seg_head} is not the GCN head")
 
 
 def check_run_inputs(cfg, eval_only: bool = False, resume: bool = False):
@@ -407,5 +417,11 @@ def build_nuclei_cfg(config, opts=()):
             cfg.merge_from_list(list(opts))
         except (KeyError, ValueError, AssertionError) as e:
             raise NucleiConfigError(f"config overrides {list(opts)}: {e}") from e
-    validate_nucseg_config(cfg)
+    try:
+        validate_nucseg_config(cfg)
+    except NucleiConfigError as e:
+        if isinstance(config, CN):
+            raise
+        # A run's saved config.yaml may hold what a newer check refuses: name the file.
+        raise NucleiConfigError(f"{os.fspath(config)}: {e}") from e
     return cfg

@@ -96,13 +96,35 @@ def test_build_nuclei_cfg_from_file_or_node_with_overrides():
         ("tnbc_ab2.yaml", ["MODEL.ROI_MASK_HEAD.DUAL_MODAL.SHUFFLE_CONV_DIM", "256"],
          "DUAL_MODAL.SHUFFLE_CONV_DIM': 256}: MODEL.ROI_MASK_HEAD.NAME MaskRCNNConvUpsampleHead is not the dual"),
         ("tnbc_ab1.yaml", ["MODEL.SEM_SEG_HEAD.GCN_KERNEL_SIZE", "7"],
-         r"GCN_KERNEL_SIZE': 7}: no GCN semantic head is built \(.*SEMANTIC_ON False"),
+         r"GCN_KERNEL_SIZE': 7}: MODEL.META_ARCHITECTURE PanopticNucleiRCNN with MODEL.NUCSEG.SEMANTIC_ON False "
+         r"builds no semantic head, so nothing reads them; leave them at their defaults \{'MODEL.SEM_SEG_HEAD."
+         r"GCN_KERNEL_SIZE': 5\}"),
         ("tnbc_maskrcnn.yaml", ["MODEL.SEM_SEG_HEAD.GCN_CHANNELS", "32"], r"GCN_CHANNELS': 32}: .*NucleiRCNN"),
+        ("tnbc.yaml", ["MODEL.SEM_SEG_HEAD.NAME", "SemSegFPNHead", "MODEL.SEM_SEG_HEAD.GCN_CHANNELS", "32"],
+         "SemSegFPNHead is not the GCN head"),
+        ("tnbc.yaml", ["MODEL.MASK_ON", "False", "MODEL.ROI_MASK_HEAD.DUAL_MODAL.FC_CONV_DIM", "64"],
+         "MODEL.MASK_ON False: no mask head is built"),
     ],
 )
 def test_values_the_model_would_misuse_are_rejected_naming_the_key(config, overrides, problem):
     with pytest.raises(NucleiConfigError, match=problem):
         build_nuclei_cfg(CONFIGS[0].parent / config, overrides)
+
+
+def test_gcn_sizes_pass_in_detectron2_models_that_build_the_gcn_head():
+    # PanopticFPN and SemanticSegmentor build SEM_SEG_HEAD.NAME: the GCN head reads its sizes there.
+    for architecture in ("PanopticFPN", "SemanticSegmentor"):
+        cfg = build_nuclei_cfg(CONFIGS[0].parent / "tnbc_maskrcnn.yaml", [
+            "MODEL.META_ARCHITECTURE", architecture, "MODEL.SEM_SEG_HEAD.NAME", "GCNSemSegHead",
+            "MODEL.SEM_SEG_HEAD.GCN_KERNEL_SIZE", "7"])
+        assert cfg.MODEL.SEM_SEG_HEAD.GCN_KERNEL_SIZE == 7
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "results").glob("*/config.yaml")),
+                         ids=lambda path: path.parent.name)
+def test_published_runs_saved_configs_still_validate(path):
+    # They are resumed, evaluated and predicted with (cpu_train_eval.sh, --eval-only, NucleiPredictor).
+    build_nuclei_cfg(path)
 
 
 def test_loss_weights_other_than_one_pass_with_the_model_that_applies_them():

@@ -369,7 +369,8 @@ def register_config_datasets(cfg):
     ``DATASETS.TNBC_NUM_FOLDS`` and each ``DATASETS.NUCLEI_FOLDERS`` entry [name, image_dir,
     label_dir(, label_format)] (see :func:`register_nuclei_folder`; relative folders are read from
     the working directory). A folder that does not exist is reported now, not when the data set is
-    first read (after a training, for a test set). Safe to call again with the same config.
+    first read (train_net.py reads DATASETS.TRAIN and DATASETS.TEST before training). Safe to call
+    again with the same config.
     Returns the folder names."""
     register_tnbc_cross_validation(cfg.DATASETS.TNBC_NUM_FOLDS)
     names = []

@@ -73,7 +73,8 @@ def _read_pixels(path, palette_as_indices=False, refused_tiff_photometrics=()):
             if axes[0] == "S" and len(axes) == 3 and pixels.shape[0] <= 4:
                 pixels, axes = np.moveaxis(pixels, 0, -1), axes[1:] + "S"  # planar: channel-first
             if axes not in ("YX", "YXS"):
-                # A stack of pages or planes (axes Q, I, Z, T...) would otherwise pass as channels.
+                # A stack of pages, planes or ImageJ/OME channels (axes Q, I, Z, T, C...) would
+                # otherwise pass as colour channels.
                 raise NucleiDataError(f"{path}: TIFF holds an array of shape {pixels.shape} (axes {axes}); "
                                       "expected one 2-D image, grey or colour")
             if photometric == tifffile.PHOTOMETRIC.PALETTE and not palette_as_indices:

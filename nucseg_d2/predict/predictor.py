@@ -30,7 +30,7 @@ from .tiling import (
     transform_image,
 )
 
-__all__ = ["NucleiPredictor", "CheckpointError", "load_checkpoint", "build_predict_cfg"]
+__all__ = ["NucleiPredictor", "CheckpointError", "load_checkpoint", "require_checkpoint_path", "build_predict_cfg"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +75,12 @@ def load_checkpoint(model: torch.nn.Module, path: str, what: str = "the model") 
     require_checkpoint_path(path)
     if "://" in path:  # detectron2://, https://, ...: fetched (and cached) as Detectron2 would
         try:
-            path = PathManager.get_local_path(path)
+            local_path = PathManager.get_local_path(path)
         except Exception as err:
             raise CheckpointError(f"{path}: cannot fetch checkpoint ({type(err).__name__}: {err})") from err
+        if not os.path.isfile(local_path):
+            raise CheckpointError(f"{path}: fetched to {local_path}, but no file is there")
+        path = local_path
     checkpointer = _RecordingCheckpointer(model)
     try:
         checkpointer.load(path, checkpointables=[])
