@@ -357,9 +357,10 @@ def _refuse_settings_of_heads_not_built(cfg, architecture, not_panoptic):
 
 
 def check_run_inputs(cfg, eval_only: bool = False, resume: bool = False):
-    """Before a model is built: the data sets are registered, AMP has a GPU to train on, and the
-    weights exist (an evaluation without any would score an untrained model and overwrite earlier
-    results)."""
+    """Before a model is built or a file written: the data sets are registered, a training's
+    sizes are positive and AMP has a GPU, an OUTPUT_DIR holding a trained run is written over only
+    by --resume, and the weights exist (an evaluation without any would score an untrained model
+    and overwrite earlier results)."""
     from .data.datasets import unregistered_datasets_message
 
     for key in ("TEST",) if eval_only else ("TRAIN", "TEST"):  # evaluation never loads TRAIN
