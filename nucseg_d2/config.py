@@ -377,7 +377,6 @@ def check_run_inputs(cfg, eval_only: bool = False, resume: bool = False):
             section, name = key.split(".")
             if cfg[section][name] <= 0:
                 raise NucleiConfigError(f"{key} must be > 0, got {cfg[section][name]}")
-    checkpoint = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
     trained = [name for name in ("last_checkpoint", "model_final.pth")
                if os.path.isfile(os.path.join(cfg.OUTPUT_DIR, name))]
     if trained and not resume:
@@ -392,7 +391,7 @@ def check_run_inputs(cfg, eval_only: bool = False, resume: bool = False):
             f"OUTPUT_DIR {cfg.OUTPUT_DIR} holds a trained run ({trained[0]}), whose checkpoints and config.yaml "
             "training anew there would replace: --resume continues it; another OUTPUT_DIR (or deleting this "
             "one) trains anew")
-    resumes = resume and os.path.isfile(checkpoint)
+    resumes = resume and "last_checkpoint" in trained
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not resumes and not os.path.isfile(weights):
         raise NucleiConfigError(f"MODEL.WEIGHTS: {weights}: file not found")

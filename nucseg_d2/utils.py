@@ -18,8 +18,12 @@ _TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{%d}\.tmp" % _TEMP_TOKEN_LEN
 _NAME_MAX = 255
 
 
+def _temp_name(target: str, token: str) -> str:
+    return f".{target}.{token}.tmp"
+
+
 def _temp_target(name: str) -> str:
-    if len(f".{name}.{'0' * _TEMP_TOKEN_LENGTH}.tmp".encode()) <= _NAME_MAX:
+    if len(_temp_name(name, "0" * _TEMP_TOKEN_LENGTH).encode()) <= _NAME_MAX:
         return name
     return "~" + hashlib.sha256(name.encode()).hexdigest()[:32]
 
@@ -34,8 +38,8 @@ def atomic_path(path) -> Iterator[str]:
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    temp_name = f".{_temp_target(os.path.basename(path))}.{uuid.uuid4().hex[:_TEMP_TOKEN_LENGTH]}.tmp"
-    temp_path = os.path.join(directory, temp_name)
+    token = uuid.uuid4().hex[:_TEMP_TOKEN_LENGTH]
+    temp_path = os.path.join(directory, _temp_name(_temp_target(os.path.basename(path)), token))
     try:
         os.makedirs(directory, exist_ok=True)
         # Reserve the name with mode "x" (not mkstemp: that creates 0600 files; this one follows

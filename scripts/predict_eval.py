@@ -48,8 +48,9 @@ class PredictEvalError(ValueError):
     """Arguments that cannot be used: a data set name not registered, an output folder already there."""
 
 
-def check_arguments(args, out_dir: str) -> None:
-    """Everything that can be refused before the model is built and the first image predicted."""
+def check_arguments(args, out_dir: str):
+    """Everything that can be refused before the model is built and the first image predicted;
+    returns the config (with the overrides)."""
     if os.path.lexists(out_dir) and not args.overwrite:
         raise PredictEvalError(f"{out_dir}: already exists (results of an earlier run); "
                                "pass --overwrite to replace it, or choose another --run-dir")
@@ -60,13 +61,13 @@ def check_arguments(args, out_dir: str) -> None:
     if args.dataset not in registered:
         raise PredictEvalError(f"--dataset {args.dataset!r}: not a registered data set (registered: "
                                f"{first_few(sorted(registered), 12)}; folders of your own: DATASETS.NUCLEI_FOLDERS)")
+    return cfg
 
 
-def predict_and_score(args, partial_dir: str, final_dir: str) -> dict:
+def predict_and_score(args, cfg, partial_dir: str, final_dir: str) -> dict:
     """Predict every image of the data set into ``partial_dir``, score it there; returns the summary."""
     records = DatasetCatalog.get(args.dataset)  # a missing data root fails here, before the model
-    predictor = NucleiPredictor(args.config_file, weights=args.weights, tta=args.tta,
-                                tile_size=args.tile_size, opts=args.opts)
+    predictor = NucleiPredictor(cfg, weights=args.weights, tta=args.tta, tile_size=args.tile_size)
     maps_dir = os.path.join(partial_dir, "label_maps")
     os.makedirs(maps_dir)
     lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -112,12 +113,12 @@ def main(argv=None):
     out_dir = os.path.join(args.run_dir, args.dataset)
     partial_dir = out_dir + PARTIAL_SUFFIX
     try:
-        check_arguments(args, out_dir)
+        cfg = check_arguments(args, out_dir)
         # A folder left by a run that was killed: never scored, so nothing of value.
         shutil.rmtree(partial_dir, ignore_errors=True)
         new_run_dir = not os.path.isdir(args.run_dir)
         try:
-            predict_and_score(args, partial_dir, out_dir)
+            predict_and_score(args, cfg, partial_dir, out_dir)
             # As scripts/tune_postprocess.sh: the old folder goes only once the new one is complete.
             if os.path.lexists(out_dir):
                 shutil.rmtree(out_dir)

@@ -143,7 +143,7 @@ def _refuse_images_the_run_trained_or_is_tested_on(cfg, dataset: str, records) -
 
     files = {os.path.realpath(record["file_name"]) for record in records}
     others = [("DATASETS.TRAIN", name) for name in cfg.DATASETS.TRAIN]
-    others += [("DATASETS.TEST", name) for name in cfg.DATASETS.TEST if _is_test_split(name) and name != dataset]
+    others += [("DATASETS.TEST", name) for name in cfg.DATASETS.TEST if _is_test_split(name)]
     for key, name in others:
         if unregistered_datasets_message([name]):
             continue  # a set this checkout does not have holds none of these files
