@@ -8,7 +8,8 @@ import sys
 import uuid
 from typing import Dict, Iterable, Iterator, Sequence
 
-__all__ = ["atomic_path", "first_few", "files_by_stem", "leave_distributed_worker", "remove_stale_temp_files"]
+__all__ = ["atomic_path", "first_few", "files_by_stem", "leave_distributed_worker", "remove_stale_temp_files",
+           "scratch_path"]
 
 
 # atomic_path's temp file beside PATH: ".<name of PATH>.<12 hex digits>.tmp", the name replaced by
@@ -28,6 +29,28 @@ def _temp_target(name: str) -> str:
     return "~" + hashlib.sha256(name.encode()).hexdigest()[:32]
 
 
+def _temp_path_beside(path: str):
+    """(folder of ``path``, a new temp path in it named after ``path``)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    token = uuid.uuid4().hex[:_TEMP_TOKEN_LENGTH]
+    return directory, os.path.join(directory, _temp_name(_temp_target(os.path.basename(path)), token))
+
+
+@contextlib.contextmanager
+def scratch_path(path) -> Iterator[str]:
+    """Yield a temp path beside ``path`` for a working file, removed on exit whatever happens.
+
+    It is named as :func:`atomic_path`'s temp files, so ``remove_stale_temp_files(path)`` removes
+    one that a process killed outright left behind. Nothing is created: the caller writes it.
+    """
+    _, temp_path = _temp_path_beside(os.fspath(path))
+    try:
+        yield temp_path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_path)
+
+
 @contextlib.contextmanager
 def atomic_path(path) -> Iterator[str]:
     """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``.
@@ -37,9 +60,7 @@ def atomic_path(path) -> Iterator[str]:
     (SIGKILL, out of memory) leaves its temp file: see :func:`remove_stale_temp_files`.
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    token = uuid.uuid4().hex[:_TEMP_TOKEN_LENGTH]
-    temp_path = os.path.join(directory, _temp_name(_temp_target(os.path.basename(path)), token))
+    directory, temp_path = _temp_path_beside(path)
     try:
         os.makedirs(directory, exist_ok=True)
         # Reserve the name with mode "x" (not mkstemp: that creates 0600 files; this one follows

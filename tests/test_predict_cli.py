@@ -271,7 +271,8 @@ def test_options_reach_the_predictor_and_parquet_matches_csv(tmp_path, untrained
                     opts=["TEST.NUCLEI.SCORE_THRESH", "0.0"]) == 0
         (_, init), (_, predict) = calls
         assert init["tta"] is True and (init["tile_size"], init["overlap"]) == (128, 32)
-        assert predict == {"tissue_mask": tissue, "level": 1}  # --mpp 0.5 picks level 1
+        # --mpp 0.5 picks level 1; a 128² map is far below --label-map-ram-gib's default.
+        assert predict == {"tissue_mask": tissue, "level": 1, "label_map_file": None}
         assert tifffile.imread(output / "slide_labels.tif").shape == (128, 128)
     with open(output / "slide_nuclei.csv") as stream:
         rows = list(csv.DictReader(stream))
@@ -343,3 +344,53 @@ def test_a_failing_output_does_not_keep_the_others_from_being_written(tmp_path, 
                      r"written: labels, coco, csv, overlay", error)
     assert sorted(p.name for p in output.iterdir()) == ["img0_coco.json", "img0_labels.tif", "img0_nuclei.csv",
                                                          "img0_overlay.png", "nucseg_predict_settings.json"]
+
+
+def test_a_label_map_over_the_ram_limit_lives_in_a_scratch_file_until_written(tmp_path, untrained_demo_weights,
+                                                                            capsys, monkeypatch):
+    from nucseg_d2.predict import cli, writers
+
+    slide = str(tmp_path / "slide.tif")
+    image, _ = generate_tile(np.random.default_rng(0), (128, 160))
+    write_pyramidal_tiff(slide, lambda y0, y1, x0, x1: image[y0:y1, x0:x1], 160, 128, num_levels=1)
+    options = ["--tile-size", "256", "--overlap", "32"]
+    opts = ["TEST.NUCLEI.SCORE_THRESH", "0.0"]
+    assert _run([slide], tmp_path / "in_ram", untrained_demo_weights, *options, opts=opts) == 0
+    assert tifffile.imread(tmp_path / "in_ram" / "slide_labels.tif").max() > 0
+    # 160 x 128 px x 4 bytes = 0.078 MiB: over a limit of 0.07 MiB. While the outputs are written,
+    # the map is a memory-mapped .npy file in the output folder, named as a temp file.
+    maps_seen = []
+    write_geojson = writers.write_geojson
+
+    def recording_write_geojson(path, result):
+        maps_seen.append((type(result.label_map), sorted(os.listdir(os.path.dirname(path)))))
+        return write_geojson(path, result)
+
+    monkeypatch.setattr(writers, "write_geojson", recording_write_geojson)
+    output = tmp_path / "on_disk"
+    assert _run([slide], output, untrained_demo_weights, *options, "--label-map-ram-gib", str(0.07 / 1024),
+                opts=opts) == 0
+    ((map_type, listing),) = maps_seen
+    assert map_type is np.memmap
+    assert [name for name in listing if re.fullmatch(r"\.slide_labels\.npy\.[0-9a-f]{12}\.tmp", name)]
+    for suffix in (FORMATS[name] for name in DEFAULT_FORMATS):  # the same outputs as from memory
+        assert (output / f"slide{suffix}").read_bytes() == (tmp_path / "in_ram" / f"slide{suffix}").read_bytes()
+    assert not list(output.glob(".*.tmp"))  # the scratch file is gone
+    # One map under the limit stays in memory.
+    maps_seen.clear()
+    assert _run([slide], tmp_path / "small", untrained_demo_weights, *options, "--label-map-ram-gib", str(0.08 / 1024),
+                opts=opts) == 0
+    assert maps_seen[0][0] is np.ndarray
+    # What a killed run left is removed when the input is run again.
+    capsys.readouterr()
+    (output / ".slide_labels.npy.0123456789ab.tmp").write_bytes(b"half a label map")
+    os.remove(output / "slide_overlay.png")
+    assert _run([slide], output, untrained_demo_weights, *options, opts=opts) == 0
+    assert "slide.tif: removed 1 temp file(s) left by an interrupted run" in capsys.readouterr().out
+    assert not list(output.glob(".*.tmp"))
+    # A limit that is no size is refused before anything runs.
+    for bad in ("-1", "nan", "inf"):
+        assert _run([slide], tmp_path / "bad", untrained_demo_weights, "--label-map-ram-gib", bad) == 2
+        assert f"--label-map-ram-gib must be a number >= 0 (got {float(bad)})" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert cli.label_map_scratch_target(slide, str(output)) == str(output / "slide_labels.npy")

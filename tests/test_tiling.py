@@ -1,4 +1,7 @@
 """Tiling pieces by hand: the grid, core ownership, the bit-packed store, TTA inversion, merging."""
+import errno
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,7 @@ from nucseg_d2.predict.tiling import (
     detections_from_instances,
     invert_detections,
     merge_by_mask_iou,
+    open_label_map_file,
     tile_grid,
     tile_starts,
     transform_image,
@@ -87,6 +91,34 @@ def test_store_of_one_whole_tile_paints_exactly_like_instances_to_label_map():
     assert len(kept_scores) == label_map.max()
     assert (np.diff(kept_scores) <= 0).all()
     assert np.isin(kept_scores, scores[scores > 0.5].astype(np.float32)).all()
+
+
+def test_store_paints_into_a_memory_mapped_file_exactly_as_into_memory(tmp_path):
+    left, right = tile_grid(100, 200, tile_size=120, overlap=40)
+    store = DetectionStore()
+    store.add(TileDetections.concatenate([_square_det(20, score=0.6), _square_det(60, 45, 30, 0.8)]), left)
+    store.add(_square_det(150 - right.x0), right)
+    in_memory, scores = store.paint(100, 200, max_overlap=0.7)
+    path = str(tmp_path / "labels.npy")
+    mapped, mapped_scores = store.paint(100, 200, max_overlap=0.7, label_map_file=path)
+    assert isinstance(mapped, np.memmap) and in_memory.max() == 3
+    np.testing.assert_array_equal(mapped, in_memory)
+    np.testing.assert_array_equal(mapped_scores, scores)
+    mapped.flush()
+    np.testing.assert_array_equal(np.load(path), in_memory)  # a plain .npy file
+
+
+def test_a_label_map_file_without_room_on_disk_is_a_clear_error_and_removed(tmp_path, monkeypatch):
+    # Without the space reserved, painting into the map would end the process with SIGBUS.
+    def disk_full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", disk_full, raising=False)
+    path = tmp_path / "labels.npy"
+    with pytest.raises(OSError, match=rf"{tmp_path}: no room for a 3000x2000 label map on disk "
+                                      r"\(0.02 GiB needed, [\d.]+ GiB free\)") as caught:
+        open_label_map_file(str(path), 2000, 3000, np.uint32)
+    assert caught.value.errno == errno.ENOSPC and os.listdir(tmp_path) == []
 
 
 def _square_det(x0, y0=40, side=10, score=0.9):

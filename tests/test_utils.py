@@ -14,7 +14,8 @@ from process_group import free_port, join_gloo_group
 from nucseg_d2.data.datasets import register_nuclei_folder
 from nucseg_d2.data.readers import NucleiDataError
 from nucseg_d2.evaluation.folder_eval import FolderEvalError, label_maps_by_stem
-from nucseg_d2.utils import atomic_path, files_by_stem, first_few, leave_distributed_worker, remove_stale_temp_files
+from nucseg_d2.utils import (
+    atomic_path, files_by_stem, first_few, leave_distributed_worker, remove_stale_temp_files, scratch_path)
 
 
 def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path):
@@ -49,6 +50,24 @@ def test_stale_temp_files_of_a_killed_writer_are_removed_and_nothing_else(tmp_pa
         (tmp_path / name).write_text("")
     assert remove_stale_temp_files(target) == {str(target): 1}
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
+
+
+def test_scratch_files_are_removed_on_exit_and_after_a_kill(tmp_path):
+    target = tmp_path / "slide_labels.npy"
+    with scratch_path(target) as scratch:
+        open(scratch, "w").write("map")
+        assert os.path.dirname(scratch) == str(tmp_path) and not target.exists()
+    with pytest.raises(RuntimeError):
+        with scratch_path(target) as scratch:
+            open(scratch, "w").write("map")
+            raise RuntimeError("crash")
+    with scratch_path(target):
+        pass  # never written: nothing to remove, no error
+    assert os.listdir(tmp_path) == []
+    # What a killed process left is found by remove_stale_temp_files, as atomic_path's.
+    with scratch_path(target) as scratch:
+        open(scratch, "w").write("map")
+        assert remove_stale_temp_files(target) == {str(target): 1} and os.listdir(tmp_path) == []
 
 
 def test_atomic_path_writes_names_up_to_the_file_name_limit(tmp_path):

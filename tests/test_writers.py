@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import tracemalloc
 import uuid
 
 import numpy as np
@@ -18,6 +19,7 @@ from skimage.color import rgb2hed
 from nucseg_d2.data.synthetic import generate_tile
 from nucseg_d2.predict import writers
 from nucseg_d2.predict.result import PredictionResult
+from nucseg_d2.predict.tiling import open_label_map_file
 from nucseg_d2.predict.writers import (
     OVERLAY_COLOR,
     nucleus_outline,
@@ -106,6 +108,49 @@ def test_large_label_tiff_is_tiled(tmp_path):
     with tifffile.TiffFile(tmp_path / "big.tif") as tif:
         assert tif.pages[0].is_tiled and tif.pages[0].tilewidth == 256
         np.testing.assert_array_equal(tif.pages[0].asarray(), labels)
+
+
+def test_writers_never_copy_a_memory_mapped_slide_label_map(tmp_path, synthetic_tile):
+    """A whole slide's label map, memory-mapped from disk because it may exceed the RAM, is
+    written in tiles, nuclei and blocks: no writer's Python-side peak reaches a quarter of it.
+    The map is uint32 (the store's dtype when it held more than 65,535 detections) with fewer ids
+    painted, so the label TIFF narrows it to uint16, tile by tile."""
+    image, labels = synthetic_tile
+    height, width = 6000, 6000
+    label_map = open_label_map_file(str(tmp_path / "map.npy"), height, width, np.uint32)
+    offset = 0
+    # Corners included: the tiles at the right and bottom edges are incomplete (6000 = 23 * 256 + 112).
+    for y0, x0 in ((0, 0), (3000, 2900), (height - 192, width - 224)):
+        label_map[y0 : y0 + 192, x0 : x0 + 224] = np.where(labels > 0, labels.astype(np.uint32) + offset, 0)
+        offset += int(labels.max())
+    result = _result(label_map, mpp=0.25)
+
+    def rgb(y0, y1, x0, x1):
+        return np.full((y1 - y0, x1 - x0, 3), 120, np.uint8)
+
+    peaks = {}
+    for name, write in [
+        ("labels", lambda: write_label_tiff(tmp_path / "slide_labels.tif", label_map)),
+        ("geojson", lambda: write_geojson(tmp_path / "slide.geojson", result)),
+        ("coco", lambda: write_coco_json(tmp_path / "slide_coco.json", result, 1, "slide.svs")),
+        ("csv", lambda: write_nucleus_table(tmp_path / "slide_nuclei.csv", result, rgb)),
+        ("overlay", lambda: write_overlay_png(tmp_path / "slide_overlay.png", result,
+                                              np.zeros((1024, 1024, 3), np.uint8))),
+    ]:
+        tracemalloc.start()
+        try:
+            write()
+            peaks[name] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert max(peaks.values()) < label_map.nbytes / 4, peaks
+    written = tifffile.imread(tmp_path / "slide_labels.tif")
+    assert written.dtype == np.uint16
+    np.testing.assert_array_equal(written, label_map)
+    features = json.loads((tmp_path / "slide.geojson").read_text())["features"]
+    assert len(features) == offset == len(json.loads((tmp_path / "slide_coco.json").read_text()))
+    with open(tmp_path / "slide_nuclei.csv") as stream:
+        assert len(list(csv.DictReader(stream))) == offset
 
 
 def test_failed_write_keeps_the_previous_file_and_no_temp(tmp_path, monkeypatch):

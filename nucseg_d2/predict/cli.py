@@ -14,12 +14,18 @@ nothing could start (bad checkpoint, config or output folder).
 Many inputs: ``--num-gpus N`` (processes per machine; on a machine without GPU they run on the
 CPU with the gloo backend), ``--num-machines``, ``--machine-rank``, ``--dist-url``, through
 Detectron2's ``launch``. Rank r of W takes ``inputs[r::W]``.
+
+Memory: a label map larger than ``--label-map-ram-gib`` (at its largest, 4 bytes per pixel of
+the analysed region) is painted into a memory-mapped scratch file in the output folder, removed
+once the input's outputs are written, so a whole slide at level 0 needs disk, not RAM.
 """
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -31,7 +37,7 @@ import torch
 
 from ..config import NucleiConfigError
 from ..data.readers import NucleiDataError
-from ..utils import atomic_path, leave_distributed_worker, remove_stale_temp_files
+from ..utils import atomic_path, leave_distributed_worker, remove_stale_temp_files, scratch_path
 from .predictor import CheckpointError, build_predict_cfg
 from .slides import IMAGE_SUFFIXES, SLIDE_SUFFIXES
 
@@ -82,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), default=list(DEFAULT_FORMATS),
                         help=f"outputs to write (default: {' '.join(DEFAULT_FORMATS)})")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs exist")
+    parser.add_argument("--label-map-ram-gib", type=float, default=4.0, metavar="GIB",
+                        help="largest label map kept in memory (4 bytes per pixel of the analysed region); "
+                             "larger ones are memory-mapped from a scratch file in the output folder, removed "
+                             "when the input is done (default 4; 0: always)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: the config's MODEL.DEVICE, CPU without GPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
@@ -177,6 +187,12 @@ def input_stem(path: str) -> str:
 def output_paths(path: str, output_dir: str, formats: Sequence[str]) -> Dict[str, str]:
     stem = input_stem(path)
     return {name: os.path.join(output_dir, stem + FORMATS[name]) for name in formats}
+
+
+def label_map_scratch_target(path: str, output_dir: str) -> str:
+    """The path whose temp files (:func:`~nucseg_d2.utils.scratch_path`) hold an input's
+    memory-mapped label map while its outputs are written; the path itself is never created."""
+    return os.path.join(output_dir, input_stem(path) + "_labels.npy")
 
 
 def _stem_collisions(paths: Sequence[str]) -> Dict[str, List[str]]:
@@ -278,9 +294,10 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
     todo = []
     outputs = [(image_id, path, output_paths(path, args.output, args.formats)) for image_id, path in inputs]
     # Each input's outputs are written by this rank alone: what a killed run left is no one's.
-    removed = remove_stale_temp_files(p for _, _, paths in outputs for p in paths.values())
+    scratch = {path: label_map_scratch_target(path, args.output) for _, path, _ in outputs}
+    removed = remove_stale_temp_files([p for _, _, paths in outputs for p in paths.values()] + list(scratch.values()))
     for image_id, path, paths in outputs:
-        stale = sum(removed.get(p, 0) for p in paths.values())
+        stale = sum(removed.get(p, 0) for p in [*paths.values(), scratch[path]])
         if stale:
             print(f"{tag}{path}: removed {stale} temp file(s) left by an interrupted run", flush=True)
         if not args.overwrite:
@@ -331,8 +348,8 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
                     summary["skipped"].append(path)
                     print(f"{tag}{path}: skipped (its other outputs exist; no coco output possible)", flush=True)
                     continue
-                result = predictor.predict_source(source, tissue_mask=tissue)
-                write_outputs(result, source, paths, image_id)
+                num_nuclei = _predict_and_write(predictor, source, paths, image_id, tissue,
+                                                args.label_map_ram_gib, scratch[path])
         except KeyboardInterrupt:
             raise
         except Exception as err:  # one bad input must not stop the batch
@@ -345,10 +362,23 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
             continue
         summary["done"].append(path)
         timing = predictor.last_timing
-        print(f"{tag}{path}: {result.num_nuclei} nuclei, {result.label_map.shape[1]}x"
-              f"{result.label_map.shape[0]} px, {timing.get('tiles_run', 0)}/{timing.get('tiles', 0)} "
+        print(f"{tag}{path}: {num_nuclei} nuclei, {source.width}x{source.height} px, "
+              f"{timing.get('tiles_run', 0)}/{timing.get('tiles', 0)} "
               f"tiles, {time.perf_counter() - start:.1f} s", flush=True)
     return summary
+
+
+def _predict_and_write(predictor, source, paths: Dict[str, str], image_id: int, tissue,
+                       label_map_ram_gib: float, scratch_target: str) -> int:
+    """Predict one opened input and write its outputs; returns its number of nuclei. A label map
+    over ``label_map_ram_gib`` lives in a scratch file beside ``scratch_target`` until this returns."""
+    with contextlib.ExitStack() as stack:
+        label_map_file = None
+        if source.height * source.width * 4 > label_map_ram_gib * 2**30:
+            label_map_file = stack.enter_context(scratch_path(scratch_target))
+        result = predictor.predict_source(source, tissue_mask=tissue, label_map_file=label_map_file)
+        write_outputs(result, source, paths, image_id)
+        return result.num_nuclei
 
 
 def _print_summary(summaries: List[Dict], num_inputs: int) -> None:
@@ -461,6 +491,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_SETUP_ERROR
     if args.batch_size is not None and args.batch_size < 1:
         print(f"error: --batch-size must be >= 1 (got {args.batch_size})", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+    if not (math.isfinite(args.label_map_ram_gib) and args.label_map_ram_gib >= 0):
+        print(f"error: --label-map-ram-gib must be a number >= 0 (got {args.label_map_ram_gib})", file=sys.stderr)
         return EXIT_SETUP_ERROR
     if args.mpp is not None and not args.mpp > 0:
         print(f"error: --mpp must be > 0 micrometres per pixel (got {args.mpp})", file=sys.stderr)

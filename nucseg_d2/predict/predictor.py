@@ -233,13 +233,18 @@ class NucleiPredictor:
         return self.predict_source(source, tissue_mask=None, return_instances=True)
 
     def predict_source(self, source: ImageSource, tissue_mask="auto", desc: Optional[str] = None,
-                       return_instances: Optional[bool] = None) -> PredictionResult:
+                       return_instances: Optional[bool] = None,
+                       label_map_file: Optional[str] = None) -> PredictionResult:
         """Nuclei of the analysed region of an :class:`ImageSource`.
 
         ``tissue_mask``: "auto" (slides only), True, False/None, or a ready TissueMask; tiles
         without tissue are skipped (they would hold no nuclei).
         ``return_instances``: fill ``result.instances`` (~3 KB per nucleus); default: not for
         slides, where millions of nuclei would make that gigabytes.
+        ``label_map_file``: paint the label map into a new memory-mapped ``.npy`` file at this
+        path instead of memory (a whole slide at level 0 can need more than the RAM); the
+        result's ``label_map`` is then a ``np.memmap`` of it, and the caller removes the file
+        once done (see ``nucseg-predict --label-map-ram-gib``).
         """
         if return_instances is None:
             return_instances = not source.is_slide
@@ -249,13 +254,14 @@ class NucleiPredictor:
             tissue_mask = source.tissue_mask(margin=self.overlap // 2)
         label_map, scores, instances = self._predict_region(
             source.read, source.height, source.width, tissue_mask or None, desc or source.path,
-            return_instances)
+            return_instances, label_map_file)
         return PredictionResult(label_map=label_map, scores=scores, downsample=float(source.downsample),
                                 origin=tuple(int(v) for v in source.origin), mpp=source.mpp,
                                 source=source.path, instances=instances)
 
     # ---------------------------------------------------------------- tiling loop
-    def _predict_region(self, read, height, width, tissue_mask, desc, return_instances=False):
+    def _predict_region(self, read, height, width, tissue_mask, desc, return_instances=False,
+                        label_map_file=None):
         timing = {"read": 0.0, "inference": 0.0, "stitch": 0.0, "paint": 0.0}
         tiles = tile_grid(height, width, self.tile_size, self.overlap)
         todo = [t for t in tiles if tissue_mask is None or tissue_mask.has_tissue(t)]
@@ -287,7 +293,8 @@ class NucleiPredictor:
                     timing["stitch"] += time.perf_counter() - start
                 bar.update(len(batch))
         start = time.perf_counter()
-        painted = store.paint(height, width, self.max_overlap, return_instances=return_instances)
+        painted = store.paint(height, width, self.max_overlap, return_instances=return_instances,
+                              label_map_file=label_map_file)
         label_map, scores = painted[:2]
         instances = painted[2] if return_instances else None
         timing["paint"] = time.perf_counter() - start

@@ -12,6 +12,8 @@ descending score order with the same overlap rules as
 :func:`~nucseg_d2.modeling.postprocess.instances_to_label_map`.
 """
 import contextlib
+import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -32,6 +34,7 @@ __all__ = [
     "invert_detections",
     "merge_by_mask_iou",
     "DetectionStore",
+    "open_label_map_file",
 ]
 
 
@@ -274,6 +277,32 @@ def _duplicate(inter: int, area_a: int, area_b: int, iou_thresh: float, contain_
             or inter / max(1, min(area_a, area_b)) > contain_thresh)
 
 
+def open_label_map_file(path, height: int, width: int, dtype) -> np.memmap:
+    """A zeroed (height, width) label map memory-mapped from a new ``.npy`` file at ``path``
+    (``np.load(path, mmap_mode="r")`` reads it back), its disk space reserved up front.
+
+    Reserving matters: a write to a mapped page that the disk has no room for kills the process
+    (SIGBUS) instead of raising, and with it the outputs of every later input. Where the space is
+    not there, OSError naming the folder and the sizes, and the file is removed.
+    """
+    label_map = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(height, width))
+    if hasattr(os, "posix_fallocate"):  # POSIX; elsewhere the file stays sparse
+        try:
+            with open(path, "r+b") as stream:
+                os.posix_fallocate(stream.fileno(), 0, os.fstat(stream.fileno()).st_size)
+        except OSError as err:
+            del label_map
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            folder = os.path.dirname(os.path.abspath(path))
+            need, free = height * width * np.dtype(dtype).itemsize / 2**30, ""
+            with contextlib.suppress(OSError):
+                free = f", {shutil.disk_usage(folder).free / 2**30:.2f} GiB free"
+            raise OSError(err.errno, f"{folder}: no room for a {width}x{height} label map on disk "
+                          f"({need:.2f} GiB needed{free}): {err.strerror}") from err
+    return label_map
+
+
 class DetectionStore:
     """Detections kept from all tiles, in image coordinates, with bit-packed masks.
 
@@ -402,16 +431,20 @@ class DetectionStore:
         return True
 
     def paint(self, height: int, width: int, max_overlap: float,
-              return_instances: bool = False):
+              return_instances: bool = False, label_map_file: Optional[str] = None):
         """(label map, scores[, instances]): the surviving masks painted by descending score.
 
         The map is allocated once, in the smallest dtype that holds every stored detection
         (uint16 up to 65,535, else uint32); it is not narrowed afterwards when overlaps left
         fewer ids, since that copy would double the peak memory of a whole slide. With
-        ``return_instances``, also the painted detections as Instances (index i = id i + 1;
-        see :meth:`instances`).
+        ``label_map_file``, the map is a ``np.memmap`` of a new ``.npy`` file there
+        (:func:`open_label_map_file`) instead of memory, for maps larger than the RAM; the caller
+        removes the file. With ``return_instances``, also the painted detections as Instances
+        (index i = id i + 1; see :meth:`_instances`).
         """
-        label_map = np.zeros((height, width), dtype=label_map_dtype(self._count))
+        dtype = label_map_dtype(self._count)
+        label_map = (np.zeros((height, width), dtype=dtype) if label_map_file is None
+                     else open_label_map_file(label_map_file, height, width, dtype))
         empty = np.zeros(0, np.int64)
         if self._count == 0:
             out = (label_map, np.zeros(0, np.float32))

@@ -17,7 +17,7 @@ import csv
 import json
 import os
 import uuid
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -115,8 +115,13 @@ def write_label_tiff(path, label_map, mpp: Optional[float] = None, origin: Tuple
         raise ValueError(f"{path}: label ids must lie in 0..{np.iinfo(np.uint32).max}")
     if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
         raise ValueError(f"{path}: µm per pixel must be a positive number, got {mpp}")
-    data = label_map.astype(label_map_dtype(max_id), copy=False)
-    tiled = max(data.shape) > _TILED_TIFF_MIN_SIDE
+    dtype = np.dtype(label_map_dtype(max_id))
+    tiled = max(label_map.shape) > _TILED_TIFF_MIN_SIDE
+    if tiled and label_map.dtype != dtype:
+        # Narrowed tile by tile: a whole copy of a slide's (memory-mapped) map may not fit in RAM.
+        data, layout = _tiles(label_map, dtype), {"shape": label_map.shape, "dtype": dtype}
+    else:
+        data, layout = label_map.astype(dtype, copy=False), {}
     placement = {"origin_level0": [int(origin[0]), int(origin[1])], "downsample": float(downsample),
                  "mpp": None if mpp is None else float(mpp)}
     resolution = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
@@ -127,11 +132,21 @@ def write_label_tiff(path, label_map, mpp: Optional[float] = None, origin: Tuple
             photometric="minisblack",
             compression="zlib",
             tile=_TIFF_TILE if tiled else None,
-            bigtiff=data.nbytes > 2**32 - 2**25,
+            bigtiff=label_map.size * dtype.itemsize > 2**32 - 2**25,
+            **layout,
             metadata=None,
             description=json.dumps({"nucseg_d2": placement}),
             **resolution,
         )
+
+
+def _tiles(label_map: np.ndarray, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """``label_map``'s TIFF tiles in file order (rows of tiles), converted to ``dtype``; tifffile
+    zero-pads the incomplete ones at the right and bottom edges."""
+    tile_height, tile_width = _TIFF_TILE
+    for y0 in range(0, label_map.shape[0], tile_height):
+        for x0 in range(0, label_map.shape[1], tile_width):
+            yield label_map[y0 : y0 + tile_height, x0 : x0 + tile_width].astype(dtype)
 
 
 def write_label_map_image(stem, label_map) -> str:
