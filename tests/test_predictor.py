@@ -2,7 +2,9 @@
 slides (synthetic pyramidal TIFFs: level, ROI, tissue mask), checkpoints, and the real model."""
 import glob
 import os
+import warnings
 
+import cv2
 import numpy as np
 import pytest
 import tifffile
@@ -347,12 +349,75 @@ def test_slide_level_and_roi(he_slide, layout):
             assert region.origin[0] <= x and region.origin[1] <= y
             assert region.origin[0] + region.width * d >= x + w and region.origin[1] + region.height * d >= y + h
             assert region.width * d < w + 2 * d and region.height * d < h + 2 * d  # and not much more
-    with pytest.warns(UserWarning, match=r"level 1 at 0\.500 µm/px instead of the requested 0\.9 µm/px"):
-        chosen = open_image(paths[layout], mpp=0.9)  # levels at 0.25, 0.5, 1.0 µm/px
-    with chosen:
-        assert chosen.level == 1 and (chosen.height, chosen.width) == (1024, 1024)
-    with pytest.warns(UserWarning, match="the slide has no finer level"):
+    with open_image(paths[layout], mpp=0.55) as chosen:  # levels at 0.25, 0.5, 1.0 µm/px
+        assert chosen.level == 1 and not chosen.resampled and (chosen.height, chosen.width) == (1024, 1024)
+    with open_image(paths[layout], mpp=0.9) as shrunk:  # no level within 10 %: level 1, shrunk 1.8x
+        assert shrunk.level == 1 and shrunk.resampled and shrunk.downsample == pytest.approx(3.6)
+        assert (shrunk.height, shrunk.width, shrunk.mpp) == (568, 568, 0.9)  # int(2048 / 3.6)
+    with pytest.warns(UserWarning, match=r"no level at or finer than 0\.1 µm/px; level 0 at 0\.250 µm/px is "
+                                         r"enlarged to it"):
         open_image(paths[layout], mpp=0.1).close()
+
+
+def _smooth_slide(path, height, width):
+    """A 2-level pyramidal TIFF at 0.25 µm/px of smooth random colour; returns its level 0."""
+    rng = np.random.default_rng(3)
+    level0 = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (0, 0), 2)
+    write_pyramidal_tiff(path, lambda y0, y1, x0, x1: level0[y0:y1, x0:x1], height, width, num_levels=2)
+    return level0
+
+
+def test_a_scan_at_half_the_target_resolution_is_enlarged_bilinearly(tmp_path):
+    path = str(tmp_path / "scan20x.tif")
+    level0 = _smooth_slide(path, 300, 400)  # stands for a 20x scan: no level at 0.125 µm/px
+    with pytest.warns(UserWarning, match="is enlarged to it"):
+        source = open_image(path, mpp=0.125)
+    with source:
+        assert source.resampled and source.level == 0 and (source.downsample, source.mpp) == (0.5, 0.125)
+        assert (source.height, source.width, source.origin) == (600, 800, (0, 0))
+        enlarged = source.read(0, 600, 0, 800)
+        # OpenCV's resize samples pixel centres too: the same picture, within its rounding.
+        expected = cv2.resize(level0, (800, 600), interpolation=cv2.INTER_LINEAR)
+        assert np.abs(enlarged.astype(int) - expected).max() <= 1
+        assert source.thumbnail(200).shape == (150, 200, 3)
+    # A region: analysed pixel (r, c) lies at level-0 (origin + (c + 0.5) / 2, ...).
+    with pytest.warns(UserWarning), open_image(path, mpp=0.125, roi=(101, 51, 40, 30)) as region:
+        assert (region.height, region.width, region.origin) == (60, 80, (101, 51))
+        np.testing.assert_array_equal(region.read(0, 60, 0, 80), enlarged[102:162, 202:282])
+
+
+def test_resampled_tiles_agree_exactly_where_they_overlap(tmp_path):
+    path = str(tmp_path / "slide.tif")
+    _smooth_slide(path, 500, 700)
+    rng = np.random.default_rng(0)
+    # 0.4 µm/px: level 0 shrunk 1.6x (blurred first); 0.17: enlarged; 0.75: level 1 shrunk 1.5x.
+    for mpp, roi in ((0.4, None), (0.17, (33, 17, 600, 400)), (0.75, (7, 9, 650, 480))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = open_image(path, mpp=mpp, roi=roi)
+        with source:
+            assert source.resampled
+            whole = source.read(0, source.height, 0, source.width)
+            for _ in range(10):
+                y0, x0 = rng.integers(0, source.height - 8), rng.integers(0, source.width - 8)
+                y1, x1 = rng.integers(y0 + 1, source.height + 1), rng.integers(x0 + 1, source.width + 1)
+                np.testing.assert_array_equal(source.read(y0, y1, x0, x1), whole[y0:y1, x0:x1],
+                                              err_msg=f"mpp {mpp}, block [{y0}:{y1}, {x0}:{x1}]")
+
+
+def test_shrinking_keeps_an_edge_in_place_and_flat_colour_flat(tmp_path):
+    # Black left of level-0 x = 400, white right; levels at 0.25, 0.5 and 1.0 µm/px. Asked for
+    # 0.35, level 0 is shrunk 1.4x: analysed column c samples level-0 x = (c + 0.5) * 1.4, so
+    # column 285 (x 399.7: pixel-index position 399.2) is about a fifth white, column 286 white.
+    level0 = np.zeros((256, 800, 3), np.uint8)
+    level0[:, 400:] = 255
+    path = str(tmp_path / "edge.tif")
+    write_pyramidal_tiff(path, lambda y0, y1, x0, x1: level0[y0:y1, x0:x1], 256, 800, num_levels=3)
+    with open_image(path, mpp=0.35) as shrunk:
+        assert shrunk.resampled and shrunk.level == 0 and (shrunk.height, shrunk.width) == (182, 571)  # int(256 / 1.4)
+        row = shrunk.read(100, 101, 0, shrunk.width)[0, :, 0].astype(int)
+    assert (row[:285] == 0).all() and (row[286:] == 255).all()
+    assert abs(row[285] - 255 * round(0.2 * 32) / 32) <= 1  # bilinear weights in 1/32 steps
 
 
 def test_slide_levels_with_a_fractional_downsample_read_their_own_pixels(tmp_path):

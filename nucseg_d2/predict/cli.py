@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     level = parser.add_mutually_exclusive_group()
     level.add_argument("--level", type=int, help="slide pyramid level to analyse (default 0)")
     level.add_argument("--mpp", type=float,
-                       help="target µm/px: the coarsest level at or finer than it (training data: 0.25)")
+                       help="target µm/px (training data: 0.25): the coarsest level at or finer than it, "
+                            "resampled to it unless within 10%%")
     parser.add_argument("--roi", type=int, nargs=4, metavar=("X", "Y", "W", "H"),
                         help="region of interest in level-0 pixels")
     parser.add_argument("--tissue-mask", choices=("auto", "on", "off"), default="auto",

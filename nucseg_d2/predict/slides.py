@@ -48,6 +48,8 @@ _TIFFSLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".tif", ".tiff", ".svsli
 # A level whose µm/px is within this fraction of the target counts as "at the target":
 # scanners record e.g. 0.2527 for a nominal 0.25.
 _MPP_TOLERANCE = 0.1
+# cv2.remap's bilinear weights are in 1/32 pixel steps (INTER_TAB_SIZE).
+_REMAP_STEPS = 32
 # Reading thumbnails block by block keeps their memory independent of the slide size.
 _THUMBNAIL_BLOCK = 2048
 
@@ -194,13 +196,16 @@ class SlideSource(ImageSource):
     Args:
         path: the slide file.
         level: pyramid level to analyse; mutually exclusive with ``mpp``.
-        mpp: target µm/px: picks the coarsest level at or finer than it (see choose_level);
-            the level is used as it is (no resampling).
+        mpp: target µm/px: picks the coarsest level at or finer than it (see choose_level),
+            used as it is when within 10 % of the target; else the region is resampled from that
+            level to exactly ``mpp`` (bilinear, anti-aliased when shrinking; see :meth:`read`),
+            so nuclei appear at the size the model was trained on. ``resampled`` tells.
         roi: (x, y, w, h) in level-0 pixels; clipped to the slide.
         backend: "auto", "tiffslide" or "openslide".
     """
 
     is_slide = True
+    resampled = False
 
     def __init__(self, path, level: Optional[int] = None, mpp: Optional[float] = None,
                  roi: Optional[Sequence[int]] = None, backend: str = "auto"):
@@ -238,11 +243,11 @@ class SlideSource(ImageSource):
                 level = choose_level([base_mpp * d for d in downsamples], mpp)
                 chosen = base_mpp * downsamples[level]
                 if abs(chosen - mpp) > mpp * _MPP_TOLERANCE:
-                    # Nuclei then appear at another size than the model was trained on.
-                    why = ("the slide has no finer level" if chosen > mpp
-                           else "the closest level at or finer than it")
-                    warnings.warn(f"{self.path}: analysing level {level} at {chosen:.3f} µm/px instead of "
-                                  f"the requested {mpp} µm/px ({why}); nuclei appear at another scale")
+                    if chosen > mpp:  # enlarging invents no detail: say so
+                        warnings.warn(f"{self.path}: the slide has no level at or finer than {mpp} µm/px; "
+                                      f"level {level} at {chosen:.3f} µm/px is enlarged to it")
+                    self._setup_resampled(level, downsamples[level], mpp, base_mpp, roi)
+                    return
         level = 0 if level is None else int(level)
         if not 0 <= level < slide.level_count:
             raise NucleiDataError(
@@ -265,6 +270,19 @@ class SlideSource(ImageSource):
         self.width = max(1, min(level_w, math.ceil(x1 / self.downsample)) - self._level_origin[0])
         self.height = max(1, min(level_h, math.ceil(y1 / self.downsample)) - self._level_origin[1])
 
+    def _setup_resampled(self, level: int, level_downsample: float, mpp: float, base_mpp: float, roi):
+        """The region on a grid of exactly ``mpp`` µm/px, resampled from ``level`` by :meth:`read`."""
+        self.resampled = True
+        self.level, self._level_downsample = level, level_downsample
+        self.mpp = float(mpp)
+        self.downsample = self.mpp / base_mpp  # level-0 px per analysed px; below 1 when enlarging
+        full_w, full_h = self._slide.dimensions
+        x0, y0, x1, y1 = _clip_roi(roi, full_w, full_h, self.path, "slide")
+        self.origin = (x0, y0)
+        # Every analysed pixel the ROI touches, none past the slide's edge.
+        self.width = max(1, min(math.ceil((x1 - x0) / self.downsample), int((full_w - x0) / self.downsample)))
+        self.height = max(1, min(math.ceil((y1 - y0) / self.downsample), int((full_h - y0) / self.downsample)))
+
     def _read_level(self, level: int, x0_level0: int, y0_level0: int, width: int, height: int):
         if self.backend == "tiffslide":
             pixels = self._slide.read_region((x0_level0, y0_level0), level, (width, height), as_array=True)
@@ -284,17 +302,51 @@ class SlideSource(ImageSource):
     def read(self, y0, y1, x0, x1):
         if not (0 <= y0 < y1 <= self.height and 0 <= x0 < x1 <= self.width):
             raise ValueError(f"block [{y0}:{y1}, {x0}:{x1}] outside the {self.height}x{self.width} region")
+        if self.resampled:
+            return self._read_resampled(y0, y1, x0, x1)
         location = (level0_position(self._level_origin[0] + x0, self.downsample),
                     level0_position(self._level_origin[1] + y0, self.downsample))
+        return self._read_block(self.level, location, x1 - x0, y1 - y0)
+
+    def _read_block(self, level: int, location: Tuple[int, int], width: int, height: int) -> np.ndarray:
         try:
-            return self._read_level(self.level, *location, x1 - x0, y1 - y0)
+            return self._read_level(level, *location, width, height)
         except NucleiDataError:
             raise
         except Exception as err:  # a truncated or corrupt tile surfaces only when it is read
             raise NucleiDataError(
-                f"{self.path}: cannot read level {self.level} block at level-0 {location} "
+                f"{self.path}: cannot read level {level} block at level-0 {location} "
                 f"({type(err).__name__}: {err})"
             ) from err
+
+    def _read_resampled(self, y0, y1, x0, x1) -> np.ndarray:
+        """Analysed pixels [y0:y1, x0:x1] sampled bilinearly from the level read, at their centres.
+
+        Each pixel's value depends on its own position only, never on the block asked for, so
+        overlapping tiles agree where they overlap: the block of the level read is padded for
+        the interpolation and, when shrinking by r > 1, for a Gaussian anti-aliasing blur of
+        sigma (r - 1) / 2 (as skimage's rescale), whose border the samples never reach.
+        """
+        shrink = self.downsample / self._level_downsample  # level px per analysed px
+        sigma = (shrink - 1) / 2 if shrink > 1 else 0.0
+        # Positions in the level's pixel-index units (pixel centres on integers), on OpenCV's
+        # 1/32-pixel interpolation grid already, so that no block's float32 rounding moves one.
+        level_w, level_h = self._slide.level_dimensions[self.level]
+        cols = (self.origin[0] + (np.arange(x0, x1) + 0.5) * self.downsample) / self._level_downsample - 0.5
+        rows = (self.origin[1] + (np.arange(y0, y1) + 0.5) * self.downsample) / self._level_downsample - 0.5
+        cols, rows = np.round(cols * _REMAP_STEPS) / _REMAP_STEPS, np.round(rows * _REMAP_STEPS) / _REMAP_STEPS
+        pad = 2 + math.ceil(3 * sigma)  # OpenCV's 8-bit Gaussian kernel reaches 3 sigma
+        bx0, bx1 = max(0, math.floor(cols[0]) - pad), min(level_w, math.floor(cols[-1]) + 2 + pad)
+        by0, by1 = max(0, math.floor(rows[0]) - pad), min(level_h, math.floor(rows[-1]) + 2 + pad)
+        location = (level0_position(bx0, self._level_downsample), level0_position(by0, self._level_downsample))
+        block = self._read_block(self.level, location, bx1 - bx0, by1 - by0)
+        if sigma > 0:
+            block = cv2.GaussianBlur(block, (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REPLICATE)
+        # Past the level's edge the edge pixel repeats (the region ends there).
+        map_x = np.clip(cols - bx0, 0, bx1 - bx0 - 1).astype(np.float32)
+        map_y = np.clip(rows - by0, 0, by1 - by0 - 1).astype(np.float32)
+        map_x, map_y = (np.ascontiguousarray(m) for m in np.broadcast_arrays(map_x[None, :], map_y[:, None]))
+        return cv2.remap(block, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
     def thumbnail(self, max_side: int = 2048):
         scale = min(1.0, max_side / max(self.height, self.width))  # thumbnail px per analysed px
