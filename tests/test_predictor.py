@@ -693,6 +693,29 @@ def test_a_plain_tiff_gives_its_recorded_resolution(tmp_path):
         assert source.mpp is None
 
 
+def test_a_plain_tiff_is_resized_to_the_asked_resolution(tmp_path):
+    rng = np.random.default_rng(1)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8), (0, 0), 2)
+    path = tmp_path / "export20x.tif"
+    tifffile.imwrite(path, image, photometric="rgb", resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    with pytest.warns(UserWarning, match=r"enlarged from 0\.500 to 0\.25 µm/px"):
+        enlarged = open_image(path, mpp=0.25, roi=(10, 20, 40, 30))
+    with enlarged:
+        assert (enlarged.height, enlarged.width, enlarged.downsample, enlarged.mpp) == (60, 80, 0.5, 0.25)
+        assert enlarged.origin == (10, 20)
+        expected = cv2.resize(image[20:50, 10:50], (80, 60), interpolation=cv2.INTER_LINEAR)
+        np.testing.assert_array_equal(enlarged.read(0, 60, 0, 80), expected)
+    with open_image(path, mpp=1.0) as shrunk:  # 2x by pixel-area means
+        assert (shrunk.height, shrunk.width, shrunk.downsample) == (30, 40, 2.0)
+        np.testing.assert_array_equal(shrunk.read(0, 30, 0, 40),
+                                      cv2.resize(image, (40, 30), interpolation=cv2.INTER_AREA))
+    with open_image(path, mpp=0.52) as kept:  # within 10 %: as it is
+        assert (kept.height, kept.width, kept.downsample, kept.mpp) == (60, 80, 1.0, pytest.approx(0.5))
+    Image.fromarray(image).save(tmp_path / "image.png")
+    with pytest.warns(UserWarning, match="records no µm/px; analysed at its own resolution, not 0.25 µm/px"):
+        open_image(tmp_path / "image.png", mpp=0.25).close()
+
+
 def test_which_tiffs_are_read_as_slides(tmp_path):
     from nucseg_d2.predict.slides import is_slide_file
 

@@ -98,7 +98,7 @@ class ArraySource(ImageSource):
     """An in-memory RGB image (a decoded PNG/JPEG/TIFF, or an array given to the predictor)."""
 
     def __init__(self, image: np.ndarray, path: Optional[str] = None,
-                 origin: Tuple[int, int] = (0, 0), mpp: Optional[float] = None):
+                 origin: Tuple[int, int] = (0, 0), mpp: Optional[float] = None, downsample: float = 1.0):
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise NucleiDataError(
@@ -112,6 +112,7 @@ class ArraySource(ImageSource):
         self.height, self.width = image.shape[:2]
         self.origin = origin
         self.mpp = mpp
+        self.downsample = float(downsample)
 
     def read(self, y0, y1, x0, x1):
         return self.image[y0:y1, x0:x1]
@@ -458,8 +459,10 @@ def open_image(path, level: Optional[int] = None, mpp: Optional[float] = None,
     """Open one input for prediction: a SlideSource for slides, else an ArraySource.
 
     ``level``/``mpp``/``roi`` as :class:`SlideSource`. Plain images have one level: a level
-    above 0 is an error, ``mpp`` is ignored (with a warning: the file records no pyramid),
-    and ``roi`` crops the decoded image.
+    above 0 is an error, and ``roi`` crops the decoded image. With ``mpp``, an image whose
+    resolution tags (:func:`tiff_resolution_mpp`) lie more than 10 % from it is resized to it
+    (bilinear when enlarging, with a warning; pixel-area averages when shrinking); one without
+    them is analysed as it is, with a warning.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -474,14 +477,22 @@ def open_image(path, level: Optional[int] = None, mpp: Optional[float] = None,
         return SlideSource(path, level=level, mpp=mpp, roi=roi, backend=backend)
     if level not in (None, 0):
         raise NucleiDataError(f"{path}: a plain image has only pyramid level 0 (asked for {level})")
-    if mpp is not None:
-        warnings.warn(f"{path}: plain image without a pyramid; analysed at its own resolution")
     image = read_rgb_image(path)
     origin = (0, 0)
     if roi is not None:
         x0, y0, x1, y1 = _clip_roi(roi, image.shape[1], image.shape[0], path, "image")
         image, origin = image[y0:y1, x0:x1], (x0, y0)
-    return ArraySource(image, path=path, origin=origin, mpp=tiff_resolution_mpp(path))
+    image_mpp, downsample = tiff_resolution_mpp(path), 1.0
+    if mpp is not None and image_mpp is None:
+        warnings.warn(f"{path}: the image records no µm/px; analysed at its own resolution, not {mpp} µm/px")
+    elif mpp is not None and abs(image_mpp - mpp) > mpp * _MPP_TOLERANCE:
+        if image_mpp > mpp:
+            warnings.warn(f"{path}: enlarged from {image_mpp:.3f} to {mpp} µm/px")
+        downsample = mpp / image_mpp
+        size = (max(1, round(image.shape[1] / downsample)), max(1, round(image.shape[0] / downsample)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR if downsample < 1 else cv2.INTER_AREA)
+        image_mpp = float(mpp)
+    return ArraySource(image, path=path, origin=origin, mpp=image_mpp, downsample=downsample)
 
 
 # Resolution tags outside this range are an image editor's 72 / 300 dpi, not a microscope's.
