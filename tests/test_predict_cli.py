@@ -394,3 +394,25 @@ def test_a_label_map_over_the_ram_limit_lives_in_a_scratch_file_until_written(tm
         assert f"--label-map-ram-gib must be a number >= 0 (got {float(bad)})" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert cli.label_map_scratch_target(slide, str(output)) == str(output / "slide_labels.npy")
+
+
+def test_a_folder_filled_before_mpp_resampled_is_not_mixed_with_resampled_outputs(tmp_path, untrained_demo_weights,
+                                                                                capsys):
+    image, _ = generate_tile(np.random.default_rng(0), (128, 128))
+    slide = str(tmp_path / "slide.tif")
+    write_pyramidal_tiff(slide, lambda y0, y1, x0, x1: image[y0:y1, x0:x1], 128, 128, num_levels=1)
+    output = tmp_path / "out"
+    assert _run([slide], output, untrained_demo_weights, "--mpp", "0.25", "--formats", "labels") == 0
+    settings_file = output / "nucseg_predict_settings.json"
+    settings = json.loads(settings_file.read_text())
+    assert settings["mpp_resampled"] is True and settings["mpp"] == 0.25
+    del settings["mpp_resampled"]  # as --mpp recorded its settings before it resampled
+    settings_file.write_text(json.dumps(settings))
+    capsys.readouterr()
+    assert _run([slide], output, untrained_demo_weights, "--mpp", "0.25", "--formats", "labels", "geojson") == 2
+    assert "holds predictions made with other settings (mpp_resampled: see" in capsys.readouterr().err
+    assert not (output / "slide.geojson").exists()
+    # Without --mpp nothing changed: such folders still take the run.
+    del settings["mpp"]
+    settings_file.write_text(json.dumps(dict(settings, mpp=None)))
+    assert _run([slide], output, untrained_demo_weights, "--formats", "labels") == 0

@@ -418,12 +418,17 @@ def prediction_settings(args, weights: str) -> Dict:
         weights_recorded = {"address": weights}
     else:
         weights_recorded = {"sha256": _sha256(weights)}
-    return {
+    settings = {
         "config_sha256": _sha256(args.config_file),
         "opts": list(args.opts), "weights": weights_recorded, "level": args.level, "mpp": args.mpp,
         "roi": list(args.roi) if args.roi else None, "tile_size": args.tile_size, "overlap": args.overlap,
         "tta": bool(args.tta), "tissue_mask": args.tissue_mask,
     }
+    if args.mpp is not None:
+        # Before 2026-11-28 --mpp analysed the nearest finer level as it was; folders it filled then
+        # lack this key, so their outputs are not mixed with resampled ones.
+        settings["mpp_resampled"] = True
+    return settings
 
 
 def _check_settings(args, weights: str) -> Tuple[Optional[str], Optional[Dict]]:
