@@ -2,12 +2,16 @@
 """Cost of nucseg-predict's output writers beside the label-map TIFF, in one process.
 
     python benchmarks/writers_speed.py [--size 2048] [--repeats 3] [--formats labels geojson ...]
+                                       [--memory-mapped]
 
 A --size square mosaic of synthetic H&E tiles and their label maps stands in for a prediction
 (the writers see only the label map, the scores and the image). Each format is written through
 ``nucseg_d2.predict.cli.write_outputs``, the code path of ``nucseg-predict``, best of --repeats.
 Printed per format: seconds, milliseconds per nucleus, and the ratio to writing the label-map
-TIFF (the one output every run writes), measured in the same process.
+TIFF (the one output every run writes), measured in the same process. With --memory-mapped,
+each format is also written from a copy of the label map memory-mapped from a file (as
+``nucseg-predict`` holds maps over --label-map-ram-gib), and the ratio to the in-memory map is
+printed; the copy's pages are in the page cache, as right after painting.
 """
 import argparse
 import os
@@ -25,6 +29,7 @@ from nucseg_d2.data.synthetic import generate_tile  # noqa: E402
 from nucseg_d2.predict.cli import FORMATS, write_outputs  # noqa: E402
 from nucseg_d2.predict.result import PredictionResult  # noqa: E402
 from nucseg_d2.predict.slides import ArraySource  # noqa: E402
+from nucseg_d2.predict.tiling import open_label_map_file  # noqa: E402
 from timing import best_times_interleaved, run_stamp  # noqa: E402  (benchmarks/timing.py)
 
 TILE = 256
@@ -58,6 +63,8 @@ def main():
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), default=list(FORMATS))
+    parser.add_argument("--memory-mapped", action="store_true",
+                        help="also write from a memory-mapped copy of the label map")
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
@@ -66,21 +73,38 @@ def main():
     source = ArraySource(image, path="synthetic.png")
     formats = ["labels"] + [name for name in args.formats if name != "labels"]
     with tempfile.TemporaryDirectory() as scratch:
-        def writer(name):
-            paths = {name: os.path.join(scratch, "synthetic" + FORMATS[name])}
-            return lambda: write_outputs(result, source, paths, image_id=1)
+        results = {"memory": result}
+        if args.memory_mapped:
+            mapped = open_label_map_file(os.path.join(scratch, "labels.npy"), *result.label_map.shape,
+                                         result.label_map.dtype)
+            mapped[:] = result.label_map
+            results["mapped"] = PredictionResult(label_map=mapped, scores=result.scores)
 
-        writers = [writer(name) for name in formats]
+        def writer(name, kind):
+            paths = {name: os.path.join(scratch, f"synthetic_{kind}" + FORMATS[name])}
+            return lambda: write_outputs(results[kind], source, paths, image_id=1)
+
+        runs = [(name, kind) for name in formats for kind in results]
+        writers = [writer(name, kind) for name, kind in runs]
         for write in writers:  # warm-up: imports, first-call caches
             write()
         # The formats take turns within each repeat; each keeps its fastest run.
         timed = best_times_interleaved(writers, args.repeats)
-    seconds = {name: best for name, (best, _) in zip(formats, timed)}
+        if args.memory_mapped:
+            for name in formats:  # the same bytes either way
+                with open(os.path.join(scratch, "synthetic_memory" + FORMATS[name]), "rb") as a, \
+                        open(os.path.join(scratch, "synthetic_mapped" + FORMATS[name]), "rb") as b:
+                    assert a.read() == b.read(), f"{name}: the memory-mapped map wrote other bytes"
+    seconds = {run: best for run, (best, _) in zip(runs, timed)}
     print(f"\n{args.size}x{args.size} synthetic image, {result.num_nuclei} nuclei, best of {args.repeats}:")
-    print(f"{'format':>9} {'s':>8} {'ms/nucleus':>11} {'x labels TIFF':>14}")
+    mapped_header = f" {'mapped s':>9} {'x in memory':>12}" if args.memory_mapped else ""
+    print(f"{'format':>9} {'s':>8} {'ms/nucleus':>11} {'x labels TIFF':>14}{mapped_header}")
     for name in formats:
-        print(f"{name:>9} {seconds[name]:8.3f} {1000 * seconds[name] / result.num_nuclei:11.3f} "
-              f"{seconds[name] / seconds['labels']:14.1f}")
+        in_memory = seconds[name, "memory"]
+        mapped_cells = (f" {seconds[name, 'mapped']:9.3f} {seconds[name, 'mapped'] / in_memory:12.2f}"
+                        if args.memory_mapped else "")
+        print(f"{name:>9} {in_memory:8.3f} {1000 * in_memory / result.num_nuclei:11.3f} "
+              f"{in_memory / seconds['labels', 'memory']:14.1f}{mapped_cells}")
 
 
 if __name__ == "__main__":
