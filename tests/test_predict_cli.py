@@ -405,14 +405,13 @@ def test_a_folder_filled_before_mpp_resampled_is_not_mixed_with_resampled_output
     assert _run([slide], output, untrained_demo_weights, "--mpp", "0.25", "--formats", "labels") == 0
     settings_file = output / "nucseg_predict_settings.json"
     settings = json.loads(settings_file.read_text())
-    assert settings["mpp_resampled"] is True and settings["mpp"] == 0.25
-    del settings["mpp_resampled"]  # as --mpp recorded its settings before it resampled
+    assert settings["mpp_rule"] == "the level within 10 %, else resampled" and settings["mpp"] == 0.25
+    del settings["mpp_rule"]  # as --mpp recorded its settings before it resampled
     settings_file.write_text(json.dumps(settings))
     capsys.readouterr()
     assert _run([slide], output, untrained_demo_weights, "--mpp", "0.25", "--formats", "labels", "geojson") == 2
-    assert "holds predictions made with other settings (mpp_resampled: see" in capsys.readouterr().err
+    assert "holds predictions made with other settings (mpp_rule: see" in capsys.readouterr().err
     assert not (output / "slide.geojson").exists()
     # Without --mpp nothing changed: such folders still take the run.
-    del settings["mpp"]
     settings_file.write_text(json.dumps(dict(settings, mpp=None)))
     assert _run([slide], output, untrained_demo_weights, "--formats", "labels") == 0

@@ -20,7 +20,7 @@ from nucseg_d2.evaluation.metrics import aji
 from nucseg_d2.modeling.postprocess import instances_to_label_map
 from nucseg_d2.predict import CheckpointError, NucleiPredictor, PredictionResult, open_image
 from nucseg_d2.predict.predictor import build_predict_cfg
-from nucseg_d2.predict.slides import SlideSource, choose_level, write_pyramidal_tiff
+from nucseg_d2.predict.slides import ResampledImageSource, SlideSource, choose_level, write_pyramidal_tiff
 from nucseg_d2.predict.tiling import tile_grid
 from real_data import REAL_DATA_ROOT  # tests/ helper
 
@@ -354,23 +354,24 @@ def test_slide_level_and_roi(he_slide, layout):
     with open_image(paths[layout], mpp=0.9) as shrunk:  # no level within 10 %: level 1, shrunk 1.8x
         assert shrunk.level == 1 and shrunk.resampled and shrunk.downsample == pytest.approx(3.6)
         assert (shrunk.height, shrunk.width, shrunk.mpp) == (568, 568, 0.9)  # int(2048 / 3.6)
-    with pytest.warns(UserWarning, match=r"no level at or finer than 0\.1 µm/px; level 0 at 0\.250 µm/px is "
-                                         r"enlarged to it"):
+    with pytest.warns(UserWarning, match=r"level 0 at 0\.250 µm/px is enlarged to 0\.1 µm/px"):
         open_image(paths[layout], mpp=0.1).close()
 
 
-def _smooth_slide(path, height, width):
-    """A 2-level pyramidal TIFF at 0.25 µm/px of smooth random colour; returns its level 0."""
+def _random_slide(path, height, width, smooth=True):
+    """A 2-level pyramidal TIFF at 0.25 µm/px of random (smooth) colour; returns its level 0."""
     rng = np.random.default_rng(3)
-    level0 = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (0, 0), 2)
+    level0 = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    if smooth:
+        level0 = cv2.GaussianBlur(level0, (0, 0), 2)
     write_pyramidal_tiff(path, lambda y0, y1, x0, x1: level0[y0:y1, x0:x1], height, width, num_levels=2)
     return level0
 
 
 def test_a_scan_at_half_the_target_resolution_is_enlarged_bilinearly(tmp_path):
     path = str(tmp_path / "scan20x.tif")
-    level0 = _smooth_slide(path, 300, 400)  # stands for a 20x scan: no level at 0.125 µm/px
-    with pytest.warns(UserWarning, match="is enlarged to it"):
+    level0 = _random_slide(path, 300, 400)  # stands for a 20x scan: no level at 0.125 µm/px
+    with pytest.warns(UserWarning, match=r"level 0 at 0\.250 µm/px is enlarged to 0\.125 µm/px"):
         source = open_image(path, mpp=0.125)
     with source:
         assert source.resampled and source.level == 0 and (source.downsample, source.mpp) == (0.5, 0.125)
@@ -388,10 +389,11 @@ def test_a_scan_at_half_the_target_resolution_is_enlarged_bilinearly(tmp_path):
 
 def test_resampled_tiles_agree_exactly_where_they_overlap(tmp_path):
     path = str(tmp_path / "slide.tif")
-    _smooth_slide(path, 500, 700)
+    _random_slide(path, 500, 700, smooth=False)  # noise: any block missing a neighbour shows
     rng = np.random.default_rng(0)
-    # 0.4 µm/px: level 0 shrunk 1.6x (blurred first); 0.17: enlarged; 0.75: level 1 shrunk 1.5x.
-    for mpp, roi in ((0.4, None), (0.17, (33, 17, 600, 400)), (0.75, (7, 9, 650, 480))):
+    # 0.4 µm/px: level 0 shrunk 1.6x (blurred first); 0.17: enlarged; 0.75: level 1 shrunk 1.5x;
+    # 1.5: level 1 shrunk 3x (a blur of sigma 1, whose kernel needs the blocks' padding).
+    for mpp, roi in ((0.4, None), (0.17, (33, 17, 600, 400)), (0.75, (7, 9, 650, 480)), (1.5, None)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             source = open_image(path, mpp=mpp, roi=roi)
@@ -403,6 +405,28 @@ def test_resampled_tiles_agree_exactly_where_they_overlap(tmp_path):
                 y1, x1 = rng.integers(y0 + 1, source.height + 1), rng.integers(x0 + 1, source.width + 1)
                 np.testing.assert_array_equal(source.read(y0, y1, x0, x1), whole[y0:y1, x0:x1],
                                               err_msg=f"mpp {mpp}, block [{y0}:{y1}, {x0}:{x1}]")
+
+
+def test_resampled_pixels_sit_at_their_centres_on_every_level(tmp_path):
+    # A ramp of 2 grey levels per level-0 px: value 2X at level-0 x = X (pixel x holds 2x + 1, its
+    # centre's). The pyramid's 2x2 means, bilinear sampling and the symmetric blur all keep a ramp,
+    # so analysed column c must read 2 * (origin + (c + 0.5) * downsample): a sample half a level
+    # pixel off at level 2 (4 level-0 px) is 4 grey levels off.
+    level0 = np.repeat((2 * np.arange(120) + 1).astype(np.uint8)[None, :, None], 40, axis=0).repeat(3, axis=2)
+    path = str(tmp_path / "ramp.tif")
+    write_pyramidal_tiff(path, lambda y0, y1, x0, x1: level0[y0:y1, x0:x1], 40, 120, num_levels=3)
+    for mpp, level, roi in ((0.7, 1, None), (1.5, 2, None), (1.5, 2, (13, 0, 90, 40)), (0.18, 0, (21, 3, 50, 30))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = open_image(path, mpp=mpp, roi=roi)
+        with source:
+            assert source.resampled and source.level == level
+            columns = np.arange(source.width)
+            centres = source.origin[0] + (columns + 0.5) * source.downsample
+            # Away from the slide's edges, where the edge pixel repeats.
+            inside = (centres > 2 * 4 + 4) & (centres < 120 - 2 * 4 - 4)
+            row = source.read(0, 1, 0, source.width)[0, :, 0].astype(float)
+            assert inside.sum() >= 5 and np.abs(row - 2 * centres)[inside].max() <= 1.5, (mpp, roi)
 
 
 def test_shrinking_keeps_an_edge_in_place_and_flat_colour_flat(tmp_path):
@@ -693,27 +717,60 @@ def test_a_plain_tiff_gives_its_recorded_resolution(tmp_path):
         assert source.mpp is None
 
 
-def test_a_plain_tiff_is_resized_to_the_asked_resolution(tmp_path):
+def test_a_plain_tiff_is_resampled_to_the_asked_resolution_as_a_slide_is(tmp_path):
     rng = np.random.default_rng(1)
-    image = cv2.GaussianBlur(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8), (0, 0), 2)
+    image = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
     path = tmp_path / "export20x.tif"
     tifffile.imwrite(path, image, photometric="rgb", resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
-    with pytest.warns(UserWarning, match=r"enlarged from 0\.500 to 0\.25 µm/px"):
-        enlarged = open_image(path, mpp=0.25, roi=(10, 20, 40, 30))
-    with enlarged:
-        assert (enlarged.height, enlarged.width, enlarged.downsample, enlarged.mpp) == (60, 80, 0.5, 0.25)
-        assert enlarged.origin == (10, 20)
-        expected = cv2.resize(image[20:50, 10:50], (80, 60), interpolation=cv2.INTER_LINEAR)
-        np.testing.assert_array_equal(enlarged.read(0, 60, 0, 80), expected)
-    with open_image(path, mpp=1.0) as shrunk:  # 2x by pixel-area means
-        assert (shrunk.height, shrunk.width, shrunk.downsample) == (30, 40, 2.0)
-        np.testing.assert_array_equal(shrunk.read(0, 30, 0, 40),
-                                      cv2.resize(image, (40, 30), interpolation=cv2.INTER_AREA))
+    slide_path = str(tmp_path / "slide20x.tif")  # the same pixels as level 0 of a slide (levels 0.5, 1.0)
+    write_pyramidal_tiff(slide_path, lambda y0, y1, x0, x1: image[y0:y1, x0:x1], 60, 80, num_levels=2, mpp=0.5)
+    for mpp, roi in ((0.25, (10, 20, 40, 30)), (0.7, None), (0.4, (3, 5, 70, 50))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plain, slide = open_image(path, mpp=mpp, roi=roi), open_image(slide_path, mpp=mpp, roi=roi)
+        assert [str(w.message) for w in caught if "enlarged" in str(w.message)] == (
+            [f"{path}: the image at 0.500 µm/px is enlarged to {mpp} µm/px (no finer scan: enlarging adds no detail)",
+             f"{slide_path}: level 0 at 0.500 µm/px is enlarged to {mpp} µm/px (no finer scan: enlarging adds no "
+             "detail)"] if mpp < 0.5 else [])
+        with plain, slide:
+            assert isinstance(plain, ResampledImageSource) and isinstance(slide, SlideSource)
+            assert plain.resampled and slide.resampled and slide.level == 0
+            geometry = ("height", "width", "origin", "downsample", "mpp")
+            assert [getattr(plain, key) for key in geometry] == [getattr(slide, key) for key in geometry], mpp
+            np.testing.assert_array_equal(plain.read(0, plain.height, 0, plain.width),
+                                          slide.read(0, slide.height, 0, slide.width), err_msg=str(mpp))
+            assert plain.thumbnail(32).shape == slide.thumbnail(32).shape
+    with open_image(path, mpp=0.25, roi=(10, 20, 40, 30)) as enlarged:  # the ROI's neighbours are sampled too
+        whole = cv2.resize(image, (160, 120), interpolation=cv2.INTER_LINEAR)
+        assert np.abs(enlarged.read(0, 60, 0, 80).astype(int) - whole[40:100, 20:100]).max() <= 1
     with open_image(path, mpp=0.52) as kept:  # within 10 %: as it is
-        assert (kept.height, kept.width, kept.downsample, kept.mpp) == (60, 80, 1.0, pytest.approx(0.5))
+        assert not kept.resampled and (kept.height, kept.width, kept.downsample, kept.mpp) == (
+            60, 80, 1.0, pytest.approx(0.5))
+    with pytest.raises(NucleiDataError, match=r"would be enlarged 5\.0x to 0\.1 µm/px \(at most 4x\)"):
+        open_image(path, mpp=0.1)
+    for bad in (0, -0.25, float("nan")):
+        with pytest.raises(ValueError, match="a target µm/px must be a positive number"):
+            open_image(path, mpp=bad)
+        with pytest.raises(ValueError, match="a target µm/px must be a positive number"):
+            open_image(slide_path, mpp=bad)
     Image.fromarray(image).save(tmp_path / "image.png")
     with pytest.warns(UserWarning, match="records no µm/px; analysed at its own resolution, not 0.25 µm/px"):
         open_image(tmp_path / "image.png", mpp=0.25).close()
+
+
+def test_a_slide_with_a_placeholder_resolution_is_not_resampled(tmp_path):
+    # libvips writes 10 px/cm (1000 µm/px) where it knows no resolution: enlarging to 0.25 µm/px
+    # would make a 4,800,000 px wide region of a 1200 px wide slide.
+    image = np.full((100, 120, 3), 200, np.uint8)
+    path = str(tmp_path / "vips.tif")
+    write_pyramidal_tiff(path, lambda y0, y1, x0, x1: image[y0:y1, x0:x1], 100, 120, num_levels=2, mpp=1000)
+    with pytest.warns(UserWarning) as caught:
+        source = open_image(path, mpp=0.25)
+    with source:
+        assert not source.resampled and (source.height, source.width, source.mpp) == (100, 120, None)
+    messages = [str(w.message) for w in caught]
+    assert any("recorded 1000 µm/px is no microscope's; treated as unknown" in m for m in messages)
+    assert any("records no µm/px; analysing level 0 instead of 0.25 µm/px" in m for m in messages)
 
 
 def test_which_tiffs_are_read_as_slides(tmp_path):

@@ -427,7 +427,7 @@ def prediction_settings(args, weights: str) -> Dict:
     if args.mpp is not None:
         # Before 2026-11-28 --mpp analysed the nearest finer level as it was; folders it filled then
         # lack this key, so their outputs are not mixed with resampled ones.
-        settings["mpp_resampled"] = True
+        settings["mpp_rule"] = "the level within 10 %, else resampled"
     return settings
 
 

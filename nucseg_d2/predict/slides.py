@@ -29,6 +29,7 @@ __all__ = [
     "SLIDE_SUFFIXES",
     "ImageSource",
     "ArraySource",
+    "ResampledImageSource",
     "SlideSource",
     "TissueMask",
     "open_image",
@@ -48,6 +49,9 @@ _TIFFSLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".tif", ".tiff", ".svsli
 # A level whose µm/px is within this fraction of the target counts as "at the target":
 # scanners record e.g. 0.2527 for a nominal 0.25.
 _MPP_TOLERANCE = 0.1
+# Enlarging a scan more than this to reach the asked µm/px no longer shows nuclei as the model
+# learnt them (a 10x scan at 1 µm/px may still be enlarged to 0.25).
+_MAX_ENLARGEMENT = 4.0
 # cv2.remap's bilinear weights are in 1/32 pixel steps (INTER_TAB_SIZE).
 _REMAP_STEPS = 32
 # Reading thumbnails block by block keeps their memory independent of the slide size.
@@ -59,7 +63,7 @@ class ImageSource:
 
     Attributes: ``path`` (or None), ``height``/``width`` (analysed-level pixels), ``level``,
     ``downsample`` (level-0 px per analysed px), ``origin`` ((x0, y0) in level-0 px), ``mpp``
-    (µm/px at the analysed level, or None), ``is_slide``.
+    (µm/px at the analysed level, or None), ``is_slide``, ``resampled``.
     """
 
     path: Optional[str] = None
@@ -70,6 +74,7 @@ class ImageSource:
     origin: Tuple[int, int] = (0, 0)
     mpp: Optional[float] = None
     is_slide: bool = False
+    resampled: bool = False  # analysed on a grid of the asked µm/px, not the file's own pixels
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """(y1 - y0, x1 - x0, 3) uint8 RGB of the analysed region."""
@@ -98,7 +103,7 @@ class ArraySource(ImageSource):
     """An in-memory RGB image (a decoded PNG/JPEG/TIFF, or an array given to the predictor)."""
 
     def __init__(self, image: np.ndarray, path: Optional[str] = None,
-                 origin: Tuple[int, int] = (0, 0), mpp: Optional[float] = None, downsample: float = 1.0):
+                 origin: Tuple[int, int] = (0, 0), mpp: Optional[float] = None):
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise NucleiDataError(
@@ -112,7 +117,6 @@ class ArraySource(ImageSource):
         self.height, self.width = image.shape[:2]
         self.origin = origin
         self.mpp = mpp
-        self.downsample = float(downsample)
 
     def read(self, y0, y1, x0, x1):
         return self.image[y0:y1, x0:x1]
@@ -123,6 +127,98 @@ class ArraySource(ImageSource):
             return self.image
         size = (max(1, round(self.width * scale)), max(1, round(self.height * scale)))
         return cv2.resize(self.image, size, interpolation=cv2.INTER_AREA)
+
+
+def check_target_mpp(mpp: Optional[float]) -> None:
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"a target µm/px must be a positive number, got {mpp}")
+
+
+def resampling_downsample(path, source_mpp: float, target_mpp: float, what: str) -> float:
+    """Source px per analysed px for analysing ``what`` (at ``source_mpp``) at ``target_mpp``.
+
+    Enlarging adds no detail (a warning says so), and past :data:`_MAX_ENLARGEMENT` it stops
+    being a picture of nuclei at the training scale at all: NucleiDataError.
+    """
+    enlargement = source_mpp / target_mpp
+    if enlargement > _MAX_ENLARGEMENT:
+        raise NucleiDataError(
+            f"{path}: {what} at {source_mpp:.3f} µm/px would be enlarged {enlargement:.1f}x to {target_mpp} µm/px "
+            f"(at most {_MAX_ENLARGEMENT:g}x); analyse it at its own resolution (no --mpp) or ask for a coarser one")
+    if enlargement > 1:
+        warnings.warn(f"{path}: {what} at {source_mpp:.3f} µm/px is enlarged to {target_mpp} µm/px "
+                      "(no finer scan: enlarging adds no detail)")
+    return target_mpp / source_mpp
+
+
+def resampled_block(read_source: Callable[[int, int, int, int], np.ndarray], source_width: int,
+                    source_height: int, start: Tuple[float, float], step: float,
+                    y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """Pixels [y0:y1, x0:x1] of a grid laid over a source picture, sampled bilinearly.
+
+    Grid pixel (r, c) is the source's value at its centre, source pixel-index position
+    (``start[0] + (c + 0.5) * step - 0.5``, ``start[1] + (r + 0.5) * step - 0.5``) (source
+    pixel centres on integers; ``step`` source px per grid px); past the source's edge the edge
+    pixel repeats. ``read_source(x0, y0, width, height)`` returns a block of the source. Each
+    pixel's value depends on its own position only, never on the block asked for, so overlapping
+    tiles agree where they overlap: the source block is padded for the interpolation and, when
+    shrinking (step > 1), for a Gaussian anti-aliasing blur of sigma (step - 1) / 2 (as skimage's
+    rescale), whose border the samples never reach; positions are rounded to OpenCV's 1/32-px
+    interpolation grid first, so that no block's float32 rounding moves one.
+    """
+    sigma = (step - 1) / 2 if step > 1 else 0.0
+    cols = start[0] + (np.arange(x0, x1) + 0.5) * step - 0.5
+    rows = start[1] + (np.arange(y0, y1) + 0.5) * step - 0.5
+    cols, rows = np.round(cols * _REMAP_STEPS) / _REMAP_STEPS, np.round(rows * _REMAP_STEPS) / _REMAP_STEPS
+    pad = 2 + math.ceil(3 * sigma)  # OpenCV's 8-bit Gaussian kernel reaches 3 sigma
+    bx0, bx1 = max(0, math.floor(cols[0]) - pad), min(source_width, math.floor(cols[-1]) + 2 + pad)
+    by0, by1 = max(0, math.floor(rows[0]) - pad), min(source_height, math.floor(rows[-1]) + 2 + pad)
+    block = read_source(bx0, by0, bx1 - bx0, by1 - by0)
+    if sigma > 0:
+        block = cv2.GaussianBlur(block, (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REPLICATE)
+    map_x = np.clip(cols - bx0, 0, bx1 - bx0 - 1).astype(np.float32)
+    map_y = np.clip(rows - by0, 0, by1 - by0 - 1).astype(np.float32)
+    map_x, map_y = (np.ascontiguousarray(m) for m in np.broadcast_arrays(map_x[None, :], map_y[:, None]))
+    return cv2.remap(block, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _resampled_size(x0: int, y0: int, x1: int, y1: int, full_width: int, full_height: int,
+                    downsample: float) -> Tuple[int, int]:
+    """(width, height) of the grid over the region: every grid pixel the region touches, none
+    past the picture's edge."""
+    width = max(1, min(math.ceil((x1 - x0) / downsample), int((full_width - x0) / downsample)))
+    height = max(1, min(math.ceil((y1 - y0) / downsample), int((full_height - y0) / downsample)))
+    return width, height
+
+
+class ResampledImageSource(ImageSource):
+    """A region of a decoded image on a grid of another µm/px, resampled block by block as it is
+    read (:func:`resampled_block`, as slides are), so an enlarged image is never held whole."""
+
+    resampled = True
+
+    def __init__(self, image: np.ndarray, region: Tuple[int, int, int, int], downsample: float,
+                 mpp: float, path: Optional[str] = None):
+        self.image, self.path, self.mpp, self.downsample = image, path, float(mpp), float(downsample)
+        x0, y0, x1, y1 = region
+        self.origin = (x0, y0)
+        self.width, self.height = _resampled_size(x0, y0, x1, y1, image.shape[1], image.shape[0], downsample)
+
+    def read(self, y0, y1, x0, x1):
+        def read_image(bx0, by0, width, height):
+            return self.image[by0 : by0 + height, bx0 : bx0 + width]
+
+        return resampled_block(read_image, self.image.shape[1], self.image.shape[0], self.origin,
+                               self.downsample, y0, y1, x0, x1)
+
+    def thumbnail(self, max_side: int = 2048):
+        scale = min(1.0, max_side / max(self.height, self.width))  # thumbnail px per analysed px
+        size = (max(1, round(self.width * scale)), max(1, round(self.height * scale)))
+        x0, y0 = self.origin
+        covered = self.image[y0 : y0 + math.ceil(self.height * self.downsample),
+                             x0 : x0 + math.ceil(self.width * self.downsample)]
+        shrinking = size[0] < covered.shape[1]
+        return cv2.resize(covered, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
 def choose_level(level_mpps: Sequence[Optional[float]], target_mpp: float) -> int:
@@ -199,8 +295,9 @@ class SlideSource(ImageSource):
         level: pyramid level to analyse; mutually exclusive with ``mpp``.
         mpp: target µm/px: picks the coarsest level at or finer than it (see choose_level),
             used as it is when within 10 % of the target; else the region is resampled from that
-            level to exactly ``mpp`` (bilinear, anti-aliased when shrinking; see :meth:`read`),
-            so nuclei appear at the size the model was trained on. ``resampled`` tells.
+            level to exactly ``mpp`` (bilinear, anti-aliased when shrinking; see
+            :func:`resampled_block`), so nuclei appear at the size the model was trained on.
+            ``resampled`` tells.
         roi: (x, y, w, h) in level-0 pixels; clipped to the slide.
         backend: "auto", "tiffslide" or "openslide".
     """
@@ -212,6 +309,7 @@ class SlideSource(ImageSource):
                  roi: Optional[Sequence[int]] = None, backend: str = "auto"):
         if level is not None and mpp is not None:
             raise ValueError("give either a pyramid level or a target mpp, not both")
+        check_target_mpp(mpp)
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise NucleiDataError(f"{self.path}: file not found")
@@ -234,6 +332,11 @@ class SlideSource(ImageSource):
         prefix = "tiffslide" if self.backend == "tiffslide" else "openslide"
         base_mpp = props.get(f"{prefix}.mpp-x")
         base_mpp = float(base_mpp) if base_mpp not in (None, "") else None
+        if base_mpp is not None and not _CREDIBLE_MPP[0] <= base_mpp <= _CREDIBLE_MPP[1]:
+            # libvips writes 10 px/cm (1000 µm/px) into TIFFs it knows no resolution for.
+            warnings.warn(f"{self.path}: the slide's recorded {base_mpp:g} µm/px is no microscope's; "
+                          "treated as unknown")
+            base_mpp = None
         downsamples = [float(d) for d in slide.level_downsamples]
         if mpp is not None:
             if base_mpp is None:
@@ -244,9 +347,7 @@ class SlideSource(ImageSource):
                 level = choose_level([base_mpp * d for d in downsamples], mpp)
                 chosen = base_mpp * downsamples[level]
                 if abs(chosen - mpp) > mpp * _MPP_TOLERANCE:
-                    if chosen > mpp:  # enlarging invents no detail: say so
-                        warnings.warn(f"{self.path}: the slide has no level at or finer than {mpp} µm/px; "
-                                      f"level {level} at {chosen:.3f} µm/px is enlarged to it")
+                    resampling_downsample(self.path, chosen, mpp, f"level {level}")  # checks, warns
                     self._setup_resampled(level, downsamples[level], mpp, base_mpp, roi)
                     return
         level = 0 if level is None else int(level)
@@ -272,7 +373,8 @@ class SlideSource(ImageSource):
         self.height = max(1, min(level_h, math.ceil(y1 / self.downsample)) - self._level_origin[1])
 
     def _setup_resampled(self, level: int, level_downsample: float, mpp: float, base_mpp: float, roi):
-        """The region on a grid of exactly ``mpp`` µm/px, resampled from ``level`` by :meth:`read`."""
+        """The region on a grid of exactly ``mpp`` µm/px, starting at the ROI's own level-0 x, y,
+        resampled from ``level`` as it is read (:func:`resampled_block`)."""
         self.resampled = True
         self.level, self._level_downsample = level, level_downsample
         self.mpp = float(mpp)
@@ -280,9 +382,7 @@ class SlideSource(ImageSource):
         full_w, full_h = self._slide.dimensions
         x0, y0, x1, y1 = _clip_roi(roi, full_w, full_h, self.path, "slide")
         self.origin = (x0, y0)
-        # Every analysed pixel the ROI touches, none past the slide's edge.
-        self.width = max(1, min(math.ceil((x1 - x0) / self.downsample), int((full_w - x0) / self.downsample)))
-        self.height = max(1, min(math.ceil((y1 - y0) / self.downsample), int((full_h - y0) / self.downsample)))
+        self.width, self.height = _resampled_size(x0, y0, x1, y1, full_w, full_h, self.downsample)
 
     def _read_level(self, level: int, x0_level0: int, y0_level0: int, width: int, height: int):
         if self.backend == "tiffslide":
@@ -321,33 +421,14 @@ class SlideSource(ImageSource):
             ) from err
 
     def _read_resampled(self, y0, y1, x0, x1) -> np.ndarray:
-        """Analysed pixels [y0:y1, x0:x1] sampled bilinearly from the level read, at their centres.
+        def read_level(bx0, by0, width, height):
+            location = (level0_position(bx0, self._level_downsample), level0_position(by0, self._level_downsample))
+            return self._read_block(self.level, location, width, height)
 
-        Each pixel's value depends on its own position only, never on the block asked for, so
-        overlapping tiles agree where they overlap: the block of the level read is padded for
-        the interpolation and, when shrinking by r > 1, for a Gaussian anti-aliasing blur of
-        sigma (r - 1) / 2 (as skimage's rescale), whose border the samples never reach.
-        """
-        shrink = self.downsample / self._level_downsample  # level px per analysed px
-        sigma = (shrink - 1) / 2 if shrink > 1 else 0.0
-        # Positions in the level's pixel-index units (pixel centres on integers), on OpenCV's
-        # 1/32-pixel interpolation grid already, so that no block's float32 rounding moves one.
         level_w, level_h = self._slide.level_dimensions[self.level]
-        cols = (self.origin[0] + (np.arange(x0, x1) + 0.5) * self.downsample) / self._level_downsample - 0.5
-        rows = (self.origin[1] + (np.arange(y0, y1) + 0.5) * self.downsample) / self._level_downsample - 0.5
-        cols, rows = np.round(cols * _REMAP_STEPS) / _REMAP_STEPS, np.round(rows * _REMAP_STEPS) / _REMAP_STEPS
-        pad = 2 + math.ceil(3 * sigma)  # OpenCV's 8-bit Gaussian kernel reaches 3 sigma
-        bx0, bx1 = max(0, math.floor(cols[0]) - pad), min(level_w, math.floor(cols[-1]) + 2 + pad)
-        by0, by1 = max(0, math.floor(rows[0]) - pad), min(level_h, math.floor(rows[-1]) + 2 + pad)
-        location = (level0_position(bx0, self._level_downsample), level0_position(by0, self._level_downsample))
-        block = self._read_block(self.level, location, bx1 - bx0, by1 - by0)
-        if sigma > 0:
-            block = cv2.GaussianBlur(block, (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REPLICATE)
-        # Past the level's edge the edge pixel repeats (the region ends there).
-        map_x = np.clip(cols - bx0, 0, bx1 - bx0 - 1).astype(np.float32)
-        map_y = np.clip(rows - by0, 0, by1 - by0 - 1).astype(np.float32)
-        map_x, map_y = (np.ascontiguousarray(m) for m in np.broadcast_arrays(map_x[None, :], map_y[:, None]))
-        return cv2.remap(block, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        start = (self.origin[0] / self._level_downsample, self.origin[1] / self._level_downsample)
+        return resampled_block(read_level, level_w, level_h, start, self.downsample / self._level_downsample,
+                               y0, y1, x0, x1)
 
     def thumbnail(self, max_side: int = 2048):
         scale = min(1.0, max_side / max(self.height, self.width))  # thumbnail px per analysed px
@@ -477,22 +558,16 @@ def open_image(path, level: Optional[int] = None, mpp: Optional[float] = None,
         return SlideSource(path, level=level, mpp=mpp, roi=roi, backend=backend)
     if level not in (None, 0):
         raise NucleiDataError(f"{path}: a plain image has only pyramid level 0 (asked for {level})")
+    check_target_mpp(mpp)
     image = read_rgb_image(path)
-    origin = (0, 0)
-    if roi is not None:
-        x0, y0, x1, y1 = _clip_roi(roi, image.shape[1], image.shape[0], path, "image")
-        image, origin = image[y0:y1, x0:x1], (x0, y0)
-    image_mpp, downsample = tiff_resolution_mpp(path), 1.0
+    x0, y0, x1, y1 = _clip_roi(roi, image.shape[1], image.shape[0], path, "image")
+    image_mpp = tiff_resolution_mpp(path)
     if mpp is not None and image_mpp is None:
         warnings.warn(f"{path}: the image records no µm/px; analysed at its own resolution, not {mpp} µm/px")
     elif mpp is not None and abs(image_mpp - mpp) > mpp * _MPP_TOLERANCE:
-        if image_mpp > mpp:
-            warnings.warn(f"{path}: enlarged from {image_mpp:.3f} to {mpp} µm/px")
-        downsample = mpp / image_mpp
-        size = (max(1, round(image.shape[1] / downsample)), max(1, round(image.shape[0] / downsample)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR if downsample < 1 else cv2.INTER_AREA)
-        image_mpp = float(mpp)
-    return ArraySource(image, path=path, origin=origin, mpp=image_mpp, downsample=downsample)
+        downsample = resampling_downsample(path, image_mpp, mpp, "the image")
+        return ResampledImageSource(image, (x0, y0, x1, y1), downsample, mpp, path=path)
+    return ArraySource(image[y0:y1, x0:x1], path=path, origin=(x0, y0), mpp=image_mpp)
 
 
 # Resolution tags outside this range are an image editor's 72 / 300 dpi, not a microscope's.
