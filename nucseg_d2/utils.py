@@ -89,8 +89,8 @@ def atomic_path(path) -> Iterator[str]:
 
 
 def remove_stale_temp_files(paths) -> Dict[str, int]:
-    """Remove the temp files :func:`atomic_path` left beside each of ``paths`` (one path, or
-    several) when a process writing it was killed outright (a slide's label map can leave
+    """Remove the temp files :func:`atomic_path` or :func:`scratch_path` left beside each of
+    ``paths`` (one path, or several) when a process writing it was killed outright (a slide's label map can leave
     gigabytes); call it only where no other process writes them. Each folder is listed once, however
     many of its files are asked about. Returns {path: temp files removed} for the paths that had any."""
     paths = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]

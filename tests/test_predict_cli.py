@@ -1,12 +1,16 @@
 """nucseg-predict end to end: a folder with a corrupt file, resuming, bad setups, slides, and
 sharding over 2 CPU processes (gloo) through Detectron2's launch."""
 import csv
+import errno
+import gc
 import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -352,7 +356,7 @@ def test_a_label_map_over_the_ram_limit_lives_in_a_scratch_file_until_written(tm
 
     slide = str(tmp_path / "slide.tif")
     image, _ = generate_tile(np.random.default_rng(0), (128, 160))
-    write_pyramidal_tiff(slide, lambda y0, y1, x0, x1: image[y0:y1, x0:x1], 160, 128, num_levels=1)
+    write_pyramidal_tiff(slide, lambda y0, y1, x0, x1: image[y0:y1, x0:x1], 128, 160, num_levels=1)
     options = ["--tile-size", "256", "--overlap", "32"]
     opts = ["TEST.NUCLEI.SCORE_THRESH", "0.0"]
     assert _run([slide], tmp_path / "in_ram", untrained_demo_weights, *options, opts=opts) == 0
@@ -415,3 +419,43 @@ def test_a_folder_filled_before_mpp_resampled_is_not_mixed_with_resampled_output
     # Without --mpp nothing changed: such folders still take the run.
     settings_file.write_text(json.dumps(dict(settings, mpp=None)))
     assert _run([slide], output, untrained_demo_weights, "--formats", "labels") == 0
+
+
+def test_a_failed_input_releases_its_scratch_label_map_and_a_full_disk_is_found_first(
+        tmp_path, untrained_demo_weights, capsys, monkeypatch):
+    from nucseg_d2.predict import cli, writers
+
+    slide = str(tmp_path / "slide.tif")
+    image, _ = generate_tile(np.random.default_rng(0), (128, 160))
+    write_pyramidal_tiff(slide, lambda y0, y1, x0, x1: image[y0:y1, x0:x1], 128, 160, num_levels=1)
+    maps = []
+
+    def full_disk(path, result):
+        maps.append(weakref.ref(result.label_map))
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(writers, "write_geojson", full_disk)
+    output = tmp_path / "out"
+    # With automatic collection off, only the explicit collection after a failed input frees the
+    # map that the writer's exception chain holds in a reference cycle (its file's disk space).
+    gc.disable()
+    try:
+        assert _run([slide], output, untrained_demo_weights, "--tile-size", "256", "--label-map-ram-gib", "0",
+                    opts=["TEST.NUCLEI.SCORE_THRESH", "0.0"]) == 1
+        assert len(maps) == 1 and maps[0]() is None
+    finally:
+        gc.enable()
+    assert "geojson output not written" in capsys.readouterr().err
+    assert not list(output.glob(".*.tmp")) and (output / "slide_labels.tif").is_file()
+    # A folder without room for the scratch file is named before the slide is predicted.
+    import nucseg_d2.predict.predictor as predictor_module
+
+    def never_predicted(*args, **kwargs):
+        raise AssertionError("predicted although the scratch file cannot be written")
+
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10_000, 9_000, 1_000))
+    monkeypatch.setattr(predictor_module.NucleiPredictor, "predict_source", never_predicted)
+    assert _run([slide], output, untrained_demo_weights, "--tile-size", "256", "--label-map-ram-gib", "0",
+                "--overwrite") == 1
+    assert re.search(rf"{re.escape(str(output))}: no room for the 160x128 label map's scratch file \(0.00 GiB "
+                     r"needed, 0.00 GiB free\); free some, or raise --label-map-ram-gib", capsys.readouterr().err)

@@ -1,6 +1,7 @@
 """Tiling pieces by hand: the grid, core ownership, the bit-packed store, TTA inversion, merging."""
 import errno
 import os
+import re
 
 import numpy as np
 import pytest
@@ -115,10 +116,21 @@ def test_a_label_map_file_without_room_on_disk_is_a_clear_error_and_removed(tmp_
 
     monkeypatch.setattr(os, "posix_fallocate", disk_full, raising=False)
     path = tmp_path / "labels.npy"
-    with pytest.raises(OSError, match=rf"{tmp_path}: no room for a 3000x2000 label map on disk "
+    with pytest.raises(OSError, match=rf"{re.escape(str(tmp_path))}: no room for a 3000x2000 label map on disk "
                                       r"\(0.02 GiB needed, [\d.]+ GiB free\)") as caught:
         open_label_map_file(str(path), 2000, 3000, np.uint32)
     assert caught.value.errno == errno.ENOSPC and os.listdir(tmp_path) == []
+
+
+def test_a_file_system_that_cannot_reserve_space_still_gets_its_label_map(tmp_path, monkeypatch):
+    def cannot_reserve(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", cannot_reserve, raising=False)
+    with pytest.warns(UserWarning, match="disk space for the label map not reserved"):
+        label_map = open_label_map_file(str(tmp_path / "labels.npy"), 20, 30, np.uint16)
+    label_map[3, 4] = 7
+    assert label_map.shape == (20, 30) and label_map.sum() == 7
 
 
 def _square_det(x0, y0=40, side=10, score=0.9):

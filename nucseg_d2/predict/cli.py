@@ -17,16 +17,20 @@ Detectron2's ``launch``. Rank r of W takes ``inputs[r::W]``.
 
 Memory: a label map larger than ``--label-map-ram-gib`` (at its largest, 4 bytes per pixel of
 the analysed region) is painted into a memory-mapped scratch file in the output folder, removed
-once the input's outputs are written, so a whole slide at level 0 needs disk, not RAM.
+once the input's outputs are written, so a whole slide's map at level 0 needs disk, not RAM (per
+process: with ``--num-gpus N``, N maps at once).
 """
 import argparse
 import contextlib
+import errno
+import gc
 import glob
 import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -360,13 +364,29 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
             summary["failed"].append((path, line))
             print(f"{tag}error: {line}", file=sys.stderr, flush=True)
             logger.debug("%s", traceback.format_exc())
+        else:
+            summary["done"].append(path)
+            timing = predictor.last_timing
+            print(f"{tag}{path}: {num_nuclei} nuclei, {source.width}x{source.height} px, "
+                  f"{timing.get('tiles_run', 0)}/{timing.get('tiles', 0)} "
+                  f"tiles, {time.perf_counter() - start:.1f} s", flush=True)
             continue
-        summary["done"].append(path)
-        timing = predictor.last_timing
-        print(f"{tag}{path}: {num_nuclei} nuclei, {source.width}x{source.height} px, "
-              f"{timing.get('tiles_run', 0)}/{timing.get('tiles', 0)} "
-              f"tiles, {time.perf_counter() - start:.1f} s", flush=True)
+        # A failed writer's exception and traceback form reference cycles that can hold the
+        # result, and with it a memory-mapped label map whose removed file keeps its disk space
+        # (the next slide's map may need it): collect them now, outside the handler.
+        gc.collect()
     return summary
+
+
+def _require_scratch_room(scratch_target: str, width: int, height: int) -> None:
+    """OSError naming the folder before predicting, when it cannot take the label map's scratch file
+    (2 bytes per pixel at least): its space is reserved only once the slide is predicted."""
+    folder = os.path.dirname(os.path.abspath(scratch_target))
+    need, free = width * height * 2, shutil.disk_usage(folder).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{folder}: no room for the {width}x{height} label map's scratch file "
+                      f"({need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free); free some, or raise "
+                      "--label-map-ram-gib to hold the map in memory")
 
 
 def _predict_and_write(predictor, source, paths: Dict[str, str], image_id: int, tissue,
@@ -376,6 +396,7 @@ def _predict_and_write(predictor, source, paths: Dict[str, str], image_id: int, 
     with contextlib.ExitStack() as stack:
         label_map_file = None
         if source.height * source.width * 4 > label_map_ram_gib * 2**30:
+            _require_scratch_room(scratch_target, source.width, source.height)
             label_map_file = stack.enter_context(scratch_path(scratch_target))
         result = predictor.predict_source(source, tissue_mask=tissue, label_map_file=label_map_file)
         write_outputs(result, source, paths, image_id)

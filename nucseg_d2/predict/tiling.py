@@ -12,8 +12,10 @@ descending score order with the same overlap rules as
 :func:`~nucseg_d2.modeling.postprocess.instances_to_label_map`.
 """
 import contextlib
+import errno
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -283,14 +285,20 @@ def open_label_map_file(path, height: int, width: int, dtype) -> np.memmap:
 
     Reserving matters: a write to a mapped page that the disk has no room for kills the process
     (SIGBUS) instead of raising, and with it the outputs of every later input. Where the space is
-    not there, OSError naming the folder and the sizes, and the file is removed.
+    not there (ENOSPC, EDQUOT), OSError naming the folder and the sizes, and the file is removed;
+    where the file system cannot reserve space, a warning.
     """
     label_map = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(height, width))
-    if hasattr(os, "posix_fallocate"):  # POSIX; elsewhere the file stays sparse
+    if hasattr(os, "posix_fallocate"):  # Linux and the BSDs; elsewhere (macOS) the file stays sparse
         try:
             with open(path, "r+b") as stream:
                 os.posix_fallocate(stream.fileno(), 0, os.fstat(stream.fileno()).st_size)
         except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                # A file system that cannot reserve (EOPNOTSUPP, EINVAL): painting still works,
+                # unprotected against a disk that fills meanwhile.
+                warnings.warn(f"{path}: disk space for the label map not reserved ({err.strerror})")
+                return label_map
             del label_map
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -111,7 +111,9 @@ def write_label_tiff(path, label_map, mpp: Optional[float] = None, origin: Tuple
         raise ValueError(f"{path}: a label map must be a 2-D integer array, got "
                          f"{label_map.dtype} {label_map.shape}")
     max_id = int(label_map.max()) if label_map.size else 0
-    if (label_map.size and label_map.min() < 0) or max_id > np.iinfo(np.uint32).max:
+    # min() only for signed types: each pass over a slide's map on disk is a full read.
+    negative = label_map.dtype.kind == "i" and label_map.size and label_map.min() < 0
+    if negative or max_id > np.iinfo(np.uint32).max:
         raise ValueError(f"{path}: label ids must lie in 0..{np.iinfo(np.uint32).max}")
     if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
         raise ValueError(f"{path}: µm per pixel must be a positive number, got {mpp}")
@@ -119,7 +121,8 @@ def write_label_tiff(path, label_map, mpp: Optional[float] = None, origin: Tuple
     tiled = max(label_map.shape) > _TILED_TIFF_MIN_SIDE
     if tiled and label_map.dtype != dtype:
         # Narrowed tile by tile: a whole copy of a slide's (memory-mapped) map may not fit in RAM.
-        data, layout = _tiles(label_map, dtype), {"shape": label_map.shape, "dtype": dtype}
+        # One worker: tifffile's threads would take thousands of converted tiles ahead.
+        data, layout = _tiles(label_map, dtype), {"shape": label_map.shape, "dtype": dtype, "maxworkers": 1}
     else:
         data, layout = label_map.astype(dtype, copy=False), {}
     placement = {"origin_level0": [int(origin[0]), int(origin[1])], "downsample": float(downsample),
@@ -391,11 +394,42 @@ def _intensity_means(label_map: np.ndarray, num_labels: int, read_rgb, block_siz
         return sums / counts[:, None]
 
 
+def _geometry_columns(label_map: np.ndarray, num_labels: int, block_size: int) -> Dict[str, np.ndarray]:
+    """``regionprops_table`` of :data:`_GEOMETRY_PROPERTIES`, rows by id, measured block by block.
+
+    Over a whole slide's map, ``regionprops_table`` keeps every region's pixel coordinates at once
+    (about 10 bytes per nucleus pixel: gigabytes). Here the nuclei whose boxes start in one
+    ``block_size`` block are measured together, in the crop that holds their boxes with the other
+    ids masked out, so memory follows the block. A region's properties come from its own box, so
+    they are those of the whole map; centroids are shifted back by the crop's corner.
+    """
+    groups: Dict[Tuple[int, int], List[int]] = {}
+    boxes = _nucleus_boxes(label_map, num_labels)
+    for label_id, box in enumerate(boxes, start=1):
+        if box is not None:
+            groups.setdefault((box[0].start // block_size, box[1].start // block_size), []).append(label_id)
+    parts = []
+    for ids in groups.values():
+        y0, x0 = min(boxes[i - 1][0].start for i in ids), min(boxes[i - 1][1].start for i in ids)
+        y1, x1 = max(boxes[i - 1][0].stop for i in ids), max(boxes[i - 1][1].stop for i in ids)
+        crop = label_map[y0:y1, x0:x1]
+        part = regionprops_table(np.where(np.isin(crop, ids), crop, 0), properties=_GEOMETRY_PROPERTIES)
+        part["centroid-0"] = part["centroid-0"] + y0
+        part["centroid-1"] = part["centroid-1"] + x0
+        parts.append(part)
+    if not parts:
+        return regionprops_table(np.zeros((1, 1), label_map.dtype), properties=_GEOMETRY_PROPERTIES)
+    columns = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    order = np.argsort(columns["label"], kind="stable")
+    return {name: values[order] for name, values in columns.items()}
+
+
 def nucleus_table(result: PredictionResult, read_rgb: Callable, block_size: int = 2048,
                   path="<table>") -> Dict[str, np.ndarray]:
-    """The columns of :func:`write_nucleus_table`, as {name: 1-D array}, one row per nucleus."""
+    """The columns of :func:`write_nucleus_table`, as {name: 1-D array}, one row per nucleus.
+    Memory follows ``block_size``, not the map: geometry and intensities are gathered block by block."""
     label_map, scores, num_labels = _check_result(result, path)
-    geometry = regionprops_table(label_map, properties=_GEOMETRY_PROPERTIES)
+    geometry = _geometry_columns(label_map, num_labels, block_size)
     ids = np.asarray(geometry["label"], np.int64)
     downsample = float(result.downsample)
     origin_x, origin_y = (float(v) for v in result.origin)
