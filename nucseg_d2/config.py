@@ -1,4 +1,5 @@
 """Config keys added by nucseg-d2. Call ``add_nucseg_config(cfg)`` on a fresh ``get_cfg()``."""
+import math
 import os
 import re
 
@@ -71,6 +72,10 @@ def add_nucseg_config(cfg):
     _C.TEST.NUCLEI.METRICS = list(DEFAULT_METRICS)
     # Also run Detectron2's COCOEvaluator (mask AP) beside the nuclei metrics.
     _C.TEST.NUCLEI.COCO_AP = False
+    # µm per pixel of the training images (TNBC and Kumar are 40x scans, about 0.25). nucseg-predict
+    # warns when an input's recorded resolution lies more than 10 % from it and --mpp is not given:
+    # nuclei at another scale than trained on are found worse, silently. 0: unknown, no warning.
+    _C.TEST.NUCLEI.TRAINING_MPP = 0.25
 
     # ---------------------------------------------------------------- model
     _C.MODEL.NUCSEG = CN()
@@ -164,6 +169,9 @@ def validate_nucseg_config(cfg):
     for key in ("SCORE_THRESH", "MAX_OVERLAP"):
         if not 0.0 <= nuclei[key] <= 1.0:
             raise NucleiConfigError(f"TEST.NUCLEI.{key} must be in [0, 1], got {nuclei[key]}")
+    if not (math.isfinite(nuclei.TRAINING_MPP) and nuclei.TRAINING_MPP >= 0):
+        raise NucleiConfigError(
+            f"TEST.NUCLEI.TRAINING_MPP must be a µm per pixel >= 0 (0 = unknown), got {nuclei.TRAINING_MPP}")
     if not 0.0 < nuclei.MASK_THRESH < 1.0:
         # Pixels are kept above it: at 1 every mask is empty, and at 0 every pixel of the box (or,
         # pasted full-size by Detectron2, which keeps >= it, of the whole image) is kept.

@@ -87,6 +87,7 @@ def test_build_nuclei_cfg_from_file_or_node_with_overrides():
         ("tnbc.yaml", ["TEST.NUCLEI.MASK_THRESH", "1.0"], r"MASK_THRESH must be in \(0, 1\), got 1.0"),
         ("tnbc.yaml", ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.5"], r"SCORE_THRESH_TEST must be in \[0, 1\]"),
         ("tnbc.yaml", ["TEST.DETECTIONS_PER_IMAGE", "0"], "DETECTIONS_PER_IMAGE must be > 0, got 0"),
+        ("tnbc.yaml", ["TEST.NUCLEI.TRAINING_MPP", "-0.25"], r"TRAINING_MPP must be a µm per pixel >= 0 .* got -0.25"),
         # PanopticNucleiRCNN weighs by LOSS_WEIGHTS; the heads' own weights would apply twice.
         ("tnbc.yaml", ["MODEL.SEM_SEG_HEAD.LOSS_WEIGHT", "0.5"],
          r"\{'MODEL.SEM_SEG_HEAD.LOSS_WEIGHT': 0.5\}: PanopticNucleiRCNN .* MODEL.NUCSEG.LOSS_WEIGHTS"),

@@ -459,3 +459,41 @@ def test_a_failed_input_releases_its_scratch_label_map_and_a_full_disk_is_found_
                 "--overwrite") == 1
     assert re.search(rf"{re.escape(str(output))}: no room for the 160x128 label map's scratch file \(0.00 GiB "
                      r"needed, 0.00 GiB free\); free some, or raise --label-map-ram-gib", capsys.readouterr().err)
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, untrained_demo_weights, capsys):
+    import fcntl
+
+    image = _images(tmp_path / "in", 1, size=(64, 64))[0]
+    output = tmp_path / "out"
+    output.mkdir()
+    held = os.open(output, os.O_RDONLY)  # as a running nucseg-predict holds it
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert _run([image], output, untrained_demo_weights, "--formats", "labels") == 2
+        assert f"error: {output}: another nucseg-predict run is writing there" in capsys.readouterr().err
+        assert os.listdir(output) == []
+    finally:
+        os.close(held)
+    assert _run([image], output, untrained_demo_weights, "--formats", "labels") == 0
+    assert _run([image], output, untrained_demo_weights, "--formats", "labels", "--overwrite") == 0  # released
+
+
+def test_an_input_at_another_scale_than_the_training_data_is_warned_of(tmp_path, untrained_demo_weights, capsys):
+    slide = str(tmp_path / "scan20x.tif")
+    image, _ = generate_tile(np.random.default_rng(0), (128, 128))
+    write_pyramidal_tiff(slide, lambda y0, y1, x0, x1: image[y0:y1, x0:x1], 128, 128, num_levels=2, mpp=0.5)
+    assert _run([slide], tmp_path / "as_is", untrained_demo_weights, "--formats", "labels") == 0
+    captured = capsys.readouterr()
+    assert (f"{slide}: warning: analysed at 0.500 µm/px, but the model was trained at 0.25 "
+            "(TEST.NUCLEI.TRAINING_MPP): nuclei at another scale are found worse; --mpp 0.25 resamples to it"
+            in captured.err)
+    assert re.search(r"scan20x.tif: \d+ nuclei, 128x128 px at 0.500 µm/px \(level 0\), ", captured.out)
+    assert _run([slide], tmp_path / "resampled", untrained_demo_weights, "--formats", "labels", "--mpp", "0.25") == 0
+    captured = capsys.readouterr()
+    assert "warning: analysed at" not in captured.err
+    assert re.search(r"scan20x.tif: \d+ nuclei, 256x256 px at 0.250 µm/px \(resampled from level 0\), ", captured.out)
+    # A config that does not know its training scale does not warn.
+    assert _run([slide], tmp_path / "unknown", untrained_demo_weights, "--formats", "labels",
+                opts=["TEST.NUCLEI.TRAINING_MPP", "0.0"]) == 0
+    assert "warning: analysed at" not in capsys.readouterr().err

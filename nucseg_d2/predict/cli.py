@@ -43,7 +43,7 @@ from ..config import NucleiConfigError
 from ..data.readers import NucleiDataError
 from ..utils import atomic_path, leave_distributed_worker, remove_stale_temp_files, scratch_path
 from .predictor import CheckpointError, build_predict_cfg
-from .slides import IMAGE_SUFFIXES, SLIDE_SUFFIXES
+from .slides import MPP_TOLERANCE, IMAGE_SUFFIXES, SLIDE_SUFFIXES
 
 __all__ = ["main", "build_parser", "expand_inputs", "output_paths", "FORMATS", "DEFAULT_FORMATS"]
 
@@ -353,6 +353,8 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
                     summary["skipped"].append(path)
                     print(f"{tag}{path}: skipped (its other outputs exist; no coco output possible)", flush=True)
                     continue
+                if args.mpp is None:
+                    _warn_of_another_scale(source, cfg.TEST.NUCLEI.TRAINING_MPP, tag)
                 num_nuclei = _predict_and_write(predictor, source, paths, image_id, tissue,
                                                 args.label_map_ram_gib, scratch[path])
         except KeyboardInterrupt:
@@ -367,7 +369,7 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
         else:
             summary["done"].append(path)
             timing = predictor.last_timing
-            print(f"{tag}{path}: {num_nuclei} nuclei, {source.width}x{source.height} px, "
+            print(f"{tag}{path}: {num_nuclei} nuclei, {source.width}x{source.height} px{_scale_note(source)}, "
                   f"{timing.get('tiles_run', 0)}/{timing.get('tiles', 0)} "
                   f"tiles, {time.perf_counter() - start:.1f} s", flush=True)
             continue
@@ -378,11 +380,28 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
     return summary
 
 
+def _scale_note(source) -> str:
+    """The analysed scale for the per-input line: " at 0.500 µm/px (level 1)", "... (resampled
+    from level 0)", or nothing when the input records none."""
+    if source.mpp is None:
+        return ""
+    how = "resampled from level" if source.resampled else "level"
+    return f" at {source.mpp:.3f} µm/px ({how} {source.level})" if source.is_slide else f" at {source.mpp:.3f} µm/px"
+
+
+def _warn_of_another_scale(source, training_mpp: float, tag: str) -> None:
+    if training_mpp and source.mpp is not None and abs(source.mpp - training_mpp) > MPP_TOLERANCE * training_mpp:
+        print(f"{tag}{source.path}: warning: analysed at {source.mpp:.3f} µm/px, but the model was trained at "
+              f"{training_mpp:g} (TEST.NUCLEI.TRAINING_MPP): nuclei at another scale are found worse; "
+              f"--mpp {training_mpp:g} resamples to it", file=sys.stderr, flush=True)
+
+
 def _require_scratch_room(scratch_target: str, width: int, height: int) -> None:
     """OSError naming the folder before predicting, when it cannot take the label map's scratch file
-    (2 bytes per pixel at least): its space is reserved only once the slide is predicted."""
+    at its largest (4 bytes per pixel: a slide's map is uint32 past 65,535 detections): the space
+    is reserved only once the slide is predicted, hours later."""
     folder = os.path.dirname(os.path.abspath(scratch_target))
-    need, free = width * height * 2, shutil.disk_usage(folder).free
+    need, free = width * height * 4, shutil.disk_usage(folder).free
     if free < need:
         raise OSError(errno.ENOSPC, f"{folder}: no room for the {width}x{height} label map's scratch file "
                       f"({need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free); free some, or raise "
@@ -559,6 +578,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         listed = "; ".join(f"{stem}: {', '.join(group)}" for stem, group in sorted(collisions.items()))
         print(f"error: inputs whose outputs would share a name (same file stem): {listed}", file=sys.stderr)
         return EXIT_SETUP_ERROR
+    # Held until the batch ends; a second run into the folder would remove this one's temp files
+    # as stale and predict the same inputs again.
+    lock_fd, problem = _lock_output_dir(args.output) if args.num_machines == 1 else (None, None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_SETUP_ERROR
+    try:
+        return _run_batch(args, weights, paths)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)  # releases the lock
+
+
+def _lock_output_dir(output_dir: str) -> Tuple[Optional[int], Optional[str]]:
+    """(a descriptor of ``output_dir`` holding an exclusive flock on it, None), or (None, the
+    problem) when another process holds it. Where the file system cannot lock (some network file
+    systems), (None, None): the run goes on unguarded."""
+    import fcntl
+
+    try:
+        fd = os.open(output_dir, os.O_RDONLY)
+    except OSError:
+        return None, None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None, (f"{output_dir}: another nucseg-predict run is writing there; wait for it to end, or "
+                      "give another --output")
+    except OSError:
+        os.close(fd)
+        return None, None
+    return fd, None
+
+
+def _run_batch(args, weights: str, paths: List[str]) -> int:
     problem, args.settings_to_record = _check_settings(args, weights)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -48,7 +48,7 @@ _TIFFSLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".tif", ".tiff", ".svsli
 
 # A level whose µm/px is within this fraction of the target counts as "at the target":
 # scanners record e.g. 0.2527 for a nominal 0.25.
-_MPP_TOLERANCE = 0.1
+MPP_TOLERANCE = 0.1
 # Enlarging a scan more than this to reach the asked µm/px no longer shows nuclei as the model
 # learnt them (a 10x scan at 1 µm/px may still be enlarged to 0.25).
 _MAX_ENLARGEMENT = 4.0
@@ -228,7 +228,7 @@ def choose_level(level_mpps: Sequence[Optional[float]], target_mpp: float) -> in
     it is coarser than the target.
     """
     candidates = [i for i, m in enumerate(level_mpps)
-                  if m is not None and m <= target_mpp * (1.0 + _MPP_TOLERANCE)]
+                  if m is not None and m <= target_mpp * (1.0 + MPP_TOLERANCE)]
     return max(candidates, key=lambda i: level_mpps[i]) if candidates else 0
 
 
@@ -346,7 +346,7 @@ class SlideSource(ImageSource):
             else:
                 level = choose_level([base_mpp * d for d in downsamples], mpp)
                 chosen = base_mpp * downsamples[level]
-                if abs(chosen - mpp) > mpp * _MPP_TOLERANCE:
+                if abs(chosen - mpp) > mpp * MPP_TOLERANCE:
                     resampling_downsample(self.path, chosen, mpp, f"level {level}")  # checks, warns
                     self._setup_resampled(level, downsamples[level], mpp, base_mpp, roi)
                     return
@@ -537,13 +537,14 @@ def is_slide_file(path: str) -> bool:
 
 def open_image(path, level: Optional[int] = None, mpp: Optional[float] = None,
                roi: Optional[Sequence[int]] = None, backend: str = "auto") -> ImageSource:
-    """Open one input for prediction: a SlideSource for slides, else an ArraySource.
+    """Open one input for prediction: a SlideSource for slides, else an ArraySource (or a
+    ResampledImageSource).
 
     ``level``/``mpp``/``roi`` as :class:`SlideSource`. Plain images have one level: a level
     above 0 is an error, and ``roi`` crops the decoded image. With ``mpp``, an image whose
-    resolution tags (:func:`tiff_resolution_mpp`) lie more than 10 % from it is resized to it
-    (bilinear when enlarging, with a warning; pixel-area averages when shrinking); one without
-    them is analysed as it is, with a warning.
+    resolution tags (:func:`tiff_resolution_mpp`) lie more than 10 % from it is resampled to it
+    as slides are (:func:`resampled_block`; enlarging warns); one without them is analysed as it
+    is, with a warning.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -564,7 +565,7 @@ def open_image(path, level: Optional[int] = None, mpp: Optional[float] = None,
     image_mpp = tiff_resolution_mpp(path)
     if mpp is not None and image_mpp is None:
         warnings.warn(f"{path}: the image records no µm/px; analysed at its own resolution, not {mpp} µm/px")
-    elif mpp is not None and abs(image_mpp - mpp) > mpp * _MPP_TOLERANCE:
+    elif mpp is not None and abs(image_mpp - mpp) > mpp * MPP_TOLERANCE:
         downsample = resampling_downsample(path, image_mpp, mpp, "the image")
         return ResampledImageSource(image, (x0, y0, x1, y1), downsample, mpp, path=path)
     return ArraySource(image[y0:y1, x0:x1], path=path, origin=(x0, y0), mpp=image_mpp)
