@@ -161,7 +161,7 @@ def test_weights_from_the_config_are_recorded_by_content(tmp_path, untrained_dem
     assert run(images) == 2
     err = capsys.readouterr().err
     assert f"holds predictions made with other settings (weights {weights}: see" in err
-    assert sorted(os.listdir(output)) == ["img0_labels.tif", "nucseg_predict_settings.json"]
+    assert sorted(os.listdir(output)) == [".img0.nucseg_input.json", "img0_labels.tif", "nucseg_predict_settings.json"]
     assert os.path.getmtime(output / "img0_labels.tif") == stamp
     assert run(images, tmp_path / "missing.pth") == 2
     assert f"{tmp_path / 'missing.pth'}: checkpoint file not found (MODEL.WEIGHTS of the config)" in \
@@ -303,7 +303,8 @@ def test_two_cpu_processes_shard_the_inputs(tmp_path, untrained_demo_weights):
     assert done == {0: paths[2::2], 1: paths[1::2]}  # rank r takes inputs[r::2]
     assert re.search(r"\[rank 0\] error: .*broken.png", run.stderr)
     assert "6 inputs: 5 done, 0 skipped (outputs exist), 1 failed" in run.stdout
-    assert sorted(os.listdir(output)) == [f"img{i}_labels.tif" for i in range(5)] + ["nucseg_predict_settings.json"]
+    expected = [f".img{i}.nucseg_input.json" for i in range(5)] + [f"img{i}_labels.tif" for i in range(5)]
+    assert sorted(os.listdir(output)) == sorted(expected + ["nucseg_predict_settings.json"])
 
 
 def test_an_input_too_large_for_coco_gets_its_other_outputs(tmp_path, untrained_demo_weights, capsys,
@@ -346,8 +347,9 @@ def test_a_failing_output_does_not_keep_the_others_from_being_written(tmp_path, 
     error = capsys.readouterr().err
     assert re.search(r"img0.png: geojson output not written \(OSError: .*No space left on device.*\); "
                      r"written: labels, coco, csv, overlay", error)
-    assert sorted(p.name for p in output.iterdir()) == ["img0_coco.json", "img0_labels.tif", "img0_nuclei.csv",
-                                                         "img0_overlay.png", "nucseg_predict_settings.json"]
+    assert sorted(p.name for p in output.iterdir()) == [
+        ".img0.nucseg_input.json", "img0_coco.json", "img0_labels.tif", "img0_nuclei.csv", "img0_overlay.png",
+        "nucseg_predict_settings.json"]
 
 
 def test_a_label_map_over_the_ram_limit_lives_in_a_scratch_file_until_written(tmp_path, untrained_demo_weights,
@@ -412,6 +414,7 @@ def test_a_folder_filled_before_mpp_resampled_is_not_mixed_with_resampled_output
     assert settings["mpp_rule"] == "the level within 10 %, else resampled" and settings["mpp"] == 0.25
     del settings["mpp_rule"]  # as --mpp recorded its settings before it resampled
     settings_file.write_text(json.dumps(settings))
+    (output / ".slide.nucseg_input.json").unlink()  # nor were records of inputs kept then
     capsys.readouterr()
     assert _run([slide], output, untrained_demo_weights, "--mpp", "0.25", "--formats", "labels", "geojson") == 2
     assert "holds predictions made with other settings (mpp_rule: see" in capsys.readouterr().err
@@ -497,3 +500,33 @@ def test_an_input_at_another_scale_than_the_training_data_is_warned_of(tmp_path,
     assert _run([slide], tmp_path / "unknown", untrained_demo_weights, "--formats", "labels",
                 opts=["TEST.NUCLEI.TRAINING_MPP", "0.0"]) == 0
     assert "warning: analysed at" not in capsys.readouterr().err
+
+
+def test_outputs_of_another_file_or_other_settings_are_not_taken_as_done(tmp_path, untrained_demo_weights, capsys):
+    first, second = tmp_path / "batch1", tmp_path / "batch2"
+    image = _images(first, 1, size=(64, 64))[0]
+    other = _images(second, 2, size=(64, 80))[1]  # batch2/img1.png
+    os.replace(other, second / "img0.png")  # another slide with the same file name
+    output = tmp_path / "out"
+    assert _run([image], output, untrained_demo_weights, "--formats", "labels") == 0
+    record = json.loads((output / ".img0.nucseg_input.json").read_text())
+    assert record["file"] == "img0.png" and record["size"] == os.path.getsize(image)
+    capsys.readouterr()
+    assert _run([image], output, untrained_demo_weights, "--formats", "labels") == 0  # its own: skipped
+    assert "0 done, 1 skipped" in capsys.readouterr().out
+    assert _run([str(second / "img0.png")], output, untrained_demo_weights, "--formats", "labels") == 1
+    assert re.search(r"error: .*batch2/img0.png: the outputs named img0\* in .*out were made from another file "
+                     r"\(img0.png, \d+ bytes; this one has \d+\); give another --output, or --overwrite",
+                     capsys.readouterr().err)
+    # An --overwrite run over other inputs that changes the folder's settings leaves this input's
+    # outputs made with the old ones: they are not skipped under the new settings.
+    two = _images(tmp_path / "more", 2, size=(64, 64))
+    assert _run(two, tmp_path / "mixed", untrained_demo_weights, "--formats", "labels") == 0
+    assert _run(two[1:], tmp_path / "mixed", untrained_demo_weights, "--formats", "labels", "--overwrite",
+                "--overlap", "16") == 0
+    capsys.readouterr()
+    assert _run(two, tmp_path / "mixed", untrained_demo_weights, "--formats", "labels", "--overlap", "16") == 1
+    captured = capsys.readouterr()
+    assert re.search(r"more/img0.png: its outputs in .*mixed were made with other settings than the folder's "
+                     r"nucseg_predict_settings.json", captured.err)
+    assert "0 done, 1 skipped (outputs exist), 1 failed" in captured.out

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -300,13 +300,20 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
     outputs = [(image_id, path, output_paths(path, args.output, args.formats)) for image_id, path in inputs]
     # Each input's outputs are written by this rank alone: what a killed run left is no one's.
     scratch = {path: label_map_scratch_target(path, args.output) for _, path, _ in outputs}
-    removed = remove_stale_temp_files([p for _, _, paths in outputs for p in paths.values()] + list(scratch.values()))
+    records = {path: input_record_path(path, args.output) for _, path, _ in outputs}
+    removed = remove_stale_temp_files([p for _, _, paths in outputs for p in paths.values()]
+                                      + list(scratch.values()) + list(records.values()))
     for image_id, path, paths in outputs:
-        stale = sum(removed.get(p, 0) for p in [*paths.values(), scratch[path]])
+        stale = sum(removed.get(p, 0) for p in [*paths.values(), scratch[path], records[path]])
         if stale:
             print(f"{tag}{path}: removed {stale} temp file(s) left by an interrupted run", flush=True)
         if not args.overwrite:
             existing = sorted(name for name, p in paths.items() if os.path.isfile(p))
+            problem = _outputs_of_another_input(path, args.output, args.prediction_settings) if existing else None
+            if problem:
+                summary["failed"].append((path, problem))
+                print(f"{tag}error: {problem}", file=sys.stderr, flush=True)
+                continue
             if len(existing) == len(paths):
                 summary["skipped"].append(path)
                 print(f"{tag}{path}: skipped (outputs exist; --overwrite to redo)", flush=True)
@@ -355,8 +362,9 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
                     continue
                 if args.mpp is None:
                     _warn_of_another_scale(source, cfg.TEST.NUCLEI.TRAINING_MPP, tag)
-                num_nuclei = _predict_and_write(predictor, source, paths, image_id, tissue,
-                                                args.label_map_ram_gib, scratch[path])
+                num_nuclei = _predict_and_write(
+                    predictor, source, paths, image_id, tissue, args.label_map_ram_gib, scratch[path],
+                    before_writing=lambda: _record_input(path, args.output, args.prediction_settings))
         except KeyboardInterrupt:
             raise
         except Exception as err:  # one bad input must not stop the batch
@@ -409,15 +417,19 @@ def _require_scratch_room(scratch_target: str, width: int, height: int) -> None:
 
 
 def _predict_and_write(predictor, source, paths: Dict[str, str], image_id: int, tissue,
-                       label_map_ram_gib: float, scratch_target: str) -> int:
+                       label_map_ram_gib: float, scratch_target: str,
+                       before_writing: Callable[[], None] = lambda: None) -> int:
     """Predict one opened input and write its outputs; returns its number of nuclei. A label map
-    over ``label_map_ram_gib`` lives in a scratch file beside ``scratch_target`` until this returns."""
+    over ``label_map_ram_gib`` lives in a scratch file beside ``scratch_target`` until this returns.
+    ``before_writing`` runs between the two (the outputs' record: a run killed while writing
+    leaves outputs that say where they came from)."""
     with contextlib.ExitStack() as stack:
         label_map_file = None
         if source.height * source.width * 4 > label_map_ram_gib * 2**30:
             _require_scratch_room(scratch_target, source.width, source.height)
             label_map_file = stack.enter_context(scratch_path(scratch_target))
         result = predictor.predict_source(source, tissue_mask=tissue, label_map_file=label_map_file)
+        before_writing()
         write_outputs(result, source, paths, image_id)
         return result.num_nuclei
 
@@ -471,11 +483,11 @@ def prediction_settings(args, weights: str) -> Dict:
     return settings
 
 
-def _check_settings(args, weights: str) -> Tuple[Optional[str], Optional[Dict]]:
-    """(None, the settings to record once the model is loaded, or None when recorded already) when
-    the output folder may take this run, else (the problem, None): its outputs came from other
-    settings, and skipping them would mix the two runs (GeoJSON ids against another label map, a
-    region never analysed)."""
+def _check_settings(args, weights: str) -> Tuple[Optional[str], Optional[Dict], Dict]:
+    """(None, the settings to record once the model is loaded, or None when recorded already,
+    the settings) when the output folder may take this run, else (the problem, None, the
+    settings): its outputs came from other settings, and skipping them would mix the two runs
+    (GeoJSON ids against another label map, a region never analysed)."""
     settings = prediction_settings(args, weights)
     path = os.path.join(args.output, SETTINGS_FILE)
     if os.path.isfile(path) and not args.overwrite:
@@ -483,15 +495,58 @@ def _check_settings(args, weights: str) -> Tuple[Optional[str], Optional[Dict]]:
             with open(path) as stream:
                 recorded = json.load(stream)
         except (OSError, ValueError) as err:
-            return f"{path}: cannot read the settings of the outputs there ({err}); --overwrite to redo", None
+            return f"{path}: cannot read the settings of the outputs there ({err}); --overwrite to redo", None, settings
         differing = sorted(key for key in set(settings) | set(recorded) if settings.get(key) != recorded.get(key))
         if differing:
             # The weights may have come from the config: name the file, which the command line may not.
             named = [f"weights {weights}" if key == "weights" else key for key in differing]
             return (f"{args.output} holds predictions made with other settings ({', '.join(named)}: see "
-                    f"{path}); give another --output, or --overwrite to redo every input"), None
-        return None, None
-    return None, settings
+                    f"{path}); give another --output, or --overwrite to redo every input"), None, settings
+        return None, None, settings
+    return None, settings, settings
+
+
+def input_record_path(path: str, output_dir: str) -> str:
+    """Where the record of which file and settings made an input's outputs is kept."""
+    return os.path.join(output_dir, f".{input_stem(path)}.nucseg_input.json")
+
+
+def _input_record(path: str, settings: Dict) -> Dict:
+    # Name and size, not the path (a moved slide folder is the same slide) nor a checksum (a
+    # slide's gigabytes would be read again on every re-run).
+    return {"file": os.path.basename(path), "size": os.path.getsize(path),
+            "settings_sha256": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()}
+
+
+def _record_input(path: str, output_dir: str, settings: Dict) -> None:
+    with atomic_path(input_record_path(path, output_dir)) as temp_path, open(temp_path, "w") as stream:
+        json.dump(_input_record(path, settings), stream)
+
+
+def _outputs_of_another_input(path: str, output_dir: str, settings: Dict) -> Optional[str]:
+    """Why the existing outputs named after ``path``'s stem are not its own, or None: made from
+    another file of that stem (another slide1.svs), or with other settings than the folder's
+    (an ``--overwrite`` run over other inputs changed the folder's). Outputs without a record
+    (written before records were kept) are trusted by their names, as they were then."""
+    record_path = input_record_path(path, output_dir)
+    try:
+        with open(record_path) as stream:
+            recorded = json.load(stream)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        return f"{record_path}: cannot read which input made the outputs there ({err}); --overwrite to redo"
+    if not os.path.isfile(path):
+        return None  # it fails with its own error when predicted
+    current = _input_record(path, settings)
+    if (recorded.get("file"), recorded.get("size")) != (current["file"], current["size"]):
+        return (f"{path}: the outputs named {input_stem(path)}* in {output_dir} were made from another file "
+                f"({recorded.get('file')}, {recorded.get('size')} bytes; this one has {current['size']}); give "
+                "another --output, or --overwrite to replace them")
+    if recorded.get("settings_sha256") != current["settings_sha256"]:
+        return (f"{path}: its outputs in {output_dir} were made with other settings than the folder's "
+                f"{SETTINGS_FILE} (a run with --overwrite over other inputs changed it); --overwrite to redo it")
+    return None
 
 
 def _record_settings(output: str, settings: Dict) -> None:
@@ -614,7 +669,7 @@ def _lock_output_dir(output_dir: str) -> Tuple[Optional[int], Optional[str]]:
 
 
 def _run_batch(args, weights: str, paths: List[str]) -> int:
-    problem, args.settings_to_record = _check_settings(args, weights)
+    problem, args.settings_to_record, args.prediction_settings = _check_settings(args, weights)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_SETUP_ERROR
