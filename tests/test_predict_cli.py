@@ -530,3 +530,17 @@ def test_outputs_of_another_file_or_other_settings_are_not_taken_as_done(tmp_pat
     assert re.search(r"more/img0.png: its outputs in .*mixed were made with other settings than the folder's "
                      r"nucseg_predict_settings.json", captured.err)
     assert "0 done, 1 skipped (outputs exist), 1 failed" in captured.out
+    # Outputs of any format count: asking the other file for a format not written yet fails too.
+    assert _run([str(second / "img0.png")], output, untrained_demo_weights, "--formats", "geojson") == 1
+    assert "were made from another file" in capsys.readouterr().err and not (output / "img0.geojson").exists()
+    # --overwrite takes the input over: the outputs the other file made are removed in every
+    # format, not only those asked for, so none is later taken as the new file's.
+    (output / "img0.geojson").write_text("{}")  # as if written by the first file
+    assert _run([str(second / "img0.png")], output, untrained_demo_weights, "--formats", "csv", "--overwrite") == 0
+    assert sorted(p.name for p in output.glob("img0*")) == ["img0_nuclei.csv"]
+    assert json.loads((output / ".img0.nucseg_input.json").read_text())["size"] == os.path.getsize(second / "img0.png")
+    # A record that is no JSON object is one line, not a traceback.
+    (output / ".img0.nucseg_input.json").write_text("[]")
+    assert _run([str(second / "img0.png")], output, untrained_demo_weights, "--formats", "csv") == 1
+    assert re.search(r"error: .*\.img0\.nucseg_input\.json: cannot read which input made the outputs there "
+                     r"\(not a JSON object\); --overwrite to redo", capsys.readouterr().err)

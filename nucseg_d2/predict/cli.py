@@ -22,7 +22,6 @@ process: with ``--num-gpus N``, N maps at once).
 """
 import argparse
 import contextlib
-import errno
 import gc
 import glob
 import hashlib
@@ -43,7 +42,7 @@ from ..config import NucleiConfigError
 from ..data.readers import NucleiDataError
 from ..utils import atomic_path, leave_distributed_worker, remove_stale_temp_files, scratch_path
 from .predictor import CheckpointError, build_predict_cfg
-from .slides import MPP_TOLERANCE, IMAGE_SUFFIXES, SLIDE_SUFFIXES
+from .slides import IMAGE_SUFFIXES, MPP_TOLERANCE, SLIDE_SUFFIXES
 
 __all__ = ["main", "build_parser", "expand_inputs", "output_paths", "FORMATS", "DEFAULT_FORMATS"]
 
@@ -299,17 +298,19 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
     todo = []
     outputs = [(image_id, path, output_paths(path, args.output, args.formats)) for image_id, path in inputs]
     # Each input's outputs are written by this rank alone: what a killed run left is no one's.
-    scratch = {path: label_map_scratch_target(path, args.output) for _, path, _ in outputs}
+    scratch_targets = {path: label_map_scratch_target(path, args.output) for _, path, _ in outputs}
     records = {path: input_record_path(path, args.output) for _, path, _ in outputs}
     removed = remove_stale_temp_files([p for _, _, paths in outputs for p in paths.values()]
-                                      + list(scratch.values()) + list(records.values()))
+                                      + list(scratch_targets.values()) + list(records.values()))
     for image_id, path, paths in outputs:
-        stale = sum(removed.get(p, 0) for p in [*paths.values(), scratch[path], records[path]])
+        stale = sum(removed.get(p, 0) for p in [*paths.values(), scratch_targets[path], records[path]])
         if stale:
             print(f"{tag}{path}: removed {stale} temp file(s) left by an interrupted run", flush=True)
         if not args.overwrite:
             existing = sorted(name for name, p in paths.items() if os.path.isfile(p))
-            problem = _outputs_of_another_input(path, args.output, args.prediction_settings) if existing else None
+            # Outputs of any format count, not only those asked for now: --formats may change.
+            any_output = any(os.path.isfile(p) for p in output_paths(path, args.output, FORMATS).values())
+            problem = _outputs_of_another_input(path, args.output, args.folder_settings) if any_output else None
             if problem:
                 summary["failed"].append((path, problem))
                 print(f"{tag}error: {problem}", file=sys.stderr, flush=True)
@@ -363,8 +364,8 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
                 if args.mpp is None:
                     _warn_of_another_scale(source, cfg.TEST.NUCLEI.TRAINING_MPP, tag)
                 num_nuclei = _predict_and_write(
-                    predictor, source, paths, image_id, tissue, args.label_map_ram_gib, scratch[path],
-                    before_writing=lambda: _record_input(path, args.output, args.prediction_settings))
+                    predictor, source, paths, image_id, tissue, args.label_map_ram_gib, scratch_targets[path],
+                    before_writing=lambda: _take_over_outputs(path, args.output, args.folder_settings, args.overwrite))
         except KeyboardInterrupt:
             raise
         except Exception as err:  # one bad input must not stop the batch
@@ -393,8 +394,10 @@ def _scale_note(source) -> str:
     from level 0)", or nothing when the input records none."""
     if source.mpp is None:
         return ""
+    if not source.is_slide:
+        return f" at {source.mpp:.3f} µm/px" + (" (resampled)" if source.resampled else "")
     how = "resampled from level" if source.resampled else "level"
-    return f" at {source.mpp:.3f} µm/px ({how} {source.level})" if source.is_slide else f" at {source.mpp:.3f} µm/px"
+    return f" at {source.mpp:.3f} µm/px ({how} {source.level})"
 
 
 def _warn_of_another_scale(source, training_mpp: float, tag: str) -> None:
@@ -410,10 +413,10 @@ def _require_scratch_room(scratch_target: str, width: int, height: int) -> None:
     is reserved only once the slide is predicted, hours later."""
     folder = os.path.dirname(os.path.abspath(scratch_target))
     need, free = width * height * 4, shutil.disk_usage(folder).free
-    if free < need:
-        raise OSError(errno.ENOSPC, f"{folder}: no room for the {width}x{height} label map's scratch file "
-                      f"({need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free); free some, or raise "
-                      "--label-map-ram-gib to hold the map in memory")
+    if free < need:  # per process: --num-gpus ranks each check the same free space
+        raise NucleiDataError(f"{folder}: no room for the {width}x{height} label map's scratch file "
+                              f"({need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free); free some, or raise "
+                              "--label-map-ram-gib to hold the map in memory")
 
 
 def _predict_and_write(predictor, source, paths: Dict[str, str], image_id: int, tissue,
@@ -496,6 +499,9 @@ def _check_settings(args, weights: str) -> Tuple[Optional[str], Optional[Dict], 
                 recorded = json.load(stream)
         except (OSError, ValueError) as err:
             return f"{path}: cannot read the settings of the outputs there ({err}); --overwrite to redo", None, settings
+        if not isinstance(recorded, dict):
+            return (f"{path}: cannot read the settings of the outputs there (not a JSON object); --overwrite to redo",
+                    None, settings)
         differing = sorted(key for key in set(settings) | set(recorded) if settings.get(key) != recorded.get(key))
         if differing:
             # The weights may have come from the config: name the file, which the command line may not.
@@ -513,14 +519,47 @@ def input_record_path(path: str, output_dir: str) -> str:
 
 def _input_record(path: str, settings: Dict) -> Dict:
     # Name and size, not the path (a moved slide folder is the same slide) nor a checksum (a
-    # slide's gigabytes would be read again on every re-run).
+    # slide's gigabytes would be read again on every re-run). Settings of value None are left out
+    # of the hash, as the folder's check counts a missing key and None alike.
+    given = {key: value for key, value in settings.items() if value is not None}
     return {"file": os.path.basename(path), "size": os.path.getsize(path),
-            "settings_sha256": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()}
+            "settings_sha256": hashlib.sha256(json.dumps(given, sort_keys=True).encode()).hexdigest()}
 
 
-def _record_input(path: str, output_dir: str, settings: Dict) -> None:
-    with atomic_path(input_record_path(path, output_dir)) as temp_path, open(temp_path, "w") as stream:
-        json.dump(_input_record(path, settings), stream)
+def _read_input_record(record_path: str) -> Dict:
+    """The record (FileNotFoundError when there is none); NucleiDataError when unreadable."""
+    try:
+        with open(record_path) as stream:
+            recorded = json.load(stream)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:
+        raise NucleiDataError(f"{record_path}: cannot read which input made the outputs there ({err}); "
+                              "--overwrite to redo") from err
+    if not isinstance(recorded, dict):
+        raise NucleiDataError(f"{record_path}: cannot read which input made the outputs there (not a JSON "
+                              "object); --overwrite to redo")
+    return recorded
+
+
+def _take_over_outputs(path: str, output_dir: str, settings: Dict, overwrite: bool) -> None:
+    """Record that ``path`` with ``settings`` makes its outputs from now on, once predicted and
+    before they are written. Under ``--overwrite``, outputs another file or other settings made
+    are removed first, in every format, those not asked for this time included: left beside the
+    new record, a later run would take them as this run's (and a write failing midway would
+    leave old files under it)."""
+    record_path, record = input_record_path(path, output_dir), _input_record(path, settings)
+    if overwrite:
+        try:
+            previous = _read_input_record(record_path)
+        except (FileNotFoundError, NucleiDataError):
+            previous = None
+        if previous != record:
+            for output in output_paths(path, output_dir, FORMATS).values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(output)
+    with atomic_path(record_path) as temp_path, open(temp_path, "w") as stream:
+        json.dump(record, stream)
 
 
 def _outputs_of_another_input(path: str, output_dir: str, settings: Dict) -> Optional[str]:
@@ -528,14 +567,12 @@ def _outputs_of_another_input(path: str, output_dir: str, settings: Dict) -> Opt
     another file of that stem (another slide1.svs), or with other settings than the folder's
     (an ``--overwrite`` run over other inputs changed the folder's). Outputs without a record
     (written before records were kept) are trusted by their names, as they were then."""
-    record_path = input_record_path(path, output_dir)
     try:
-        with open(record_path) as stream:
-            recorded = json.load(stream)
+        recorded = _read_input_record(input_record_path(path, output_dir))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as err:
-        return f"{record_path}: cannot read which input made the outputs there ({err}); --overwrite to redo"
+    except NucleiDataError as err:
+        return str(err)
     if not os.path.isfile(path):
         return None  # it fails with its own error when predicted
     current = _input_record(path, settings)
@@ -650,11 +687,11 @@ def _lock_output_dir(output_dir: str) -> Tuple[Optional[int], Optional[str]]:
     """(a descriptor of ``output_dir`` holding an exclusive flock on it, None), or (None, the
     problem) when another process holds it. Where the file system cannot lock (some network file
     systems), (None, None): the run goes on unguarded."""
-    import fcntl
-
     try:
+        import fcntl  # POSIX only
+
         fd = os.open(output_dir, os.O_RDONLY)
-    except OSError:
+    except (ImportError, OSError):
         return None, None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -669,7 +706,7 @@ def _lock_output_dir(output_dir: str) -> Tuple[Optional[int], Optional[str]]:
 
 
 def _run_batch(args, weights: str, paths: List[str]) -> int:
-    problem, args.settings_to_record, args.prediction_settings = _check_settings(args, weights)
+    problem, args.settings_to_record, args.folder_settings = _check_settings(args, weights)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_SETUP_ERROR

@@ -130,16 +130,15 @@ class ArraySource(ImageSource):
 
 
 def check_target_mpp(mpp: Optional[float]) -> None:
+    """ValueError unless ``mpp`` (a target µm per pixel, or None) is a positive number."""
     if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
         raise ValueError(f"a target µm/px must be a positive number, got {mpp}")
 
 
-def resampling_downsample(path, source_mpp: float, target_mpp: float, what: str) -> float:
-    """Source px per analysed px for analysing ``what`` (at ``source_mpp``) at ``target_mpp``.
-
-    Enlarging adds no detail (a warning says so), and past :data:`_MAX_ENLARGEMENT` it stops
-    being a picture of nuclei at the training scale at all: NucleiDataError.
-    """
+def check_enlargement(path, source_mpp: float, target_mpp: float, what: str) -> None:
+    """Whether ``what`` (at ``source_mpp``) may be resampled to ``target_mpp``: enlarging adds no
+    detail (a warning says so), and past :data:`_MAX_ENLARGEMENT` it stops being a picture of
+    nuclei at the training scale at all (NucleiDataError)."""
     enlargement = source_mpp / target_mpp
     if enlargement > _MAX_ENLARGEMENT:
         raise NucleiDataError(
@@ -148,7 +147,6 @@ def resampling_downsample(path, source_mpp: float, target_mpp: float, what: str)
     if enlargement > 1:
         warnings.warn(f"{path}: {what} at {source_mpp:.3f} µm/px is enlarged to {target_mpp} µm/px "
                       "(no finer scan: enlarging adds no detail)")
-    return target_mpp / source_mpp
 
 
 def resampled_block(read_source: Callable[[int, int, int, int], np.ndarray], source_width: int,
@@ -347,7 +345,7 @@ class SlideSource(ImageSource):
                 level = choose_level([base_mpp * d for d in downsamples], mpp)
                 chosen = base_mpp * downsamples[level]
                 if abs(chosen - mpp) > mpp * MPP_TOLERANCE:
-                    resampling_downsample(self.path, chosen, mpp, f"level {level}")  # checks, warns
+                    check_enlargement(self.path, chosen, mpp, f"level {level}")
                     self._setup_resampled(level, downsamples[level], mpp, base_mpp, roi)
                     return
         level = 0 if level is None else int(level)
@@ -566,8 +564,8 @@ def open_image(path, level: Optional[int] = None, mpp: Optional[float] = None,
     if mpp is not None and image_mpp is None:
         warnings.warn(f"{path}: the image records no µm/px; analysed at its own resolution, not {mpp} µm/px")
     elif mpp is not None and abs(image_mpp - mpp) > mpp * MPP_TOLERANCE:
-        downsample = resampling_downsample(path, image_mpp, mpp, "the image")
-        return ResampledImageSource(image, (x0, y0, x1, y1), downsample, mpp, path=path)
+        check_enlargement(path, image_mpp, mpp, "the image")
+        return ResampledImageSource(image, (x0, y0, x1, y1), mpp / image_mpp, mpp, path=path)
     return ArraySource(image[y0:y1, x0:x1], path=path, origin=(x0, y0), mpp=image_mpp)
 
 
