@@ -776,10 +776,13 @@ def test_a_slide_with_a_placeholder_resolution_is_not_resampled(tmp_path):
 def test_which_tiffs_are_read_as_slides(tmp_path):
     from nucseg_d2.predict.slides import is_slide_file
 
-    # Past 8192 x 8192 px a tiled 8-bit TIFF is read region by region; below, or in strips, whole.
+    # Past 8192 x 8192 px an 8-bit TIFF in tiles or small strips is read region by region; below,
+    # or in one strip (decoded again for every block), whole.
     large = np.zeros((8192, 8193, 3), np.uint8)
     tifffile.imwrite(tmp_path / "large_tiled.tif", large, tile=(512, 512), compression="zlib", photometric="rgb")
-    tifffile.imwrite(tmp_path / "large_strips.tif", large, compression="zlib", photometric="rgb")
+    tifffile.imwrite(tmp_path / "large_strips.tif", large, compression="zlib", photometric="rgb", rowsperstrip=64)
+    tifffile.imwrite(tmp_path / "large_one_strip.tif", large, compression="zlib", photometric="rgb",
+                     rowsperstrip=8192)
     tifffile.imwrite(tmp_path / "small_tiled.tif", large[:1024, :1024], tile=(256, 256), photometric="rgb")
     tifffile.imwrite(tmp_path / "large_16bit.tif", np.zeros((8192, 8193), np.uint16), tile=(512, 512),
                      compression="zlib")
@@ -788,7 +791,21 @@ def test_which_tiffs_are_read_as_slides(tmp_path):
     write_pyramidal_tiff(str(tmp_path / "pyramid.tif"), lambda y0, y1, x0, x1: image[y0:y1, x0:x1], 256, 256,
                          num_levels=2)
     (tmp_path / "broken.tif").write_bytes(b"II*\x00 truncated")
-    expected = {"large_tiled.tif": True, "large_strips.tif": False, "small_tiled.tif": False,
-                "large_16bit.tif": False, "pyramid.tif": True, "broken.tif": False}
+    expected = {"large_tiled.tif": True, "large_strips.tif": True, "large_one_strip.tif": False,
+                "small_tiled.tif": False, "large_16bit.tif": False, "pyramid.tif": True, "broken.tif": False}
     assert {name: is_slide_file(str(tmp_path / name)) for name in expected} == expected
     assert is_slide_file("absent.svs") and not is_slide_file("image.png")  # by suffix alone
+
+
+def test_a_large_tiff_in_strips_is_read_region_by_region(tmp_path, monkeypatch):
+    from nucseg_d2.predict import slides
+
+    monkeypatch.setattr(slides, "_LARGE_TIFF_PIXELS", 100 * 100)  # so that a 300x400 image counts as large
+    image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    path = tmp_path / "export.tif"
+    tifffile.imwrite(path, image, photometric="rgb", compression="zlib", rowsperstrip=16,
+                     resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    with open_image(path, roi=(50, 40, 300, 200)) as source:
+        assert isinstance(source, SlideSource) and (source.height, source.width) == (200, 300)
+        assert source.mpp == pytest.approx(0.25) and source.origin == (50, 40)
+        np.testing.assert_array_equal(source.read(10, 138, 20, 276), image[50:178, 70:326])

@@ -4,8 +4,8 @@ Every source exposes the *analysed region* (one pyramid level, optionally croppe
 of interest) through ``read(y0, y1, x0, x1)`` in that region's pixel coordinates, plus the
 ``downsample``/``origin``/``mpp`` that map them back to full-resolution slide coordinates.
 
-Whole-slide formats (``.svs .ndpi .mrxs .scn .bif ...``), pyramidal ``.tif`` and large tiled
-``.tif`` files are read through tiffslide (pure Python on tifffile) or, for formats tiffslide
+Whole-slide formats (``.svs .ndpi .mrxs .scn .bif ...``), pyramidal ``.tif`` and large ``.tif``
+files in tiles or small strips are read through tiffslide (pure Python on tifffile) or, for formats tiffslide
 cannot read (``.mrxs``, ``.vms``, ...) or when asked, OpenSlide. Other files are decoded whole by
 :func:`nucseg_d2.data.readers.read_rgb_image` (RGBA, greyscale and 16-bit conversions).
 """
@@ -510,13 +510,18 @@ def tissue_mask_from_thumbnail(thumbnail: np.ndarray, region_height: int, region
 
 
 # ------------------------------------------------------------------------ opening inputs
-# A single-level tiled 8-bit TIFF larger than this is read region by region like a slide;
-# smaller ones are decoded whole, which also applies read_rgb_image's conversions.
+# A single-level 8-bit TIFF larger than this is read region by region like a slide (decoded
+# whole, a 100,000 x 80,000 px export would take 24 GB); smaller ones are decoded whole, which
+# also applies read_rgb_image's conversions.
 _LARGE_TIFF_PIXELS = 8192 * 8192
+# ... when stored in tiles or in strips of at most this many bytes: each block read decodes the
+# strips it crosses, and a file of one huge strip would be decoded again for every tile.
+_MAX_STRIP_BYTES = 64 * 2**20
 
 
 def is_slide_file(path: str) -> bool:
-    """Whole-slide formats, pyramidal TIFFs, and large tiled 8-bit TIFFs (read region by region)."""
+    """Whole-slide formats, pyramidal TIFFs, and large 8-bit TIFFs in tiles or small strips (read
+    region by region)."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix in SLIDE_SUFFIXES:
         return True
@@ -527,8 +532,10 @@ def is_slide_file(path: str) -> bool:
             page = tif.pages[0]
             if len(tif.series[0].levels) > 1:
                 return True
-            return bool(page.is_tiled and page.dtype == np.uint8
-                        and page.imagewidth * page.imagelength > _LARGE_TIFF_PIXELS)
+            if page.dtype != np.uint8 or page.imagewidth * page.imagelength <= _LARGE_TIFF_PIXELS:
+                return False
+            strip_bytes = page.rowsperstrip * page.imagewidth * page.samplesperpixel
+            return bool(page.is_tiled or strip_bytes <= _MAX_STRIP_BYTES)
     except Exception:
         return False  # let read_rgb_image report what is wrong with it
 
