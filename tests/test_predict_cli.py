@@ -492,6 +492,7 @@ def test_an_input_at_another_scale_than_the_training_data_is_warned_of(tmp_path,
             "(TEST.NUCLEI.TRAINING_MPP): nuclei at another scale are found worse; --mpp 0.25 resamples to it"
             in captured.err)
     assert re.search(r"scan20x.tif: \d+ nuclei, 128x128 px at 0.500 µm/px \(level 0\), ", captured.out)
+    assert f"{slide}: predicted; writing labels\n" in captured.out  # before the minutes a slide's outputs take
     assert _run([slide], tmp_path / "resampled", untrained_demo_weights, "--formats", "labels", "--mpp", "0.25") == 0
     captured = capsys.readouterr()
     assert "warning: analysed at" not in captured.err

@@ -363,9 +363,14 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
                     continue
                 if args.mpp is None:
                     _warn_of_another_scale(source, cfg.TEST.NUCLEI.TRAINING_MPP, tag)
-                num_nuclei = _predict_and_write(
-                    predictor, source, paths, image_id, tissue, args.label_map_ram_gib, scratch_targets[path],
-                    before_writing=lambda: _take_over_outputs(path, args.output, args.folder_settings, args.overwrite))
+
+                def before_writing(path=path, paths=paths, source=source):
+                    _take_over_outputs(path, args.output, args.folder_settings, args.overwrite)
+                    if source.is_slide:  # writing the outputs of a slide's million nuclei takes minutes
+                        print(f"{tag}{path}: predicted; writing {', '.join(paths)}", flush=True)
+
+                num_nuclei = _predict_and_write(predictor, source, paths, image_id, tissue, args.label_map_ram_gib,
+                                                scratch_targets[path], before_writing)
         except KeyboardInterrupt:
             raise
         except Exception as err:  # one bad input must not stop the batch
