@@ -87,6 +87,8 @@ def test_folder_with_a_corrupt_file_reports_it_and_finishes_the_rest(tmp_path, u
     assert (output / "img1.geojson").read_text() == '{"edited": true}'
     assert _run(good, output, untrained_demo_weights, "--overwrite", "--formats", "labels") == 0
     assert "2 done, 0 skipped" in capsys.readouterr().out
+    # The same file and settings: the outputs not asked for are kept.
+    assert (output / "img1.geojson").read_text() == '{"edited": true}'
     # Other settings into the same folder: skipping its outputs would mix two runs' predictions.
     stamp = os.path.getmtime(output / "img0_labels.tif")
     assert _run(good, output, untrained_demo_weights, "--roi", "0", "0", "64", "64") == 2
@@ -204,6 +206,9 @@ def test_setup_errors_are_one_clear_line(tmp_path, untrained_demo_weights, capsy
     twin.parent.mkdir()
     Image.open(image).convert("RGB").save(twin)
     assert _run([image, str(twin)], tmp_path / "out", untrained_demo_weights) == 2
+    assert "share a name" in capsys.readouterr().err
+    twin.rename(twin.with_name("IMG0.jpg"))  # one file on a case-insensitive file system
+    assert _run([image, str(twin.with_name("IMG0.jpg"))], tmp_path / "out", untrained_demo_weights) == 2
     assert "share a name" in capsys.readouterr().err
     assert _run([image], tmp_path / "out", untrained_demo_weights, "--batch-size", "-1") == 2
     assert "error: --batch-size must be >= 1 (got -1)" in capsys.readouterr().err
@@ -460,8 +465,10 @@ def test_a_failed_input_releases_its_scratch_label_map_and_a_full_disk_is_found_
     monkeypatch.setattr(predictor_module.NucleiPredictor, "predict_source", never_predicted)
     assert _run([slide], output, untrained_demo_weights, "--tile-size", "256", "--label-map-ram-gib", "0",
                 "--overwrite") == 1
+    err = capsys.readouterr().err
     assert re.search(rf"{re.escape(str(output))}: no room for the 160x128 label map's scratch file \(0.00 GiB "
-                     r"needed, 0.00 GiB free\); free some, or raise --label-map-ram-gib", capsys.readouterr().err)
+                     r"needed, 0.00 GiB free\); free some, or raise --label-map-ram-gib", err)
+    assert "OSError" not in err  # one line of ours, not an exception's repr
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, untrained_demo_weights, capsys):

@@ -809,3 +809,31 @@ def test_a_large_tiff_in_strips_is_read_region_by_region(tmp_path, monkeypatch):
         assert isinstance(source, SlideSource) and (source.height, source.width) == (200, 300)
         assert source.mpp == pytest.approx(0.25) and source.origin == (50, 40)
         np.testing.assert_array_equal(source.read(10, 138, 20, 276), image[50:178, 70:326])
+
+
+def test_tiles_of_a_tiff_in_strips_are_cut_from_one_decoded_band_per_row(tmp_path, monkeypatch):
+    # Strips span the width: read tile by tile, each tile would decode its rows across the whole
+    # width again. A band of rows serves a whole row of tiles.
+    from nucseg_d2.predict import slides
+
+    monkeypatch.setattr(slides, "_LARGE_TIFF_PIXELS", 100 * 100)
+    monkeypatch.setattr(slides, "_BAND_ROWS", 128)
+    image = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    path = tmp_path / "export.tif"
+    tifffile.imwrite(path, image, photometric="rgb", compression="zlib", rowsperstrip=16)
+    with open_image(path) as source:
+        decoded = []
+        read_level = source._read_level
+        monkeypatch.setattr(source, "_read_level", lambda *args: decoded.append(args) or read_level(*args))
+        for y0 in (0, 100):  # two rows of tiles, 128 high, overlapping by 28
+            for x0 in range(0, 400, 100):
+                np.testing.assert_array_equal(source.read(y0, y0 + 128, x0, min(400, x0 + 128)),
+                                              image[y0 : y0 + 128, x0 : x0 + 128])
+        assert [(args[2], args[4]) for args in decoded] == [(0, 128), (100, 128)]  # (first row, rows)
+        np.testing.assert_array_equal(source.read(290, 300, 0, 400), image[290:])  # a short last band
+        assert source.thumbnail(100).shape == (75, 100, 3)
+    # A tiled TIFF decodes its own tiles: no band.
+    tifffile.imwrite(tmp_path / "tiled.tif", image, photometric="rgb", tile=(64, 64))
+    with open_image(tmp_path / "tiled.tif") as tiled:
+        assert not tiled._stripped
+        np.testing.assert_array_equal(tiled.read(10, 90, 20, 300), image[10:90, 20:300])

@@ -201,8 +201,8 @@ def label_map_scratch_target(path: str, output_dir: str) -> str:
 
 def _stem_collisions(paths: Sequence[str]) -> Dict[str, List[str]]:
     by_stem: Dict[str, List[str]] = {}
-    for path in paths:
-        by_stem.setdefault(input_stem(path), []).append(path)
+    for path in paths:  # case-insensitive file systems give Slide1 and slide1 the same outputs
+        by_stem.setdefault(input_stem(path).casefold(), []).append(path)
     return {stem: group for stem, group in by_stem.items() if len(group) > 1}
 
 
@@ -413,7 +413,7 @@ def _warn_of_another_scale(source, training_mpp: float, tag: str) -> None:
 
 
 def _require_scratch_room(scratch_target: str, width: int, height: int) -> None:
-    """OSError naming the folder before predicting, when it cannot take the label map's scratch file
+    """NucleiDataError naming the folder before predicting, when it cannot take the label map's scratch file
     at its largest (4 bytes per pixel: a slide's map is uint32 past 65,535 detections): the space
     is reserved only once the slide is predicted, hours later."""
     folder = os.path.dirname(os.path.abspath(scratch_target))

@@ -302,6 +302,8 @@ class SlideSource(ImageSource):
 
     is_slide = True
     resampled = False
+    _stripped = False  # a single-level TIFF in strips: read through a band of rows
+    _band = None  # (first row, end row, pixels) of that band
 
     def __init__(self, path, level: Optional[int] = None, mpp: Optional[float] = None,
                  roi: Optional[Sequence[int]] = None, backend: str = "auto"):
@@ -321,6 +323,7 @@ class SlideSource(ImageSource):
     def _setup(self, level, mpp, roi):
         slide = self._slide
         if self.backend == "tiffslide":
+            self._stripped = slide.level_count == 1 and not slide.ts_tifffile.pages[0].is_tiled
             # tiffslide returns the stored samples: palette indices, CMYK inks or inverted grey
             # would pass as grey or RGB(A) with wrong colours.
             photometric = slide.ts_tifffile.pages[0].photometric
@@ -408,6 +411,28 @@ class SlideSource(ImageSource):
         return self._read_block(self.level, location, x1 - x0, y1 - y0)
 
     def _read_block(self, level: int, location: Tuple[int, int], width: int, height: int) -> np.ndarray:
+        if self._stripped and level == 0:
+            return self._read_through_band(location, width, height)
+        return self._read_checked(level, location, width, height)
+
+    def _read_through_band(self, location: Tuple[int, int], width: int, height: int) -> np.ndarray:
+        """A block of a single-level TIFF stored in strips, cut from a cached band of whole rows.
+
+        Strips span the image's width, and tiffslide keeps no decoded strip: each tile read on its
+        own would decode its rows across the whole width again (21x the decoding of one read for
+        a 16,384 px wide image in 512 px tiles). Tiles are read row by row, so one band of at
+        least :data:`_BAND_ROWS` rows serves a whole row of tiles.
+        """
+        x, y = location
+        if self._band is None or not (self._band[0] <= y and y + height <= self._band[1]):
+            full_w, full_h = self._slide.dimensions
+            y1 = min(full_h, y + max(height, _BAND_ROWS))
+            self._band = None  # the old band's memory goes before the new one is decoded
+            self._band = (y, y1, self._read_checked(0, (0, y), full_w, y1 - y))
+        band_y0, _, pixels = self._band
+        return pixels[y - band_y0 : y - band_y0 + height, x : x + width].copy()
+
+    def _read_checked(self, level: int, location: Tuple[int, int], width: int, height: int) -> np.ndarray:
         try:
             return self._read_level(level, *location, width, height)
         except NucleiDataError:
@@ -449,8 +474,8 @@ class SlideSource(ImageSource):
                 tx0, tx1 = round(bx * fx), round((bx + bw) * fx)
                 if ty1 <= ty0 or tx1 <= tx0:
                     continue
-                block = self._read_level(level, level0_position(src_x0 + bx, level_ds),
-                                         level0_position(src_y0 + by, level_ds), bw, bh)
+                block = self._read_block(level, (level0_position(src_x0 + bx, level_ds),
+                                                 level0_position(src_y0 + by, level_ds)), bw, bh)
                 thumb[ty0:ty1, tx0:tx1] = cv2.resize(block, (tx1 - tx0, ty1 - ty0),
                                                      interpolation=cv2.INTER_AREA)
         return thumb
@@ -517,6 +542,21 @@ _LARGE_TIFF_PIXELS = 8192 * 8192
 # ... when stored in tiles or in strips of at most this many bytes: each block read decodes the
 # strips it crosses, and a file of one huge strip would be decoded again for every tile.
 _MAX_STRIP_BYTES = 64 * 2**20
+# Rows decoded at once from such strips (a band of the full width: 300 MB at 100,000 px wide).
+_BAND_ROWS = 1024
+
+
+def _slide_reader_reads_as_stored(page) -> bool:
+    """Whether the slide reader gets a single-level TIFF page's colours right: interleaved grey
+    or RGB (YCbCr is decoded to RGB), alone or with straight alpha. Planar-separate samples
+    (tiffslide cannot read them), palettes, premultiplied or untagged extra channels (taken as
+    alpha: an untagged zero channel reads as a white image) are left to read_rgb_image."""
+    photometric_ok = page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB,
+                                          tifffile.PHOTOMETRIC.YCBCR)
+    samples_ok = page.samplesperpixel in (1, 3) or (
+        page.samplesperpixel in (2, 4) and tuple(page.extrasamples) == (tifffile.EXTRASAMPLE.UNASSALPHA,))
+    return photometric_ok and samples_ok and (page.samplesperpixel == 1
+                                              or page.planarconfig == tifffile.PLANARCONFIG.CONTIG)
 
 
 def is_slide_file(path: str) -> bool:
@@ -534,6 +574,8 @@ def is_slide_file(path: str) -> bool:
                 return True
             if page.dtype != np.uint8 or page.imagewidth * page.imagelength <= _LARGE_TIFF_PIXELS:
                 return False
+            if not _slide_reader_reads_as_stored(page):
+                return False  # read_rgb_image's conversions (planes, palette, extra channels) apply
             strip_bytes = page.rowsperstrip * page.imagewidth * page.samplesperpixel
             return bool(page.is_tiled or strip_bytes <= _MAX_STRIP_BYTES)
     except Exception:
