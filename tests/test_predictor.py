@@ -823,8 +823,8 @@ def test_tiles_of_a_tiff_in_strips_are_cut_from_one_decoded_band_per_row(tmp_pat
     tifffile.imwrite(path, image, photometric="rgb", compression="zlib", rowsperstrip=16)
     with open_image(path) as source:
         decoded = []
-        read_level = source._read_level
-        monkeypatch.setattr(source, "_read_level", lambda *args: decoded.append(args) or read_level(*args))
+        read_stored = source._read_stored
+        monkeypatch.setattr(source, "_read_stored", lambda *args: decoded.append(args) or read_stored(*args))
         for y0 in (0, 100):  # two rows of tiles, 128 high, overlapping by 28
             for x0 in range(0, 400, 100):
                 np.testing.assert_array_equal(source.read(y0, y0 + 128, x0, min(400, x0 + 128)),
@@ -837,3 +837,23 @@ def test_tiles_of_a_tiff_in_strips_are_cut_from_one_decoded_band_per_row(tmp_pat
     with open_image(tmp_path / "tiled.tif") as tiled:
         assert not tiled._stripped
         np.testing.assert_array_equal(tiled.read(10, 90, 20, 300), image[10:90, 20:300])
+
+
+@pytest.mark.parametrize("alpha", ["assocalpha", "unassalpha"])
+def test_a_large_tiff_with_alpha_reads_as_the_image_reader_reads_it(tmp_path, monkeypatch, alpha):
+    # Premultiplied (associated) alpha was composited as straight alpha on the slide path.
+    from nucseg_d2.predict import slides
+
+    monkeypatch.setattr(slides, "_LARGE_TIFF_PIXELS", 100 * 100)
+    rng = np.random.default_rng(2)
+    rgba = rng.integers(0, 256, (200, 300, 4), dtype=np.uint8)
+    rgba[..., 3] = rng.choice([0, 90, 255], (200, 300))
+    if alpha == "assocalpha":
+        rgba[..., :3] = (rgba[..., :3].astype(np.uint16) * rgba[..., 3:] // 255).astype(np.uint8)
+    for name, layout in (("strips.tif", {"rowsperstrip": 16}), ("tiles.tif", {"tile": (64, 64)})):
+        path = tmp_path / f"{alpha}_{name}"
+        tifffile.imwrite(path, rgba, photometric="rgb", extrasamples=[alpha], compression="zlib", **layout)
+        with open_image(path) as source:
+            assert isinstance(source, SlideSource), name
+            np.testing.assert_array_equal(source.read(0, 200, 0, 300), read_rgb_image(str(path)), err_msg=name)
+            np.testing.assert_array_equal(source.read(30, 90, 40, 250), read_rgb_image(str(path))[30:90, 40:250])

@@ -202,7 +202,7 @@ def label_map_scratch_target(path: str, output_dir: str) -> str:
 def _stem_collisions(paths: Sequence[str]) -> Dict[str, List[str]]:
     by_stem: Dict[str, List[str]] = {}
     for path in paths:  # case-insensitive file systems give Slide1 and slide1 the same outputs
-        by_stem.setdefault(input_stem(path).casefold(), []).append(path)
+        by_stem.setdefault(input_stem(path).lower(), []).append(path)
     return {stem: group for stem, group in by_stem.items() if len(group) > 1}
 
 

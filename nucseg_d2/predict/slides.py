@@ -4,9 +4,10 @@ Every source exposes the *analysed region* (one pyramid level, optionally croppe
 of interest) through ``read(y0, y1, x0, x1)`` in that region's pixel coordinates, plus the
 ``downsample``/``origin``/``mpp`` that map them back to full-resolution slide coordinates.
 
-Whole-slide formats (``.svs .ndpi .mrxs .scn .bif ...``), pyramidal ``.tif`` and large ``.tif``
-files in tiles or small strips are read through tiffslide (pure Python on tifffile) or, for formats tiffslide
-cannot read (``.mrxs``, ``.vms``, ...) or when asked, OpenSlide. Other files are decoded whole by
+Whole-slide formats (``.svs .ndpi .mrxs .scn .bif ...``), pyramidal ``.tif`` and large 8-bit
+``.tif`` files in tiles or small strips, of colours the slide reader reads as stored, are read
+through tiffslide (pure Python on tifffile) or, for formats tiffslide cannot read (``.mrxs``,
+``.vms``, ...) or when asked, OpenSlide. Other files are decoded whole by
 :func:`nucseg_d2.data.readers.read_rgb_image` (RGBA, greyscale and 16-bit conversions).
 """
 import math
@@ -303,7 +304,8 @@ class SlideSource(ImageSource):
     is_slide = True
     resampled = False
     _stripped = False  # a single-level TIFF in strips: read through a band of rows
-    _band = None  # (first row, end row, pixels) of that band
+    _band = None  # (first row, end row, stored samples) of that band
+    _premultiplied = False  # the TIFF's alpha is associated
 
     def __init__(self, path, level: Optional[int] = None, mpp: Optional[float] = None,
                  roi: Optional[Sequence[int]] = None, backend: str = "auto"):
@@ -323,7 +325,9 @@ class SlideSource(ImageSource):
     def _setup(self, level, mpp, roi):
         slide = self._slide
         if self.backend == "tiffslide":
-            self._stripped = slide.level_count == 1 and not slide.ts_tifffile.pages[0].is_tiled
+            first_page = slide.ts_tifffile.pages[0]
+            self._stripped = slide.level_count == 1 and not first_page.is_tiled
+            self._premultiplied = tuple(first_page.extrasamples or ())[-1:] == (tifffile.EXTRASAMPLE.ASSOCALPHA,)
             # tiffslide returns the stored samples: palette indices, CMYK inks or inverted grey
             # would pass as grey or RGB(A) with wrong colours.
             photometric = slide.ts_tifffile.pages[0].photometric
@@ -386,6 +390,15 @@ class SlideSource(ImageSource):
         self.width, self.height = _resampled_size(x0, y0, x1, y1, full_w, full_h, self.downsample)
 
     def _read_level(self, level: int, x0_level0: int, y0_level0: int, width: int, height: int):
+        return self._composite(self._read_stored(level, x0_level0, y0_level0, width, height))
+
+    def _composite(self, pixels: np.ndarray) -> np.ndarray:
+        # openslide-python un-premultiplies OpenSlide's ARGB; tiffslide returns a TIFF's alpha as
+        # stored, associated (premultiplied) or not.
+        return composite_on_white(pixels, premultiplied=self._premultiplied)
+
+    def _read_stored(self, level: int, x0_level0: int, y0_level0: int, width: int, height: int):
+        """(height, width, C) uint8 samples as stored, C = 1 to 4, before compositing."""
         if self.backend == "tiffslide":
             pixels = self._slide.read_region((x0_level0, y0_level0), level, (width, height), as_array=True)
         else:
@@ -397,9 +410,7 @@ class SlideSource(ImageSource):
         if pixels.ndim != 3 or pixels.shape[2] not in (1, 2, 3, 4):
             raise NucleiDataError(f"{self.path}: unsupported slide pixels of shape {pixels.shape} "
                                   "(expected grey, grey + alpha, RGB or RGBA)")
-        # Straight alpha: openslide-python un-premultiplies OpenSlide's ARGB, and tiffslide
-        # returns TIFFs' unassociated alpha as stored.
-        return composite_on_white(pixels)
+        return pixels
 
     def read(self, y0, y1, x0, x1):
         if not (0 <= y0 < y1 <= self.height and 0 <= x0 < x1 <= self.width):
@@ -424,16 +435,24 @@ class SlideSource(ImageSource):
         least :data:`_BAND_ROWS` rows serves a whole row of tiles.
         """
         x, y = location
-        if self._band is None or not (self._band[0] <= y and y + height <= self._band[1]):
-            full_w, full_h = self._slide.dimensions
+        full_w, full_h = self._slide.dimensions
+        if x < 0 or y < 0 or x + width > full_w or y + height > full_h:
+            return self._read_checked(0, location, width, height)  # the backend pads past the edge
+        band = self._band  # one snapshot: SlideSource is public, and may be read from two threads
+        if band is None or not (band[0] <= y and y + height <= band[1]):
             y1 = min(full_h, y + max(height, _BAND_ROWS))
-            self._band = None  # the old band's memory goes before the new one is decoded
-            self._band = (y, y1, self._read_checked(0, (0, y), full_w, y1 - y))
-        band_y0, _, pixels = self._band
-        return pixels[y - band_y0 : y - band_y0 + height, x : x + width].copy()
+            self._band = band = None  # the old band's memory goes before the new one is decoded
+            # The samples as stored: compositing a whole band would take ~40 bytes per pixel.
+            stored = self._read_checked(0, (0, y), full_w, y1 - y, composite=False)
+            self._band = band = (y, y1, stored)
+        band_y0, _, stored = band
+        return self._composite(stored[y - band_y0 : y - band_y0 + height, x : x + width].copy())
 
-    def _read_checked(self, level: int, location: Tuple[int, int], width: int, height: int) -> np.ndarray:
+    def _read_checked(self, level: int, location: Tuple[int, int], width: int, height: int,
+                      composite: bool = True) -> np.ndarray:
         try:
+            if not composite:
+                return self._read_stored(level, *location, width, height)
             return self._read_level(level, *location, width, height)
         except NucleiDataError:
             raise
@@ -481,6 +500,7 @@ class SlideSource(ImageSource):
         return thumb
 
     def close(self):
+        self._band = None
         self._slide.close()
 
 
@@ -548,20 +568,24 @@ _BAND_ROWS = 1024
 
 def _slide_reader_reads_as_stored(page) -> bool:
     """Whether the slide reader gets a single-level TIFF page's colours right: interleaved grey
-    or RGB (YCbCr is decoded to RGB), alone or with straight alpha. Planar-separate samples
-    (tiffslide cannot read them), palettes, premultiplied or untagged extra channels (taken as
-    alpha: an untagged zero channel reads as a white image) are left to read_rgb_image."""
-    photometric_ok = page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB,
-                                          tifffile.PHOTOMETRIC.YCBCR)
+    or RGB (JPEG-compressed YCbCr, which is decoded to RGB), alone or with alpha, straight or
+    premultiplied. Planar-separate samples (tiffslide cannot read them), palettes, other YCbCr
+    (returned as stored) and untagged extra channels (taken as alpha: an untagged zero channel
+    reads as a white image) are left to read_rgb_image."""
+    ycbcr_decoded = page.photometric == tifffile.PHOTOMETRIC.YCBCR and page.compression in (
+        tifffile.COMPRESSION.JPEG, tifffile.COMPRESSION.OJPEG)
+    photometric_ok = ycbcr_decoded or page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB)
+    alpha = (tifffile.EXTRASAMPLE.UNASSALPHA, tifffile.EXTRASAMPLE.ASSOCALPHA)
     samples_ok = page.samplesperpixel in (1, 3) or (
-        page.samplesperpixel in (2, 4) and tuple(page.extrasamples) == (tifffile.EXTRASAMPLE.UNASSALPHA,))
+        page.samplesperpixel in (2, 4) and len(page.extrasamples) == 1 and page.extrasamples[0] in alpha)
     return photometric_ok and samples_ok and (page.samplesperpixel == 1
                                               or page.planarconfig == tifffile.PLANARCONFIG.CONTIG)
 
 
 def is_slide_file(path: str) -> bool:
-    """Whole-slide formats, pyramidal TIFFs, and large 8-bit TIFFs in tiles or small strips (read
-    region by region)."""
+    """Whole-slide formats, pyramidal TIFFs, and large 8-bit TIFFs in tiles or small strips whose
+    colours the slide reader reads as stored (:func:`_slide_reader_reads_as_stored`): read
+    region by region."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix in SLIDE_SUFFIXES:
         return True
