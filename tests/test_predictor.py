@@ -857,3 +857,16 @@ def test_a_large_tiff_with_alpha_reads_as_the_image_reader_reads_it(tmp_path, mo
             assert isinstance(source, SlideSource), name
             np.testing.assert_array_equal(source.read(0, 200, 0, 300), read_rgb_image(str(path)), err_msg=name)
             np.testing.assert_array_equal(source.read(30, 90, 40, 250), read_rgb_image(str(path))[30:90, 40:250])
+
+
+def test_a_slide_without_tissue_found_is_warned_of(tmp_path, caplog):
+    # All glass, or a slide so pale that no tile passes the saturation threshold.
+    glass = np.full((512, 512, 3), 245, np.uint8)
+    path = str(tmp_path / "pale.tif")
+    write_pyramidal_tiff(path, lambda y0, y1, x0, x1: glass[y0:y1, x0:x1], 512, 512, num_levels=2)
+    predictor = NucleiPredictor(model=_RecordingBlankModel(), tile_size=256, overlap=32)
+    with open_image(path) as slide, caplog.at_level("WARNING", logger="nucseg_d2.predict.predictor"):
+        result = predictor.predict_source(slide)
+    assert result.num_nuclei == 0 and predictor.last_timing["tiles_run"] == 0
+    assert len(tile_grid(512, 512, 256, 32)) == 9  # 3 x 3: starts 0, 224, 256 on each axis
+    assert f"{path}: no tissue found in any of its 9 tiles, so no nuclei; a pale slide?" in caplog.text

@@ -265,7 +265,13 @@ class NucleiPredictor:
         timing = {"read": 0.0, "inference": 0.0, "stitch": 0.0, "paint": 0.0}
         tiles = tile_grid(height, width, self.tile_size, self.overlap)
         todo = [t for t in tiles if tissue_mask is None or tissue_mask.has_tissue(t)]
-        if len(todo) < len(tiles):
+        if not todo and tiles:
+            # A pale or faintly stained slide can fall under the saturation threshold whole: say so,
+            # rather than return 0 nuclei as if it held none.
+            logger.warning("%s: no tissue found in any of its %d tiles, so no nuclei; a pale slide? "
+                           "(--tissue-mask off, or tissue_mask=False, analyses every tile)",
+                           desc or "image", len(tiles))
+        elif len(todo) < len(tiles):
             logger.info("%s: %d of %d tiles hold no tissue and are skipped", desc or "image",
                         len(tiles) - len(todo), len(tiles))
         batches = [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
