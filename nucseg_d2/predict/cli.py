@@ -412,12 +412,16 @@ def _warn_of_another_scale(source, training_mpp: float, tag: str) -> None:
               f"--mpp {training_mpp:g} resamples to it", file=sys.stderr, flush=True)
 
 
+def _largest_label_map_bytes(width: int, height: int) -> int:
+    """A label map's size at its largest: a slide's map is uint32 past 65,535 detections."""
+    return width * height * 4
+
+
 def _require_scratch_room(scratch_target: str, width: int, height: int) -> None:
     """NucleiDataError naming the folder before predicting, when it cannot take the label map's scratch file
-    at its largest (4 bytes per pixel: a slide's map is uint32 past 65,535 detections): the space
-    is reserved only once the slide is predicted, hours later."""
+    at its largest: the space is reserved only once the slide is predicted, hours later."""
     folder = os.path.dirname(os.path.abspath(scratch_target))
-    need, free = width * height * 4, shutil.disk_usage(folder).free
+    need, free = _largest_label_map_bytes(width, height), shutil.disk_usage(folder).free
     if free < need:  # per process: --num-gpus ranks each check the same free space
         raise NucleiDataError(f"{folder}: no room for the {width}x{height} label map's scratch file "
                               f"({need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free); free some, or raise "
@@ -425,15 +429,14 @@ def _require_scratch_room(scratch_target: str, width: int, height: int) -> None:
 
 
 def _predict_and_write(predictor, source, paths: Dict[str, str], image_id: int, tissue,
-                       label_map_ram_gib: float, scratch_target: str,
-                       before_writing: Callable[[], None] = lambda: None) -> int:
+                       label_map_ram_gib: float, scratch_target: str, before_writing: Callable[[], None]) -> int:
     """Predict one opened input and write its outputs; returns its number of nuclei. A label map
     over ``label_map_ram_gib`` lives in a scratch file beside ``scratch_target`` until this returns.
     ``before_writing`` runs between the two (the outputs' record: a run killed while writing
     leaves outputs that say where they came from)."""
     with contextlib.ExitStack() as stack:
         label_map_file = None
-        if source.height * source.width * 4 > label_map_ram_gib * 2**30:
+        if _largest_label_map_bytes(source.width, source.height) > label_map_ram_gib * 2**30:
             _require_scratch_room(scratch_target, source.width, source.height)
             label_map_file = stack.enter_context(scratch_path(scratch_target))
         result = predictor.predict_source(source, tissue_mask=tissue, label_map_file=label_map_file)

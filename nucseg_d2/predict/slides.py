@@ -424,7 +424,7 @@ class SlideSource(ImageSource):
     def _read_block(self, level: int, location: Tuple[int, int], width: int, height: int) -> np.ndarray:
         if self._stripped and level == 0:
             return self._read_through_band(location, width, height)
-        return self._read_checked(level, location, width, height)
+        return self._read_checked(self._read_level, level, location, width, height)
 
     def _read_through_band(self, location: Tuple[int, int], width: int, height: int) -> np.ndarray:
         """A block of a single-level TIFF stored in strips, cut from a cached band of whole rows.
@@ -437,23 +437,22 @@ class SlideSource(ImageSource):
         x, y = location
         full_w, full_h = self._slide.dimensions
         if x < 0 or y < 0 or x + width > full_w or y + height > full_h:
-            return self._read_checked(0, location, width, height)  # the backend pads past the edge
+            return self._read_checked(self._read_level, 0, location, width, height)  # the backend pads past the edge
         band = self._band  # one snapshot: SlideSource is public, and may be read from two threads
         if band is None or not (band[0] <= y and y + height <= band[1]):
             y1 = min(full_h, y + max(height, _BAND_ROWS))
             self._band = band = None  # the old band's memory goes before the new one is decoded
             # The samples as stored: compositing a whole band would take ~40 bytes per pixel.
-            stored = self._read_checked(0, (0, y), full_w, y1 - y, composite=False)
+            stored = self._read_checked(self._read_stored, 0, (0, y), full_w, y1 - y)
             self._band = band = (y, y1, stored)
         band_y0, _, stored = band
         return self._composite(stored[y - band_y0 : y - band_y0 + height, x : x + width].copy())
 
-    def _read_checked(self, level: int, location: Tuple[int, int], width: int, height: int,
-                      composite: bool = True) -> np.ndarray:
+    def _read_checked(self, read: Callable[..., np.ndarray], level: int, location: Tuple[int, int],
+                      width: int, height: int) -> np.ndarray:
+        """``read(level, x, y, width, height)`` (composited or stored samples), its errors named."""
         try:
-            if not composite:
-                return self._read_stored(level, *location, width, height)
-            return self._read_level(level, *location, width, height)
+            return read(level, *location, width, height)
         except NucleiDataError:
             raise
         except Exception as err:  # a truncated or corrupt tile surfaces only when it is read
