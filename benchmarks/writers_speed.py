@@ -11,7 +11,9 @@ Printed per format: seconds, milliseconds per nucleus, and the ratio to writing 
 TIFF (the one output every run writes), measured in the same process. With --memory-mapped,
 each format is also written from a copy of the label map memory-mapped from a file (as
 ``nucseg-predict`` holds maps over --label-map-ram-gib), and the ratio to the in-memory map is
-printed; the copy's pages are in the page cache, as right after painting.
+printed; the copy's pages are in the page cache, as right after painting. A map over 2048 px a
+side is written as a tiled TIFF with a pyramid of reduced levels; then the label TIFF without
+the pyramid is timed too, and the pyramid's cost printed as a ratio.
 """
 import argparse
 import os
@@ -30,6 +32,7 @@ from nucseg_d2.predict.cli import FORMATS, write_outputs  # noqa: E402
 from nucseg_d2.predict.result import PredictionResult  # noqa: E402
 from nucseg_d2.predict.slides import ArraySource  # noqa: E402
 from nucseg_d2.predict.tiling import open_label_map_file  # noqa: E402
+from nucseg_d2.predict.writers import write_label_tiff  # noqa: E402
 from timing import best_times_interleaved, run_stamp  # noqa: E402  (benchmarks/timing.py)
 
 TILE = 256
@@ -86,6 +89,11 @@ def main():
 
         runs = [(name, kind) for name in formats for kind in results]
         writers = [writer(name, kind) for name, kind in runs]
+        with_pyramid = args.size > 2048  # the writer tiles (and adds levels to) larger maps
+        if with_pyramid:
+            runs.append(("labels without pyramid", "memory"))
+            flat_path = os.path.join(scratch, "synthetic_flat.tif")
+            writers.append(lambda: write_label_tiff(flat_path, result.label_map, pyramid=False))
         for write in writers:  # warm-up: imports, first-call caches
             write()
         # The formats take turns within each repeat; each keeps its fastest run.
@@ -105,6 +113,10 @@ def main():
                         if args.memory_mapped else "")
         print(f"{name:>9} {in_memory:8.3f} {1000 * in_memory / result.num_nuclei:11.3f} "
               f"{in_memory / seconds['labels', 'memory']:14.1f}{mapped_cells}")
+    if with_pyramid:
+        flat = seconds["labels without pyramid", "memory"]
+        print(f"label TIFF: {seconds['labels', 'memory']:.3f} s with its pyramid, {flat:.3f} s without "
+              f"({seconds['labels', 'memory'] / flat:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import tifffile
+import tiffslide
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -110,6 +111,37 @@ def test_large_label_tiff_is_tiled(tmp_path):
         np.testing.assert_array_equal(tif.pages[0].asarray(), labels)
 
 
+def test_large_label_tiff_has_a_pyramid_that_slide_readers_open(tmp_path):
+    """Reduced levels halve down to 1024 px a side (3000 -> 1500 -> 750); each is every 2nd / 4th
+    pixel of the map, ids unblended, at its own µm per pixel; plain readers still get the map."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 70000, size=(3000, 2500)).astype(np.uint32)  # uint32: past 65,535 ids
+    write_label_tiff(tmp_path / "slide_labels.tif", labels, mpp=0.25, origin=(100, 200))
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "slide_labels.tif"), labels)
+    with tifffile.TiffFile(tmp_path / "slide_labels.tif") as tif:
+        levels = tif.series[0].levels
+        assert [level.shape for level in levels] == [(3000, 2500), (1500, 1250), (750, 625)]
+        for level, factor in zip(levels[1:], (2, 4)):
+            np.testing.assert_array_equal(level.asarray(), labels[::factor, ::factor])
+            page = level.pages[0]
+            assert page.is_tiled and page.subfiletype == 1 and page.dtype == np.uint32
+            assert page.get_resolution(tifffile.RESUNIT.CENTIMETER) == pytest.approx((1e4 / (0.25 * factor),) * 2)
+        assert json.loads(tif.pages[0].description)["nucseg_d2"]["origin_level0"] == [100, 200]
+    slide = tiffslide.TiffSlide(str(tmp_path / "slide_labels.tif"))
+    try:
+        assert slide.level_dimensions == ((2500, 3000), (1250, 1500), (625, 750))
+    finally:
+        slide.close()
+
+
+def test_small_label_tiff_or_pyramid_false_has_no_pyramid(tmp_path):
+    write_label_tiff(tmp_path / "tile_labels.tif", np.ones((2048, 2048), np.uint16))
+    write_label_tiff(tmp_path / "flat_labels.tif", np.ones((2049, 2049), np.uint16), pyramid=False)
+    for name, tiled in (("tile_labels.tif", False), ("flat_labels.tif", True)):
+        with tifffile.TiffFile(tmp_path / name) as tif:
+            assert len(tif.pages) == 1 and len(tif.series[0].levels) == 1 and tif.pages[0].is_tiled == tiled
+
+
 def test_writers_never_copy_a_memory_mapped_slide_label_map(tmp_path, synthetic_tile):
     """A whole slide's label map, memory-mapped from disk because it may exceed the RAM, is
     written in tiles, nuclei and blocks: no writer's Python-side peak reaches a quarter of it.
@@ -203,12 +235,13 @@ def test_failed_write_keeps_the_previous_file_and_no_temp(tmp_path, monkeypatch)
     write_label_tiff(path, np.ones((8, 8), np.uint16))
     before = path.read_bytes()
 
-    def write_half_then_fail(file, data, **kwargs):
-        with open(file, "wb") as stream:
-            stream.write(b"II*\0half")
+    write_page = writers.tifffile.TiffWriter.write
+
+    def write_then_fail(self, *args, **kwargs):  # the page reaches the file, then the disk fills up
+        write_page(self, *args, **kwargs)
         raise OSError("disk full")
 
-    monkeypatch.setattr(writers.tifffile, "imwrite", write_half_then_fail)
+    monkeypatch.setattr(writers.tifffile.TiffWriter, "write", write_then_fail)
     with pytest.raises(OSError, match="labels.tif.*disk full"):
         write_label_tiff(path, np.full((8, 8), 2, np.uint16))
     assert path.read_bytes() == before

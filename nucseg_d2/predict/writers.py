@@ -61,6 +61,9 @@ COCO_MAX_PIXELS = 2**32  # COCO RLE run lengths are 32-bit
 # them lazily); smaller ones as strips, which every TIFF reader, ImageJ's own included, opens.
 _TILED_TIFF_MIN_SIDE = 2048
 _TIFF_TILE = (256, 256)
+# A tiled map also gets reduced levels, each half the last, down to this larger side: a viewer then
+# draws a whole slide's overview from a small level instead of reading every full-size tile.
+_PYRAMID_TOP_SIDE = 1024
 # Fixed namespace so a nucleus gets the same UUID each time the same input is predicted.
 _GEOJSON_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/nucseg-d2/geojson")
 
@@ -95,10 +98,15 @@ def _level0(values: np.ndarray, downsample: float, offset: float) -> np.ndarray:
 
 
 def write_label_tiff(path, label_map, mpp: Optional[float] = None, origin: Tuple[int, int] = (0, 0),
-                     downsample: float = 1.0) -> None:
+                     downsample: float = 1.0, pyramid: bool = True) -> None:
     """Instance label map as a zlib-compressed TIFF: uint16, or uint32 past 65,535 ids.
 
-    Large maps are tiled (256x256); BigTIFF is used past ~4 GiB. napari opens it (as an image;
+    Large maps are tiled (256x256), with a pyramid of reduced-resolution pages after the full
+    one (every 2nd, 4th, ... pixel of each axis, down to 1024 px a side; ids are never blended),
+    as in a whole-slide TIFF: tiffslide / OpenSlide read them as levels, ``tifffile`` as
+    ``series[0].levels``, and plain readers (``tifffile.imread``) get the full map as before;
+    ``pyramid=False`` leaves them out.
+    BigTIFF is used past ~4 GiB. napari opens it (as an image;
     "Convert to labels", or ``napari.Viewer().add_labels(tifffile.imread(path))``), Fiji too
     (uint32 maps through Bio-Formats, since ImageJ has no 32-bit integer type). Where the map
     lies on the slide is recorded, so it can be laid over the slide and measured: ``mpp`` (µm per
@@ -125,22 +133,33 @@ def write_label_tiff(path, label_map, mpp: Optional[float] = None, origin: Tuple
         data, layout = _tiles(label_map, dtype), {"shape": label_map.shape, "dtype": dtype, "maxworkers": 1}
     else:
         data, layout = label_map.astype(dtype, copy=False), {}
+    factors = _pyramid_factors(label_map.shape) if tiled and pyramid else []
     placement = {"origin_level0": [int(origin[0]), int(origin[1])], "downsample": float(downsample),
                  "mpp": None if mpp is None else float(mpp)}
-    resolution = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
-    with atomic_path(path) as temp_path:
-        tifffile.imwrite(
-            temp_path,
-            data,
-            photometric="minisblack",
-            compression="zlib",
-            tile=_TIFF_TILE if tiled else None,
-            bigtiff=label_map.size * dtype.itemsize > 2**32 - 2**25,
-            **layout,
-            metadata=None,
-            description=json.dumps({"nucseg_d2": placement}),
-            **resolution,
-        )
+    page = {"photometric": "minisblack", "compression": "zlib", "tile": _TIFF_TILE if tiled else None,
+            "metadata": None}
+    # The reduced levels add at most a third to the full map's bytes.
+    bigtiff = label_map.size * dtype.itemsize * (4 / 3 if factors else 1) > 2**32 - 2**25
+    with atomic_path(path) as temp_path, tifffile.TiffWriter(temp_path, bigtiff=bigtiff) as tiff:
+        tiff.write(data, **layout, **page, description=json.dumps({"nucseg_d2": placement}),
+                   **_tiff_resolution(mpp))
+        for factor in factors:
+            level = label_map[::factor, ::factor]  # a view: a memory-mapped map is read tile by tile
+            tiff.write(_tiles(level, dtype), shape=level.shape, dtype=dtype, maxworkers=1, subfiletype=1, **page,
+                       **_tiff_resolution(None if mpp is None else mpp * factor))
+
+
+def _pyramid_factors(shape: Tuple[int, int]) -> List[int]:
+    """Downsampling factors 2, 4, ... of the reduced levels, the last one's larger side at most
+    :data:`_PYRAMID_TOP_SIDE`."""
+    factors, side = [], max(shape)
+    while -(-side // (factors[-1] if factors else 1)) > _PYRAMID_TOP_SIDE:
+        factors.append(2 * factors[-1] if factors else 2)
+    return factors
+
+
+def _tiff_resolution(mpp: Optional[float]) -> dict:
+    return {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
 
 
 def _tiles(label_map: np.ndarray, dtype: np.dtype) -> Iterator[np.ndarray]:
