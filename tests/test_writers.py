@@ -6,9 +6,11 @@ import os
 import tracemalloc
 import uuid
 
+import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
+import skimage.io
 import tifffile
 import tiffslide
 from PIL import Image
@@ -17,6 +19,7 @@ from pycocotools.cocoeval import COCOeval
 from scipy import ndimage
 from skimage.color import rgb2hed
 
+from nucseg_d2.data.readers import read_label_map
 from nucseg_d2.data.synthetic import generate_tile
 from nucseg_d2.predict import writers
 from nucseg_d2.predict.result import PredictionResult
@@ -117,7 +120,9 @@ def test_large_label_tiff_has_a_pyramid_that_slide_readers_open(tmp_path):
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 70000, size=(3000, 2500)).astype(np.uint32)  # uint32: past 65,535 ids
     write_label_tiff(tmp_path / "slide_labels.tif", labels, mpp=0.25, origin=(100, 200))
-    np.testing.assert_array_equal(tifffile.imread(tmp_path / "slide_labels.tif"), labels)
+    for read in (tifffile.imread, read_label_map, lambda p: cv2.imread(str(p), cv2.IMREAD_UNCHANGED),
+                 skimage.io.imread):  # readers of one image still get the full map alone
+        np.testing.assert_array_equal(read(tmp_path / "slide_labels.tif"), labels)
     with tifffile.TiffFile(tmp_path / "slide_labels.tif") as tif:
         levels = tif.series[0].levels
         assert [level.shape for level in levels] == [(3000, 2500), (1500, 1250), (750, 625)]
@@ -132,14 +137,42 @@ def test_large_label_tiff_has_a_pyramid_that_slide_readers_open(tmp_path):
         assert slide.level_dimensions == ((2500, 3000), (1250, 1500), (625, 750))
     finally:
         slide.close()
+    openslide = pytest.importorskip("openslide")
+    with openslide.OpenSlide(str(tmp_path / "slide_labels.tif")) as slide:
+        assert slide.level_dimensions == ((2500, 3000), (1250, 1500), (625, 750))
 
 
-def test_small_label_tiff_or_pyramid_false_has_no_pyramid(tmp_path):
+def test_label_tiff_levels_are_narrowed_like_the_full_map(tmp_path):
+    labels = np.zeros((2049, 2100), np.uint32)  # the store's dtype past 65,535 detections, fewer painted
+    labels[1000:1010, 2000:2010] = 65535
+    write_label_tiff(tmp_path / "labels.tif", labels)
+    with tifffile.TiffFile(tmp_path / "labels.tif") as tif:
+        levels = tif.series[0].levels
+        assert [level.dtype for level in levels] == [np.uint16] * 3
+        np.testing.assert_array_equal(levels[2].asarray(), labels[::4, ::4])
+
+
+def test_a_thin_label_tiff_keeps_one_pyramid(tmp_path):
+    """Halving stops at the shorter side, so every level is smaller than the last on both axes."""
+    for shape, level_shapes in (((3, 5000), [(3, 5000), (2, 2500)]), ((1, 5000), [(1, 5000)])):
+        write_label_tiff(tmp_path / "thin.tif", np.ones(shape, np.uint16))
+        with tifffile.TiffFile(tmp_path / "thin.tif") as tif:
+            assert len(tif.series) == 1 and [level.shape for level in tif.series[0].levels] == level_shapes
+
+
+def test_only_a_tiled_label_tiff_has_a_pyramid_unless_asked_not_to(tmp_path):
     write_label_tiff(tmp_path / "tile_labels.tif", np.ones((2048, 2048), np.uint16))
+    write_label_tiff(tmp_path / "tiled_labels.tif", np.ones((2049, 2049), np.uint16))
     write_label_tiff(tmp_path / "flat_labels.tif", np.ones((2049, 2049), np.uint16), pyramid=False)
-    for name, tiled in (("tile_labels.tif", False), ("flat_labels.tif", True)):
+    for name, tiled, num_pages in (("tile_labels.tif", False, 1), ("tiled_labels.tif", True, 3),
+                                   ("flat_labels.tif", True, 1)):
         with tifffile.TiffFile(tmp_path / name) as tif:
-            assert len(tif.pages) == 1 and len(tif.series[0].levels) == 1 and tif.pages[0].is_tiled == tiled
+            assert len(tif.pages) == len(tif.series[0].levels) == num_pages and tif.pages[0].is_tiled == tiled
+
+
+def test_an_empty_label_map_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="empty.tif.*non-empty"):
+        write_label_tiff(tmp_path / "empty.tif", np.zeros((0, 3000), np.uint16))
 
 
 def test_writers_never_copy_a_memory_mapped_slide_label_map(tmp_path, synthetic_tile):
@@ -176,6 +209,8 @@ def test_writers_never_copy_a_memory_mapped_slide_label_map(tmp_path, synthetic_
         finally:
             tracemalloc.stop()
     assert max(peaks.values()) < label_map.nbytes / 4, peaks
+    # Below a copy of the first reduced level (a quarter of the map, uint16: an eighth of its bytes).
+    assert peaks["labels"] < label_map.nbytes / 16, peaks
     written = tifffile.imread(tmp_path / "slide_labels.tif")
     assert written.dtype == np.uint16
     np.testing.assert_array_equal(written, label_map)
@@ -236,14 +271,17 @@ def test_failed_write_keeps_the_previous_file_and_no_temp(tmp_path, monkeypatch)
     before = path.read_bytes()
 
     write_page = writers.tifffile.TiffWriter.write
+    pages = []
 
-    def write_then_fail(self, *args, **kwargs):  # the page reaches the file, then the disk fills up
-        write_page(self, *args, **kwargs)
-        raise OSError("disk full")
+    def fail_on_the_first_reduced_level(self, *args, **kwargs):  # the full page is in the file by then
+        if pages:
+            raise OSError("disk full")
+        pages.append(write_page(self, *args, **kwargs))
 
-    monkeypatch.setattr(writers.tifffile.TiffWriter, "write", write_then_fail)
+    monkeypatch.setattr(writers.tifffile.TiffWriter, "write", fail_on_the_first_reduced_level)
     with pytest.raises(OSError, match="labels.tif.*disk full"):
-        write_label_tiff(path, np.full((8, 8), 2, np.uint16))
+        write_label_tiff(path, np.full((2100, 2100), 2, np.uint16))
+    assert len(pages) == 1
     assert path.read_bytes() == before
     assert _leftover_temp_files(tmp_path) == []
 

@@ -106,7 +106,7 @@ def write_label_tiff(path, label_map, mpp: Optional[float] = None, origin: Tuple
     as in a whole-slide TIFF: tiffslide / OpenSlide read them as levels, ``tifffile`` as
     ``series[0].levels``, and plain readers (``tifffile.imread``) get the full map as before;
     ``pyramid=False`` leaves them out.
-    BigTIFF is used past ~4 GiB. napari opens it (as an image;
+    BigTIFF is used past ~4 GiB (~3 GiB for the full map with its levels). napari opens it (as an image;
     "Convert to labels", or ``napari.Viewer().add_labels(tifffile.imread(path))``), Fiji too
     (uint32 maps through Bio-Formats, since ImageJ has no 32-bit integer type). Where the map
     lies on the slide is recorded, so it can be laid over the slide and measured: ``mpp`` (µm per
@@ -115,12 +115,12 @@ def write_label_tiff(path, label_map, mpp: Optional[float] = None, origin: Tuple
     (level-0 pixel = origin + map pixel * downsample, as the GeoJSON's coordinates).
     """
     label_map = np.asarray(label_map)
-    if label_map.ndim != 2 or not np.issubdtype(label_map.dtype, np.integer):
-        raise ValueError(f"{path}: a label map must be a 2-D integer array, got "
+    if label_map.ndim != 2 or not np.issubdtype(label_map.dtype, np.integer) or not label_map.size:
+        raise ValueError(f"{path}: a label map must be a non-empty 2-D integer array, got "
                          f"{label_map.dtype} {label_map.shape}")
-    max_id = int(label_map.max()) if label_map.size else 0
+    max_id = int(label_map.max())
     # min() only for signed types: each pass over a slide's map on disk is a full read.
-    negative = label_map.dtype.kind == "i" and label_map.size and label_map.min() < 0
+    negative = label_map.dtype.kind == "i" and label_map.min() < 0
     if negative or max_id > np.iinfo(np.uint32).max:
         raise ValueError(f"{path}: label ids must lie in 0..{np.iinfo(np.uint32).max}")
     if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
@@ -151,10 +151,14 @@ def write_label_tiff(path, label_map, mpp: Optional[float] = None, origin: Tuple
 
 def _pyramid_factors(shape: Tuple[int, int]) -> List[int]:
     """Downsampling factors 2, 4, ... of the reduced levels, the last one's larger side at most
-    :data:`_PYRAMID_TOP_SIDE`."""
+    :data:`_PYRAMID_TOP_SIDE`; a factor past the shorter side would repeat its last level's
+    height (or width) of 1, which readers take for another image rather than a level."""
     factors, side = [], max(shape)
     while -(-side // (factors[-1] if factors else 1)) > _PYRAMID_TOP_SIDE:
-        factors.append(2 * factors[-1] if factors else 2)
+        factor = 2 * factors[-1] if factors else 2
+        if factor > min(shape):
+            break
+        factors.append(factor)
     return factors
 
 
