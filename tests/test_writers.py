@@ -636,8 +636,24 @@ def test_nucleus_table_parquet_matches_csv(tmp_path, synthetic_tile):
     table = pq.read_table(tmp_path / "nuclei.parquet").to_pydict()
     rows = _read_csv(tmp_path / "nuclei.csv")
     assert list(table) == list(rows[0])
+    assert "image" not in table  # named only when the caller gives the name
     assert table["id"] == [int(r["id"]) for r in rows]
     np.testing.assert_allclose(table["mean_haematoxylin"], [float(r["mean_haematoxylin"]) for r in rows])
+
+
+def test_nucleus_table_names_its_image_on_every_row(tmp_path, synthetic_tile):
+    pq = pytest.importorskip("pyarrow.parquet")
+    image, labels = synthetic_tile
+    read_rgb = lambda y0, y1, x0, x1: image[y0:y1, x0:x1]  # noqa: E731
+    for suffix in ("csv", "parquet"):
+        write_nucleus_table(tmp_path / f"plain.{suffix}", _result(labels), read_rgb)
+        write_nucleus_table(tmp_path / f"named.{suffix}", _result(labels), read_rgb, image="slide 1, ö.svs")
+    named, plain = _read_csv(tmp_path / "named.csv"), _read_csv(tmp_path / "plain.csv")
+    assert list(named[0]) == ["image"] + list(plain[0])  # first, as in QuPath's measurement exports
+    assert [row.pop("image") for row in named] == ["slide 1, ö.svs"] * len(plain) and named == plain
+    table = pq.read_table(tmp_path / "named.parquet")
+    assert table.column_names == ["image"] + pq.read_table(tmp_path / "plain.parquet").column_names
+    assert table.column("image").to_pylist() == ["slide 1, ö.svs"] * len(plain)
 
 
 def test_read_rgb_of_the_wrong_size_is_reported(tmp_path):

@@ -261,7 +261,7 @@ def _write_output(name: str, path: str, result, source, image_id: int) -> None:
     elif name == "coco":
         writers.write_coco_json(path, result, image_id=image_id, file_name=source.path)
     elif name in ("csv", "parquet"):
-        writers.write_nucleus_table(path, result, source.read)
+        writers.write_nucleus_table(path, result, source.read, image=os.path.basename(source.path))
     elif name == "overlay":
         writers.write_overlay_png(path, result, source.thumbnail(OVERLAY_MAX_SIDE))
 

@@ -14,6 +14,7 @@ origin (x0, y0). Scaling edges (not centres) keeps outlines and centroids aligne
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import uuid
@@ -482,10 +483,12 @@ def nucleus_table(result: PredictionResult, read_rgb: Callable, block_size: int 
 
 
 def write_nucleus_table(path, result: PredictionResult, read_rgb: Callable,
-                        block_size: int = 2048) -> int:
+                        block_size: int = 2048, image: Optional[str] = None) -> int:
     """Per-nucleus morphology and stain table, CSV (or Parquet for a ``.parquet`` path).
 
-    Columns: ``id``; ``centroid_x``, ``centroid_y`` (level-0 coordinates, as the GeoJSON);
+    Columns: ``image`` (the given ``image``, e.g. the source file's name, on every row, so that
+    tables of several slides can be concatenated, as QuPath's measurement exports; only when
+    given); ``id``; ``centroid_x``, ``centroid_y`` (level-0 coordinates, as the GeoJSON);
     ``area_px``, ``perimeter_px``, ``eccentricity``, ``solidity``, ``major_axis_px``,
     ``minor_axis_px`` (skimage regionprops at the analysed level), plus ``area_um2``,
     ``perimeter_um``, ``major_axis_um``, ``minor_axis_um`` when ``result.mpp`` is known;
@@ -506,13 +509,18 @@ def write_nucleus_table(path, result: PredictionResult, read_rgb: Callable,
     num_rows = len(columns["id"])
     with atomic_path(path) as temp_path:
         if parquet:
-            pyarrow.parquet.write_table(pyarrow.table(columns), temp_path)
+            table = pyarrow.table(columns)
+            if image is not None:  # dictionary-encoded: 4 bytes per row, not a copy of the name
+                names = pyarrow.DictionaryArray.from_arrays(np.zeros(num_rows, np.int32), [image])
+                table = table.add_column(0, "image", names)
+            pyarrow.parquet.write_table(table, temp_path)
         else:
             with open(temp_path, "w", newline="", encoding="utf-8") as stream:
                 writer = csv.writer(stream)
-                writer.writerow(list(columns))
+                image_column = [] if image is None else [itertools.repeat(image, num_rows)]
+                writer.writerow((["image"] if image is not None else []) + list(columns))
                 # tolist() gives Python ints/floats, whose str() is the shortest exact repr.
-                writer.writerows(zip(*(values.tolist() for values in columns.values())))
+                writer.writerows(zip(*image_column, *(values.tolist() for values in columns.values())))
     return num_rows
 
 
