@@ -287,7 +287,8 @@ def _distributed_evaluation(dataset_dir, dataset_name, output_dir, results_path)
     register_nuclei_folder(dataset_name, os.path.join(dataset_dir, "images"), os.path.join(dataset_dir, "labels"))
     rank, world_size = comm.get_rank(), comm.get_world_size()
     image_ids = IMAGE_IDS[rank::world_size]
-    results = run_evaluator(NucleiEvaluator(dataset_name, output_dir=output_dir), image_ids=image_ids)
+    results = run_evaluator(NucleiEvaluator(dataset_name, output_dir=output_dir, save_label_maps=True),
+                            image_ids=image_ids)
     with open(f"{results_path}.rank{rank}", "w") as f:
         json.dump({"world_size": world_size, "image_ids": image_ids, "results": results}, f)
     leave_distributed_worker()
@@ -318,6 +319,8 @@ def test_distributed_evaluation_gathers_to_the_main_process(tiny_dataset, tmp_pa
     distributed_summary = read_strict_json(os.path.join(distributed_dir, "metrics.json"))
     single_summary.pop("dataset"), distributed_summary.pop("dataset")
     assert distributed_summary == single_summary
+    # The main process knows the other rank's maps as this evaluation's: none is taken for an earlier one.
+    assert sorted(os.listdir(os.path.join(distributed_dir, "label_maps"))) == [f"{i}.png" for i in IMAGE_IDS]
 
 
 # ---------------------------------------------------------------------------------- COCO AP
@@ -351,12 +354,30 @@ def test_coco_evaluator_runs_beside_the_nuclei_evaluator(tiny_dataset, tmp_path)
     assert "segm" not in compact and "bbox" in compact
 
 
+def test_label_maps_an_earlier_evaluation_left_are_removed(tiny_dataset, tmp_path):
+    """A re-evaluation into the same folder leaves only its own maps: an image no longer scored
+    (here one image's map from before) and a map now written in the other format go; other
+    files stay; an evaluation that scored nothing removes nothing."""
+    output_dir = tmp_path / "out"
+    maps = output_dir / "label_maps"
+    maps.mkdir(parents=True)
+    for name in ("dropped_image.png", IMAGE_IDS[0] + ".tif", "notes.txt"):
+        (maps / name).write_bytes(b"earlier")
+    empty = NucleiEvaluator(tiny_dataset, output_dir=str(output_dir), save_label_maps=True)
+    empty.reset()
+    assert empty.evaluate() == {}
+    assert len(os.listdir(maps)) == 3
+    run_evaluator(NucleiEvaluator(tiny_dataset, output_dir=str(output_dir), save_label_maps=True))
+    assert sorted(os.listdir(maps)) == sorted([f"{image_id}.png" for image_id in IMAGE_IDS] + ["notes.txt"])
+
+
 def test_label_maps_past_uint16_are_written_as_tiff(tmp_path):
     """PNG holds no 32-bit ids: a map with ids past 65,535 goes to TIFF, not a crash."""
     import tifffile
 
     evaluator = NucleiEvaluator.__new__(NucleiEvaluator)  # only the writer is under test
     evaluator.output_dir = str(tmp_path)
+    evaluator._written_label_maps = []
     small = np.array([[0, 1], [2, 65535]], dtype=np.int32)
     large = np.array([[0, 1], [2, 70000]], dtype=np.int32)
     evaluator._write_label_map("small", small)

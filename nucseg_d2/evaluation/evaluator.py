@@ -26,7 +26,10 @@ class NucleiEvaluator(DatasetEvaluator):
     threshold, descending-score painting, overlap rule) and scored with
     ``nucseg_d2.evaluation.metrics``. Works under distributed evaluation: per-image rows are
     gathered to the main process, which writes ``metrics.json`` (mean, std, per group) and
-    ``per_image.csv`` to ``output_dir`` and returns ``{"nuclei": {metric: mean}}``.
+    ``per_image.csv`` to ``output_dir`` and returns ``{"nuclei": {metric: mean}}``. With
+    ``save_label_maps``, ``label_maps/`` then holds this evaluation's maps only: those an earlier
+    evaluation into the same folder left (an image since dropped, or a ``.png`` now a ``.tif``)
+    are removed, so that re-scoring the folder scores what the report does.
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class NucleiEvaluator(DatasetEvaluator):
         self.save_label_maps = save_label_maps
         self._records = {r["image_id"]: r for r in DatasetCatalog.get(dataset_name)}
         self._scores = []
+        self._written_label_maps = []
 
     @classmethod
     def from_cfg(cls, cfg, dataset_name: str, output_dir: Optional[str] = None, **kwargs):
@@ -65,6 +69,7 @@ class NucleiEvaluator(DatasetEvaluator):
 
     def reset(self):
         self._scores = []
+        self._written_label_maps = []
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
@@ -85,19 +90,33 @@ class NucleiEvaluator(DatasetEvaluator):
     def _write_label_map(self, image_id, label_map):
         """``label_maps/<image id>.png`` (uint16), or ``.tif`` past 65,535 ids."""
         stem = os.path.join(self.output_dir, "label_maps", os.path.basename(str(image_id)))
-        write_label_map_image(stem, label_map)
+        self._written_label_maps.append(os.path.basename(write_label_map_image(stem, label_map)))
+
+    def _remove_earlier_label_maps(self, written):
+        folder = os.path.join(self.output_dir, "label_maps")
+        earlier = [name for name in sorted(os.listdir(folder)) if name.lower().endswith((".png", ".tif"))
+                   and name not in written] if os.path.isdir(folder) else []
+        for name in earlier:
+            os.remove(os.path.join(folder, name))
+        if earlier:
+            logger.info(f"NucleiEvaluator on {self.dataset_name}: removed {len(earlier)} label map(s) an earlier "
+                        f"evaluation left in {folder} (e.g. {earlier[0]})")
 
     def evaluate(self):
-        scores = self._scores
+        scores, written = self._scores, self._written_label_maps
         if comm.get_world_size() > 1:
             comm.synchronize()
             # Each rank scored its share of the images; the main process reports on all of them.
-            scores = [score for part in comm.gather(scores, dst=0) for score in part]
+            gathered = comm.gather((scores, written), dst=0)
             if not comm.is_main_process():
                 return {}
+            scores = [score for part, _ in gathered for score in part]
+            written = [name for _, names in gathered for name in names]
         if not scores:
             logger.warning(f"NucleiEvaluator on {self.dataset_name}: no predictions to score")
             return {}
+        if self.save_label_maps and self.output_dir:
+            self._remove_earlier_label_maps(set(written))
         metric_names = metric_keys(self.metrics)
         group_key = next((key for key in GROUP_FIELDS if key in scores[0].row), None)
         rows, summary = summarize_scores(scores, metric_names, group_key=group_key)
