@@ -65,6 +65,7 @@ cp "$SRC/$training_metrics" "$PARTIAL/training_metrics.json"
 gzip -9 -n -c "$SRC/$log" > "$PARTIAL/log.txt.gz"
 cp "$SRC/config.yaml" "$PARTIAL/config.yaml"
 find "$PARTIAL" -name '*.pth' -delete
+find "$PARTIAL" -name label_maps.json -delete  # the evaluator's note of the maps it wrote, for its next run
 # Kumar's validation label maps stay behind (metrics and per-image CSV are kept): a Kumar device
 # command carries the tree beside 44.5 MiB of data, 64 MiB at most (docs/REPRODUCING.md).
 rm -rf "$PARTIAL/kumar_val/label_maps"

@@ -34,6 +34,7 @@ DEST=$RESULTS_DIR/${RUN}_pp
 rm -rf "$DEST.partial"; mkdir -p "$DEST.partial"
 cp -r "$EVAL/inference/$VAL" "$EVAL/inference/$TEST" "$DEST.partial/"
 rm -rf "$DEST.partial/kumar_val/label_maps"  # as collect_results.sh: room in a Kumar device carry
+find "$DEST.partial" -name label_maps.json -delete  # as collect_results.sh
 cp "$EVAL/config.yaml" "$DEST.partial/config.yaml"
 gzip -9 -n -c "$EVAL/log.txt" > "$DEST.partial/eval_log.txt.gz"  # compressed, as collect_results.sh keeps logs
 cp "$SWEEP/best.json" "$DEST.partial/postprocess_sweep.json"

@@ -28,6 +28,7 @@ def _inference_tree(root: Path):
     (folder / "label_maps").mkdir(parents=True)
     (folder / "per_image.csv").write_text("image_id,aji\na,0.5\nb,0.7\n")
     (folder / "label_maps" / "a.png").write_bytes(b"png")
+    (folder / "label_maps.json").write_text('{"label_maps": {"tnbc_test": ["a.png"]}}')  # the evaluator's own note
 
 
 def _collect(src: Path, results: Path):
@@ -92,6 +93,7 @@ def test_train_net_output_dir_without_checkpoints(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "log.txt.gz", "tnbc_test", "training_metrics.json"]
     assert gzip.decompress((run / "log.txt.gz").read_bytes()).decode() == LOG
     assert not list(run.rglob("*.pth"))
+    assert sorted(p.name for p in (run / "tnbc_test").iterdir()) == ["label_maps", "per_image.csv"]
     assert (run / "training_metrics.json").read_text() == '{"iteration": 9}\n'
 
 

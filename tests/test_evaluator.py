@@ -355,20 +355,39 @@ def test_coco_evaluator_runs_beside_the_nuclei_evaluator(tiny_dataset, tmp_path)
 
 
 def test_label_maps_an_earlier_evaluation_left_are_removed(tiny_dataset, tmp_path):
-    """A re-evaluation into the same folder leaves only its own maps: an image no longer scored
-    (here one image's map from before) and a map now written in the other format go; other
-    files stay; an evaluation that scored nothing removes nothing."""
+    """A re-evaluation into the same folder removes the maps the last evaluation of the data set
+    listed and this one did not write (an image since dropped, a map now in the other format),
+    after the reports; files nobody listed, another data set's maps and a listed name that is not
+    a file stay; an evaluation that scored nothing changes nothing."""
     output_dir = tmp_path / "out"
     maps = output_dir / "label_maps"
     maps.mkdir(parents=True)
-    for name in ("dropped_image.png", IMAGE_IDS[0] + ".tif", "notes.txt"):
+    for name in ("dropped_image.png", IMAGE_IDS[0] + ".tif", "placed_by_hand.png", "other_set.png"):
         (maps / name).write_bytes(b"earlier")
+    (maps / "a_folder.png").mkdir()
+    listing = {tiny_dataset: ["dropped_image.png", IMAGE_IDS[0] + ".tif", "a_folder.png"],
+               "other_set": ["other_set.png"]}
+    (output_dir / "label_maps.json").write_text(json.dumps({"label_maps": listing}))
     empty = NucleiEvaluator(tiny_dataset, output_dir=str(output_dir), save_label_maps=True)
     empty.reset()
     assert empty.evaluate() == {}
-    assert len(os.listdir(maps)) == 3
+    assert len(os.listdir(maps)) == 5
     run_evaluator(NucleiEvaluator(tiny_dataset, output_dir=str(output_dir), save_label_maps=True))
-    assert sorted(os.listdir(maps)) == sorted([f"{image_id}.png" for image_id in IMAGE_IDS] + ["notes.txt"])
+    ours = [f"{image_id}.png" for image_id in IMAGE_IDS]
+    assert sorted(os.listdir(maps)) == sorted(ours + ["placed_by_hand.png", "other_set.png", "a_folder.png"])
+    listed = read_strict_json(str(output_dir / "label_maps.json"))["label_maps"]
+    assert listed == {tiny_dataset: ours, "other_set": ["other_set.png"]}
+    assert os.path.isfile(output_dir / "per_image.csv")
+
+
+def test_an_unreadable_label_map_listing_keeps_the_maps(tiny_dataset, tmp_path, caplog):
+    output_dir = tmp_path / "out"
+    (output_dir / "label_maps").mkdir(parents=True)
+    (output_dir / "label_maps" / "dropped_image.png").write_bytes(b"earlier")
+    (output_dir / "label_maps.json").write_text('{"label_maps": ["dropped_image.png"]}')
+    run_evaluator(NucleiEvaluator(tiny_dataset, output_dir=str(output_dir), save_label_maps=True))
+    assert (output_dir / "label_maps" / "dropped_image.png").exists()
+    assert "label_maps.json: unreadable" in caplog.text
 
 
 def test_label_maps_past_uint16_are_written_as_tiff(tmp_path):

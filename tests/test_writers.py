@@ -654,6 +654,9 @@ def test_nucleus_table_names_its_image_on_every_row(tmp_path, synthetic_tile):
     table = pq.read_table(tmp_path / "named.parquet")
     assert table.column_names == ["image"] + pq.read_table(tmp_path / "plain.parquet").column_names
     assert table.column("image").to_pylist() == ["slide 1, ö.svs"] * len(plain)
+    empty = _result(np.zeros_like(labels))
+    write_nucleus_table(tmp_path / "empty.parquet", empty, read_rgb, image="blank.png")
+    assert pq.read_table(tmp_path / "empty.parquet").num_rows == 0
 
 
 def test_read_rgb_of_the_wrong_size_is_reported(tmp_path):

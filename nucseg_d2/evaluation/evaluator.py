@@ -1,8 +1,9 @@
 """NucleiEvaluator: Detectron2 ``DatasetEvaluator`` reporting the nuclei metrics suite."""
+import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Set
 
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
@@ -11,12 +12,16 @@ from detectron2.utils import comm
 from ..data.readers import load_label_map
 from ..modeling.postprocess import instances_to_label_map
 from ..predict.writers import write_label_map_image
+from ..utils import atomic_path
 from .metrics import metric_keys
 from .reporting import DEFAULT_METRICS, GROUP_FIELDS, score_image, summarize_scores, write_reports
 
 __all__ = ["NucleiEvaluator"]
 
 logger = logging.getLogger(__name__)
+
+# Beside label_maps/: {"label_maps": {data set: [file names its last evaluation wrote]}}.
+LISTING = "label_maps.json"
 
 
 class NucleiEvaluator(DatasetEvaluator):
@@ -27,9 +32,11 @@ class NucleiEvaluator(DatasetEvaluator):
     ``nucseg_d2.evaluation.metrics``. Works under distributed evaluation: per-image rows are
     gathered to the main process, which writes ``metrics.json`` (mean, std, per group) and
     ``per_image.csv`` to ``output_dir`` and returns ``{"nuclei": {metric: mean}}``. With
-    ``save_label_maps``, ``label_maps/`` then holds this evaluation's maps only: those an earlier
-    evaluation into the same folder left (an image since dropped, or a ``.png`` now a ``.tif``)
-    are removed, so that re-scoring the folder scores what the report does.
+    ``save_label_maps``, the maps go to ``label_maps/`` and their names to ``label_maps.json``
+    (per data set); maps an earlier evaluation of the same data set wrote there and this one did
+    not (an image since dropped, or a ``.png`` now a ``.tif``) are removed after the reports are
+    written, so that re-scoring the folder scores what the report does. Files no evaluation
+    listed are left alone.
     """
 
     def __init__(
@@ -92,15 +99,40 @@ class NucleiEvaluator(DatasetEvaluator):
         stem = os.path.join(self.output_dir, "label_maps", os.path.basename(str(image_id)))
         self._written_label_maps.append(os.path.basename(write_label_map_image(stem, label_map)))
 
-    def _remove_earlier_label_maps(self, written):
-        folder = os.path.join(self.output_dir, "label_maps")
-        earlier = [name for name in sorted(os.listdir(folder)) if name.lower().endswith((".png", ".tif"))
-                   and name not in written] if os.path.isdir(folder) else []
-        for name in earlier:
-            os.remove(os.path.join(folder, name))
-        if earlier:
-            logger.info(f"NucleiEvaluator on {self.dataset_name}: removed {len(earlier)} label map(s) an earlier "
-                        f"evaluation left in {folder} (e.g. {earlier[0]})")
+    def _replace_earlier_label_maps(self, written: Set[str]) -> None:
+        """Remove the maps the last evaluation of this data set listed and this one did not write,
+        then list this one's. A clean-up that fails warns: the scores are written already."""
+        folder, listing_path = os.path.join(self.output_dir, "label_maps"), os.path.join(self.output_dir, LISTING)
+        listing = {}
+        try:
+            with open(listing_path, encoding="utf-8") as stream:
+                listing = json.load(stream)["label_maps"]
+            if not (isinstance(listing, dict) and all(isinstance(names, list) and all(isinstance(n, str) for n in names)
+                                                      for names in listing.values())):
+                raise ValueError("not {data set: [file names]}")
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            logger.warning(f"{listing_path}: unreadable ({err}); earlier label maps are kept")
+            listing = {}
+        written_folded = {name.casefold() for name in written}  # one file on a case-insensitive disk
+        stale = [name for name in listing.get(self.dataset_name, []) if name.casefold() not in written_folded]
+        removed = []
+        for name in stale:
+            path = os.path.join(folder, os.path.basename(name))
+            if not os.path.isfile(path):
+                continue
+            try:
+                os.remove(path)
+                removed.append(name)
+            except OSError as err:
+                logger.warning(f"{path}: an earlier evaluation's label map, not removed ({err})")
+        if removed:
+            logger.info(f"NucleiEvaluator on {self.dataset_name}: removed {len(removed)} label map(s) an earlier "
+                        f"evaluation left in {folder} (e.g. {removed[0]})")
+        listing[self.dataset_name] = sorted(written)
+        with atomic_path(listing_path) as temp_path, open(temp_path, "w", encoding="utf-8") as stream:
+            json.dump({"label_maps": listing}, stream, indent=1)
 
     def evaluate(self):
         scores, written = self._scores, self._written_label_maps
@@ -115,8 +147,6 @@ class NucleiEvaluator(DatasetEvaluator):
         if not scores:
             logger.warning(f"NucleiEvaluator on {self.dataset_name}: no predictions to score")
             return {}
-        if self.save_label_maps and self.output_dir:
-            self._remove_earlier_label_maps(set(written))
         metric_names = metric_keys(self.metrics)
         group_key = next((key for key in GROUP_FIELDS if key in scores[0].row), None)
         rows, summary = summarize_scores(scores, metric_names, group_key=group_key)
@@ -128,4 +158,6 @@ class NucleiEvaluator(DatasetEvaluator):
         }
         if self.output_dir:
             write_reports(self.output_dir, summary, rows)
+            if self.save_label_maps:
+                self._replace_earlier_label_maps(set(written))
         return OrderedDict({"nuclei": {name: summary["mean"][name] for name in metric_names}})

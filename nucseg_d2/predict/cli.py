@@ -261,7 +261,9 @@ def _write_output(name: str, path: str, result, source, image_id: int) -> None:
     elif name == "coco":
         writers.write_coco_json(path, result, image_id=image_id, file_name=source.path)
     elif name in ("csv", "parquet"):
-        writers.write_nucleus_table(path, result, source.read, image=os.path.basename(source.path))
+        # A name that is not UTF-8 (bytes on Linux, surrogates in Python) would not encode into the table.
+        image = os.path.basename(source.path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        writers.write_nucleus_table(path, result, source.read, image=image)
     elif name == "overlay":
         writers.write_overlay_png(path, result, source.thumbnail(OVERLAY_MAX_SIDE))
 
