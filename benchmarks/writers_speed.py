@@ -32,7 +32,7 @@ from nucseg_d2.predict.cli import FORMATS, write_outputs  # noqa: E402
 from nucseg_d2.predict.result import PredictionResult  # noqa: E402
 from nucseg_d2.predict.slides import ArraySource  # noqa: E402
 from nucseg_d2.predict.tiling import open_label_map_file  # noqa: E402
-from nucseg_d2.predict.writers import write_label_tiff  # noqa: E402
+from nucseg_d2.predict.writers import label_tiff_pyramid_factors, write_label_tiff  # noqa: E402
 from timing import best_times_interleaved, run_stamp  # noqa: E402  (benchmarks/timing.py)
 
 TILE = 256
@@ -89,7 +89,7 @@ def main():
 
         runs = [(name, kind) for name in formats for kind in results]
         writers = [writer(name, kind) for name, kind in runs]
-        with_pyramid = args.size > 2048  # the writer tiles (and adds levels to) larger maps
+        with_pyramid = bool(label_tiff_pyramid_factors(result.label_map.shape))
         if with_pyramid:
             runs.append(("labels without pyramid", "memory"))
             flat_path = os.path.join(scratch, "synthetic_flat.tif")

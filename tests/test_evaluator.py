@@ -302,6 +302,11 @@ def test_distributed_evaluation_gathers_to_the_main_process(tiny_dataset, tmp_pa
     distributed_dir = str(tmp_path / "distributed")
     results_path = str(tmp_path / "results")
     # Without a GPU, launch() starts the processes with the gloo backend.
+    # The last evaluation listed every image: the main process must know the other rank's maps as
+    # this evaluation's, or it would remove them as left over.
+    os.makedirs(distributed_dir)
+    with open(os.path.join(distributed_dir, "label_maps.json"), "w") as f:
+        json.dump({"label_maps": {tiny_dataset + "_distributed": [f"{i}.png" for i in IMAGE_IDS]}}, f)
     launch(_distributed_evaluation, 2, dist_url="auto", timeout=timedelta(seconds=120),
            args=(dataset_dir, tiny_dataset + "_distributed", distributed_dir, results_path))
 
@@ -319,7 +324,6 @@ def test_distributed_evaluation_gathers_to_the_main_process(tiny_dataset, tmp_pa
     distributed_summary = read_strict_json(os.path.join(distributed_dir, "metrics.json"))
     single_summary.pop("dataset"), distributed_summary.pop("dataset")
     assert distributed_summary == single_summary
-    # The main process knows the other rank's maps as this evaluation's: none is taken for an earlier one.
     assert sorted(os.listdir(os.path.join(distributed_dir, "label_maps"))) == [f"{i}.png" for i in IMAGE_IDS]
 
 
@@ -356,9 +360,9 @@ def test_coco_evaluator_runs_beside_the_nuclei_evaluator(tiny_dataset, tmp_path)
 
 def test_label_maps_an_earlier_evaluation_left_are_removed(tiny_dataset, tmp_path):
     """A re-evaluation into the same folder removes the maps the last evaluation of the data set
-    listed and this one did not write (an image since dropped, a map now in the other format),
-    after the reports; files nobody listed, another data set's maps and a listed name that is not
-    a file stay; an evaluation that scored nothing changes nothing."""
+    listed and this one did not write (an image since dropped, a map now in the other format);
+    files nobody listed, another data set's maps and a listed name that is not a file stay; an
+    evaluation that scored nothing changes nothing."""
     output_dir = tmp_path / "out"
     maps = output_dir / "label_maps"
     maps.mkdir(parents=True)
@@ -388,6 +392,20 @@ def test_an_unreadable_label_map_listing_keeps_the_maps(tiny_dataset, tmp_path, 
     run_evaluator(NucleiEvaluator(tiny_dataset, output_dir=str(output_dir), save_label_maps=True))
     assert (output_dir / "label_maps" / "dropped_image.png").exists()
     assert "label_maps.json: unreadable" in caplog.text
+
+
+def test_an_unreadable_entry_of_the_listing_costs_only_that_entry(tiny_dataset, tmp_path, caplog):
+    output_dir = tmp_path / "out"
+    (output_dir / "label_maps").mkdir(parents=True)
+    for name in ("dropped_image.png", "other_set.png"):
+        (output_dir / "label_maps" / name).write_bytes(b"earlier")
+    listing = {tiny_dataset: ["dropped_image.png"], "other_set": "other_set.png", "third_set": ["x.png"]}
+    (output_dir / "label_maps.json").write_text(json.dumps({"label_maps": listing}))
+    run_evaluator(NucleiEvaluator(tiny_dataset, output_dir=str(output_dir), save_label_maps=True))
+    assert not (output_dir / "label_maps" / "dropped_image.png").exists()
+    assert (output_dir / "label_maps" / "other_set.png").exists()
+    assert "entries of ['other_set'] unreadable" in caplog.text
+    assert set(read_strict_json(str(output_dir / "label_maps.json"))["label_maps"]) == {tiny_dataset, "third_set"}
 
 
 def test_label_maps_past_uint16_are_written_as_tiff(tmp_path):

@@ -233,6 +233,8 @@ def test_the_tuning_script_scores_val_and_test_with_the_thresholds_it_chose(tmp_
     val = json.loads((tuned / "nuclei_synthetic_val" / "metrics.json").read_text())
     assert val["mean"]["aji"] == pytest.approx(best["best"]["aji"])
     assert (tuned / "nuclei_synthetic_train" / "per_image.csv").is_file()
+    assert sorted(p.name for p in (tuned / "nuclei_synthetic_train").iterdir()) == [  # no evaluator listing
+        "label_maps", "metrics.json", "per_image.csv"]
     assert gzip.decompress((tuned / "eval_log.txt.gz").read_bytes()).decode().count("Rank of current process") == 1
 
 

@@ -20,9 +20,11 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from nucseg_d2.data.synthetic import generate_tile
-from nucseg_d2.predict.cli import DEFAULT_FORMATS, FORMATS, expand_inputs, main
+from nucseg_d2.predict.cli import (DEFAULT_FORMATS, FORMATS, _encodable_file_name, build_parser, expand_inputs, main,
+                                   write_outputs)
 from nucseg_d2.predict.predictor import build_predict_cfg
-from nucseg_d2.predict.slides import write_pyramidal_tiff
+from nucseg_d2.predict.result import PredictionResult
+from nucseg_d2.predict.slides import ArraySource, write_pyramidal_tiff
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "demo.yaml")
@@ -555,3 +557,23 @@ def test_outputs_of_another_file_or_other_settings_are_not_taken_as_done(tmp_pat
     assert _run([str(second / "img0.png")], output, untrained_demo_weights, "--formats", "csv") == 1
     assert re.search(r"error: .*\.img0\.nucseg_input\.json: cannot read which input made the outputs there "
                      r"\(not a JSON object\); --overwrite to redo", capsys.readouterr().err)
+
+
+def test_no_label_pyramid_leaves_the_levels_out(tmp_path):
+    parser = build_parser()
+    required = ["in.png", "--config-file", "c.yaml", "--output", str(tmp_path)]
+    assert parser.parse_args(required).label_pyramid is True
+    assert parser.parse_args(required + ["--no-label-pyramid"]).label_pyramid is False
+    result = PredictionResult(np.ones((2100, 2100), np.uint16), np.ones(1, np.float32))
+    source = ArraySource(np.zeros((2100, 2100, 3), np.uint8), path="in.png")
+    for label_pyramid, num_pages in ((True, 3), (False, 1)):
+        path = tmp_path / f"pyramid_{label_pyramid}_labels.tif"
+        write_outputs(result, source, {"labels": str(path)}, 1, label_pyramid=label_pyramid)
+        with tifffile.TiffFile(path) as tif:
+            assert len(tif.pages) == num_pages
+
+
+def test_a_file_name_that_is_not_utf8_still_names_the_table_rows():
+    name = os.fsdecode(b"/slides/biopsy_\xff.svs")  # bytes Linux allows in a name, surrogates in Python
+    assert _encodable_file_name(name) == "biopsy_\ufffd.svs"
+    assert _encodable_file_name("/slides/biopsy ö.svs") == "biopsy ö.svs"

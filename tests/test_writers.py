@@ -132,13 +132,17 @@ def test_large_label_tiff_has_a_pyramid_that_slide_readers_open(tmp_path):
             assert page.is_tiled and page.subfiletype == 1 and page.dtype == np.uint32
             assert page.get_resolution(tifffile.RESUNIT.CENTIMETER) == pytest.approx((1e4 / (0.25 * factor),) * 2)
         assert json.loads(tif.pages[0].description)["nucseg_d2"]["origin_level0"] == [100, 200]
+    with Image.open(tmp_path / "slide_labels.tif") as picture:
+        assert picture.n_frames == 3  # readers that list pages see the levels as further pages
     slide = tiffslide.TiffSlide(str(tmp_path / "slide_labels.tif"))
     try:
         assert slide.level_dimensions == ((2500, 3000), (1250, 1500), (625, 750))
+        level1 = slide.read_region((0, 0), 1, (1250, 1500), as_array=True)
+        np.testing.assert_array_equal(level1[..., 0], labels[::2, ::2])  # the ids themselves
     finally:
         slide.close()
     openslide = pytest.importorskip("openslide")
-    with openslide.OpenSlide(str(tmp_path / "slide_labels.tif")) as slide:
+    with openslide.OpenSlide(str(tmp_path / "slide_labels.tif")) as slide:  # the geometry only: see the docs
         assert slide.level_dimensions == ((2500, 3000), (1250, 1500), (625, 750))
 
 
@@ -265,7 +269,8 @@ def test_the_nucleus_table_memory_follows_its_block_not_the_map(tmp_path):
         np.testing.assert_array_equal(columns[name], whole[key], err_msg=name)
 
 
-def test_failed_write_keeps_the_previous_file_and_no_temp(tmp_path, monkeypatch):
+@pytest.mark.parametrize("side, pages_written", [(8, 0), (2100, 1)])  # a strip TIFF; a tiled one, at a level
+def test_failed_write_keeps_the_previous_file_and_no_temp(tmp_path, monkeypatch, side, pages_written):
     path = tmp_path / "labels.tif"
     write_label_tiff(path, np.ones((8, 8), np.uint16))
     before = path.read_bytes()
@@ -273,15 +278,14 @@ def test_failed_write_keeps_the_previous_file_and_no_temp(tmp_path, monkeypatch)
     write_page = writers.tifffile.TiffWriter.write
     pages = []
 
-    def fail_on_the_first_reduced_level(self, *args, **kwargs):  # the full page is in the file by then
-        if pages:
+    def fail_after(self, *args, **kwargs):  # the pages before are in the temp file by then
+        if len(pages) == pages_written:
             raise OSError("disk full")
         pages.append(write_page(self, *args, **kwargs))
 
-    monkeypatch.setattr(writers.tifffile.TiffWriter, "write", fail_on_the_first_reduced_level)
+    monkeypatch.setattr(writers.tifffile.TiffWriter, "write", fail_after)
     with pytest.raises(OSError, match="labels.tif.*disk full"):
-        write_label_tiff(path, np.full((2100, 2100), 2, np.uint16))
-    assert len(pages) == 1
+        write_label_tiff(path, np.full((side, side), 2, np.uint16))
     assert path.read_bytes() == before
     assert _leftover_temp_files(tmp_path) == []
 

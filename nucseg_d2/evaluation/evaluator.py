@@ -3,7 +3,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Iterable, Optional, Set
+from typing import Dict, Iterable, List, Optional, Set
 
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
@@ -21,7 +21,27 @@ __all__ = ["NucleiEvaluator"]
 logger = logging.getLogger(__name__)
 
 # Beside label_maps/: {"label_maps": {data set: [file names its last evaluation wrote]}}.
-LISTING = "label_maps.json"
+LABEL_MAP_LISTING_FILE = "label_maps.json"
+
+
+def _read_label_map_listing(path: str) -> Dict[str, List[str]]:
+    """{data set: [file names]} of ``path``; what cannot be read is left out with a warning, and
+    the maps it would have named are kept."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            listing = json.load(stream)["label_maps"]
+        if not isinstance(listing, dict):
+            raise ValueError("not {data set: [file names]}")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        logger.warning(f"{path}: unreadable ({err}); earlier label maps are kept")
+        return {}
+    readable = {name: names for name, names in listing.items()
+                if isinstance(names, list) and all(isinstance(n, str) for n in names)}
+    if len(readable) < len(listing):
+        logger.warning(f"{path}: entries of {sorted(set(listing) - set(readable))} unreadable; their maps are kept")
+    return readable
 
 
 class NucleiEvaluator(DatasetEvaluator):
@@ -102,19 +122,9 @@ class NucleiEvaluator(DatasetEvaluator):
     def _replace_earlier_label_maps(self, written: Set[str]) -> None:
         """Remove the maps the last evaluation of this data set listed and this one did not write,
         then list this one's. A clean-up that fails warns: the scores are written already."""
-        folder, listing_path = os.path.join(self.output_dir, "label_maps"), os.path.join(self.output_dir, LISTING)
-        listing = {}
-        try:
-            with open(listing_path, encoding="utf-8") as stream:
-                listing = json.load(stream)["label_maps"]
-            if not (isinstance(listing, dict) and all(isinstance(names, list) and all(isinstance(n, str) for n in names)
-                                                      for names in listing.values())):
-                raise ValueError("not {data set: [file names]}")
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            logger.warning(f"{listing_path}: unreadable ({err}); earlier label maps are kept")
-            listing = {}
+        folder = os.path.join(self.output_dir, "label_maps")
+        listing_path = os.path.join(self.output_dir, LABEL_MAP_LISTING_FILE)
+        listing = _read_label_map_listing(listing_path)
         written_folded = {name.casefold() for name in written}  # one file on a case-insensitive disk
         stale = [name for name in listing.get(self.dataset_name, []) if name.casefold() not in written_folded]
         removed = []
@@ -131,8 +141,11 @@ class NucleiEvaluator(DatasetEvaluator):
             logger.info(f"NucleiEvaluator on {self.dataset_name}: removed {len(removed)} label map(s) an earlier "
                         f"evaluation left in {folder} (e.g. {removed[0]})")
         listing[self.dataset_name] = sorted(written)
-        with atomic_path(listing_path) as temp_path, open(temp_path, "w", encoding="utf-8") as stream:
-            json.dump({"label_maps": listing}, stream, indent=1)
+        try:
+            with atomic_path(listing_path) as temp_path, open(temp_path, "w", encoding="utf-8") as stream:
+                json.dump({"label_maps": listing}, stream, indent=1)
+        except OSError as err:
+            logger.warning(f"{listing_path}: not written ({err}); the next evaluation keeps this one's maps")
 
     def evaluate(self):
         scores, written = self._scores, self._written_label_maps

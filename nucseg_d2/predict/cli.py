@@ -36,6 +36,7 @@ import time
 import traceback
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..config import NucleiConfigError
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), default=list(DEFAULT_FORMATS),
                         help=f"outputs to write (default: {' '.join(DEFAULT_FORMATS)})")
     parser.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs exist")
+    parser.add_argument("--no-label-pyramid", dest="label_pyramid", action="store_false",
+                        help="write label TIFFs over 2048 px a side without their reduced-resolution levels")
     parser.add_argument("--label-map-ram-gib", type=float, default=4.0, metavar="GIB",
                         help="largest label map kept in memory (4 bytes per pixel of the analysed region); "
                              "larger ones are memory-mapped from a scratch file in the output folder, removed "
@@ -217,13 +220,14 @@ def _check_output_dir(output_dir: str) -> Optional[str]:
     return None
 
 
-def write_outputs(result, source, paths: Dict[str, str], image_id: int) -> None:
+def write_outputs(result, source, paths: Dict[str, str], image_id: int, label_pyramid: bool = True) -> None:
     """Write each requested output (every writer is atomic); one that fails does not keep the
-    others from being written: the failures are raised together afterwards."""
+    others from being written: the failures are raised together afterwards. ``label_pyramid``:
+    whether a large label TIFF gets its reduced-resolution levels."""
     failures = {}
     for name, path in paths.items():
         try:
-            _write_output(name, path, result, source, image_id)
+            _write_output(name, path, result, source, image_id, label_pyramid)
         except Exception as err:  # the predictions behind the other outputs are not lost
             failures[name] = err
     if failures:
@@ -233,6 +237,12 @@ def write_outputs(result, source, paths: Dict[str, str], image_id: int) -> None:
             + "; ".join(f"{name} output not written ({_error_line(err)})" for name, err in failures.items())
             + (f"; written: {', '.join(written)}" if written else "")
         ) from next(iter(failures.values()))
+
+
+def _encodable_file_name(path: str) -> str:
+    """The file name of ``path`` as UTF-8 can hold it: a name of bytes that are not UTF-8 (Linux)
+    reaches Python with surrogates, which no writer can encode; they become U+FFFD."""
+    return os.path.basename(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _outputs_possible(paths: Dict[str, str], source, formats: Sequence[str], tag: str) -> Dict[str, str]:
@@ -250,20 +260,18 @@ def _outputs_possible(paths: Dict[str, str], source, formats: Sequence[str], tag
     return {name: p for name, p in paths.items() if name != "coco"}
 
 
-def _write_output(name: str, path: str, result, source, image_id: int) -> None:
+def _write_output(name: str, path: str, result, source, image_id: int, label_pyramid: bool) -> None:
     from . import writers
 
     if name == "labels":
         writers.write_label_tiff(path, result.label_map, mpp=result.mpp, origin=result.origin,
-                                 downsample=result.downsample)
+                                 downsample=result.downsample, pyramid=label_pyramid)
     elif name == "geojson":
         writers.write_geojson(path, result)
     elif name == "coco":
         writers.write_coco_json(path, result, image_id=image_id, file_name=source.path)
     elif name in ("csv", "parquet"):
-        # A name that is not UTF-8 (bytes on Linux, surrogates in Python) would not encode into the table.
-        image = os.path.basename(source.path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        writers.write_nucleus_table(path, result, source.read, image=image)
+        writers.write_nucleus_table(path, result, source.read, image=_encodable_file_name(source.path))
     elif name == "overlay":
         writers.write_overlay_png(path, result, source.thumbnail(OVERLAY_MAX_SIDE))
 
@@ -372,7 +380,7 @@ def _process_inputs(args, inputs: List[Tuple[int, str]], rank: int, world_size: 
                         print(f"{tag}{path}: predicted; writing {', '.join(paths)}", flush=True)
 
                 num_nuclei = _predict_and_write(predictor, source, paths, image_id, tissue, args.label_map_ram_gib,
-                                                scratch_targets[path], before_writing)
+                                                scratch_targets[path], before_writing, args.label_pyramid)
         except KeyboardInterrupt:
             raise
         except Exception as err:  # one bad input must not stop the batch
@@ -416,7 +424,7 @@ def _warn_of_another_scale(source, training_mpp: float, tag: str) -> None:
 
 def _largest_label_map_bytes(width: int, height: int) -> int:
     """A label map's size at its largest: a slide's map is uint32 past 65,535 detections."""
-    return width * height * 4
+    return width * height * np.dtype(np.uint32).itemsize
 
 
 def _require_scratch_room(scratch_target: str, width: int, height: int) -> None:
@@ -431,7 +439,8 @@ def _require_scratch_room(scratch_target: str, width: int, height: int) -> None:
 
 
 def _predict_and_write(predictor, source, paths: Dict[str, str], image_id: int, tissue,
-                       label_map_ram_gib: float, scratch_target: str, before_writing: Callable[[], None]) -> int:
+                       label_map_ram_gib: float, scratch_target: str, before_writing: Callable[[], None],
+                       label_pyramid: bool) -> int:
     """Predict one opened input and write its outputs; returns its number of nuclei. A label map
     over ``label_map_ram_gib`` lives in a scratch file beside ``scratch_target`` until this returns.
     ``before_writing`` runs between the two (the outputs' record: a run killed while writing
@@ -443,7 +452,7 @@ def _predict_and_write(predictor, source, paths: Dict[str, str], image_id: int, 
             label_map_file = stack.enter_context(scratch_path(scratch_target))
         result = predictor.predict_source(source, tissue_mask=tissue, label_map_file=label_map_file)
         before_writing()
-        write_outputs(result, source, paths, image_id)
+        write_outputs(result, source, paths, image_id, label_pyramid)
         return result.num_nuclei
 
 

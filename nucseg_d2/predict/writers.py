@@ -39,6 +39,7 @@ __all__ = [
     "NUCLEUS_CLASS_COLOR",
     "OVERLAY_COLOR",
     "write_label_tiff",
+    "label_tiff_pyramid_factors",
     "write_label_map_image",
     "write_geojson",
     "write_coco_json",
@@ -134,7 +135,7 @@ def write_label_tiff(path, label_map, mpp: Optional[float] = None, origin: Tuple
         data, layout = _tiles(label_map, dtype), {"shape": label_map.shape, "dtype": dtype, "maxworkers": 1}
     else:
         data, layout = label_map.astype(dtype, copy=False), {}
-    factors = _pyramid_factors(label_map.shape) if tiled and pyramid else []
+    factors = label_tiff_pyramid_factors(label_map.shape) if pyramid else []
     placement = {"origin_level0": [int(origin[0]), int(origin[1])], "downsample": float(downsample),
                  "mpp": None if mpp is None else float(mpp)}
     page = {"photometric": "minisblack", "compression": "zlib", "tile": _TIFF_TILE if tiled else None,
@@ -150,10 +151,13 @@ def write_label_tiff(path, label_map, mpp: Optional[float] = None, origin: Tuple
                        **_tiff_resolution(None if mpp is None else mpp * factor))
 
 
-def _pyramid_factors(shape: Tuple[int, int]) -> List[int]:
-    """Downsampling factors 2, 4, ... of the reduced levels, the last one's larger side at most
+def label_tiff_pyramid_factors(shape: Tuple[int, int]) -> List[int]:
+    """Downsampling factors 2, 4, ... of the reduced levels :func:`write_label_tiff` gives a map
+    of ``shape`` (none unless it is tiled), the last one's larger side at most
     :data:`_PYRAMID_TOP_SIDE`; a factor past the shorter side would repeat its last level's
     height (or width) of 1, which readers take for another image rather than a level."""
+    if max(shape) <= _TILED_TIFF_MIN_SIDE:
+        return []
     factors, side = [], max(shape)
     while -(-side // (factors[-1] if factors else 1)) > _PYRAMID_TOP_SIDE:
         factor = 2 * factors[-1] if factors else 2
@@ -178,11 +182,12 @@ def _tiles(label_map: np.ndarray, dtype: np.dtype) -> Iterator[np.ndarray]:
 
 def write_label_map_image(stem, label_map) -> str:
     """``stem.png`` (uint16, what the metrics CLI and most viewers read) or, past 65,535 ids
-    which PNG cannot hold, ``stem.tif`` (uint32, :func:`write_label_tiff`); returns the path."""
+    which PNG cannot hold, ``stem.tif`` (uint32, :func:`write_label_tiff`, without levels: these
+    maps are for scoring); returns the path."""
     label_map = np.asarray(label_map)
     if label_map_dtype(int(label_map.max()) if label_map.size else 0) != np.uint16:
         path = os.fspath(stem) + ".tif"
-        write_label_tiff(path, label_map)
+        write_label_tiff(path, label_map, pyramid=False)
         return path
     path = os.fspath(stem) + ".png"
     with atomic_path(path) as temp_path:
