@@ -12,9 +12,8 @@ from detectron2.utils import comm
 from ..data.readers import load_label_map
 from ..modeling.postprocess import instances_to_label_map
 from ..predict.writers import write_label_map_image
-from ..utils import atomic_path
 from .metrics import metric_keys
-from .reporting import DEFAULT_METRICS, GROUP_FIELDS, score_image, summarize_scores, write_reports
+from .reporting import DEFAULT_METRICS, GROUP_FIELDS, score_image, summarize_scores, write_json_atomic, write_reports
 
 __all__ = ["NucleiEvaluator"]
 
@@ -142,8 +141,7 @@ class NucleiEvaluator(DatasetEvaluator):
                         f"evaluation left in {folder} (e.g. {removed[0]})")
         listing[self.dataset_name] = sorted(written)
         try:
-            with atomic_path(listing_path) as temp_path, open(temp_path, "w", encoding="utf-8") as stream:
-                json.dump({"label_maps": listing}, stream, indent=1)
+            write_json_atomic(listing_path, {"label_maps": listing})
         except OSError as err:
             logger.warning(f"{listing_path}: not written ({err}); the next evaluation keeps this one's maps")
 

@@ -158,12 +158,11 @@ def label_tiff_pyramid_factors(shape: Tuple[int, int]) -> List[int]:
     height (or width) of 1, which readers take for another image rather than a level."""
     if max(shape) <= _TILED_TIFF_MIN_SIDE:
         return []
-    factors, side = [], max(shape)
-    while -(-side // (factors[-1] if factors else 1)) > _PYRAMID_TOP_SIDE:
-        factor = 2 * factors[-1] if factors else 2
-        if factor > min(shape):
-            break
+    factors, factor = [], 2
+    # Halve while the last level's larger side (ceil of side / (factor / 2)) is over the top side.
+    while -(-max(shape) // (factor // 2)) > _PYRAMID_TOP_SIDE and factor <= min(shape):
         factors.append(factor)
+        factor *= 2
     return factors
 
 
@@ -522,10 +521,10 @@ def write_nucleus_table(path, result: PredictionResult, read_rgb: Callable,
         else:
             with open(temp_path, "w", newline="", encoding="utf-8") as stream:
                 writer = csv.writer(stream)
-                image_column = [] if image is None else [itertools.repeat(image, num_rows)]
-                writer.writerow((["image"] if image is not None else []) + list(columns))
+                leading = {} if image is None else {"image": itertools.repeat(image, num_rows)}
+                writer.writerow([*leading, *columns])
                 # tolist() gives Python ints/floats, whose str() is the shortest exact repr.
-                writer.writerows(zip(*image_column, *(values.tolist() for values in columns.values())))
+                writer.writerows(zip(*leading.values(), *(values.tolist() for values in columns.values())))
     return num_rows
 
 
