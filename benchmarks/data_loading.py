@@ -77,6 +77,9 @@ def main():
                 "CHANNEL_SHUFFLE_PROB", "STAIN_JITTER_PROB"):
         cfg_all.INPUT.AUG[key] = 0.5
     ours_all = NucleiDatasetMapper(cfg_all, is_train=True)
+    cfg_rescale = cfg.clone()
+    cfg_rescale.INPUT.AUG.SCALE_PROB = 1.0  # the whole image resized before every crop
+    ours_rescale = NucleiDatasetMapper(cfg_rescale, is_train=True)
     stock = DatasetMapper(
         is_train=True,
         augmentations=[
@@ -90,8 +93,10 @@ def main():
         recompute_boxes=True,
     )
     names = ["detectron2 DatasetMapper (RLE annotations), crop+flips", "NucleiDatasetMapper, crop+flips+rot90",
-             "NucleiDatasetMapper, + all photometric (p=0.5 each)"]
-    rows = list(zip(names, throughputs([stock, ours_geometric, ours_all], records, args.repeats)))
+             "NucleiDatasetMapper, + all photometric (p=0.5 each)",
+             f"NucleiDatasetMapper, + rescale (p=1, {tuple(cfg_rescale.INPUT.AUG.SCALE_RANGE)})"]
+    mappers = [stock, ours_geometric, ours_all, ours_rescale]
+    rows = list(zip(names, throughputs(mappers, records, args.repeats)))
     baseline = rows[0][1]
     print(f"\nData loading on {source}, {len(records)} images, crop {args.crop}, 1 process, "
           f"best of {args.repeats} passes each")

@@ -28,6 +28,10 @@ def add_nucseg_config(cfg):
     _C.INPUT.AUG.HFLIP = True  # random horizontal flip (p = 0.5)
     _C.INPUT.AUG.VFLIP = True  # random vertical flip (p = 0.5)
     _C.INPUT.AUG.ROT90 = True  # random rotation by 0/90/180/270 degrees
+    # Probability of resizing the whole image (before the crop) by a factor drawn log-uniformly from
+    # SCALE_RANGE: nuclei at other sizes than the scanner's. Off by default (the paper does not).
+    _C.INPUT.AUG.SCALE_PROB = 0.0
+    _C.INPUT.AUG.SCALE_RANGE = (0.8, 1.25)  # (low, high) resize factors, 0 < low <= high
     _C.INPUT.AUG.GAUSSIAN_BLUR_PROB = 0.0  # probability of a Gaussian blur
     _C.INPUT.AUG.GAUSSIAN_BLUR_SIGMA = (0.5, 1.5)  # blur sigma range in pixels
     _C.INPUT.AUG.GAUSSIAN_NOISE_PROB = 0.0  # probability of additive Gaussian noise
@@ -147,7 +151,7 @@ def validate_nucseg_config(cfg):
     """Reject values the code would otherwise misuse silently; raises NucleiConfigError."""
     aug = cfg.INPUT.AUG
     for key in ("GAUSSIAN_BLUR_PROB", "GAUSSIAN_NOISE_PROB", "EMBOSS_PROB", "SHARPEN_PROB",
-                "CHANNEL_SHUFFLE_PROB", "STAIN_JITTER_PROB"):
+                "CHANNEL_SHUFFLE_PROB", "STAIN_JITTER_PROB", "SCALE_PROB"):
         value = aug[key]
         if not 0.0 <= value <= 1.0:
             raise NucleiConfigError(f"INPUT.AUG.{key} must be a probability in [0, 1], got {value}")
@@ -155,6 +159,11 @@ def validate_nucseg_config(cfg):
         value = aug[key]
         if not (isinstance(value, (list, tuple)) and len(value) == 2 and 0 <= value[0] <= value[1]):
             raise NucleiConfigError(f"INPUT.AUG.{key} must be a range (low, high) with 0 <= low <= high, got {value}")
+    scale_range = aug.SCALE_RANGE
+    if not (isinstance(scale_range, (list, tuple)) and len(scale_range) == 2
+            and 0 < scale_range[0] <= scale_range[1]):
+        raise NucleiConfigError(
+            f"INPUT.AUG.SCALE_RANGE must be resize factors (low, high) with 0 < low <= high, got {scale_range}")
     if not 0.0 <= aug.STAIN_JITTER_SCALE < 1.0:
         # The HED scale is drawn from U(1 - s, 1 + s): s >= 1 could flip a stain's sign.
         raise NucleiConfigError(f"INPUT.AUG.STAIN_JITTER_SCALE must be in [0, 1), got {aug.STAIN_JITTER_SCALE}")

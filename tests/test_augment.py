@@ -11,10 +11,12 @@ from nucseg_d2.data.augment import (
     ConvolutionTransform,
     GaussianBlurTransform,
     GaussianNoiseTransform,
+    LabelResizeTransform,
     RandomChannelShuffle,
     RandomEmboss,
     RandomGaussianBlur,
     RandomGaussianNoise,
+    RandomRescale,
     RandomRotation90,
     RandomSharpen,
     RandomStainJitter,
@@ -98,6 +100,65 @@ def test_random_rotation90_draws_every_k_and_keeps_image_and_seg_aligned():
         seen.add(getattr(tfm, "k", 0))
         np.testing.assert_array_equal(aug_input.image[..., 0], aug_input.sem_seg)
     assert seen == {0, 1, 2, 3}
+
+
+def test_label_resize_repeats_each_id_and_keeps_ids_above_uint8():
+    label_map = np.array([[1, 2, 3], [4, 0, 70000]], dtype=np.int32)
+    resized = LabelResizeTransform(2, 3, 4, 6).apply_segmentation(label_map)
+    assert resized.dtype == np.int32
+    np.testing.assert_array_equal(resized, np.kron(label_map, np.ones((2, 2), dtype=np.int32)))
+
+
+def test_label_resize_down_takes_the_pixel_under_each_output_centre():
+    # Output centres 0.5, 1.5, 2.5 of 3 map to input 0.67, 2.0, 3.33 of 4: rows/cols 0, 2, 3.
+    label_map = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    resized = LabelResizeTransform(4, 4, 3, 3).apply_segmentation(label_map)
+    np.testing.assert_array_equal(resized, label_map[np.ix_([0, 2, 3], [0, 2, 3])])
+
+
+# Sizes where no output centre falls exactly between two input pixels (a tie either side may take).
+@pytest.mark.parametrize("new_hw", [(7, 9), (13, 6), (20, 30)])
+def test_label_resize_matches_detectron2_on_uint8_where_detectron2_can(new_hw):
+    label_map = np.random.default_rng(1).integers(0, 250, size=(H * 2, W * 2)).astype(np.uint8)
+    ours = LabelResizeTransform(H * 2, W * 2, *new_hw).apply_segmentation(label_map)
+    np.testing.assert_array_equal(ours, T.ResizeTransform(H * 2, W * 2, *new_hw).apply_segmentation(label_map))
+
+
+def test_label_resize_moves_boxes_with_their_masks_and_inverts():
+    label_map = np.zeros((10, 12), dtype=np.int32)
+    label_map[2:5, 3:9] = 7
+    transform = LabelResizeTransform(10, 12, 20, 18)
+    resized = transform.apply_segmentation(label_map)
+    rows, cols = np.nonzero(resized == 7)
+    box = transform.apply_box(np.array([[3, 2, 9, 5]], dtype=np.float64))
+    mask_box = np.array([[cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]])
+    # Rows double exactly; at 1.5x a nearest-neighbour edge lies within half an input pixel (0.75).
+    np.testing.assert_array_equal(box[:, 1::2], mask_box[:, 1::2])
+    np.testing.assert_allclose(box[:, 0::2], mask_box[:, 0::2], atol=0.75)
+    assert transform.apply_image(np.zeros((10, 12, 3), np.uint8)).shape == (20, 18, 3)
+    np.testing.assert_array_equal(transform.inverse().apply_segmentation(resized), label_map)
+    with pytest.raises(ValueError, match=r"built for size \(10, 12\) got a label map of shape \(12, 10\)"):
+        transform.apply_segmentation(label_map.T)
+
+
+def test_random_rescale_draws_log_uniformly_within_its_range():
+    image = np.zeros((100, 50, 3), np.uint8)
+    np.random.seed(0)
+    scales = []
+    for _ in range(400):
+        transform = RandomRescale((0.5, 2.0)).get_transform(image)
+        if isinstance(transform, LabelResizeTransform):
+            assert transform.new_w == round(50 * transform.new_h / 100) or abs(
+                transform.new_w / 50 - transform.new_h / 100) <= 1 / 50
+            scales.append(transform.new_h / 100)
+    scales = np.array(scales)
+    assert 0.5 <= scales.min() and scales.max() <= 2.0
+    # Log-uniform: as many draws shrink as enlarge, and a quarter fall below 1/sqrt(2).
+    assert 0.4 < np.mean(scales < 1.0) < 0.6
+    assert 0.17 < np.mean(scales < 2 ** -0.5) < 0.33
+    assert isinstance(RandomRescale((1.0, 1.0)).get_transform(image), T.NoOpTransform)
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        RandomRescale((1.2, 0.9))
 
 
 # ----------------------------------------------------------------------------- photometric
@@ -268,6 +329,29 @@ def test_build_augmentations_follows_cfg():
     cfg.INPUT.AUG.HFLIP = cfg.INPUT.AUG.VFLIP = cfg.INPUT.AUG.ROT90 = False
     cfg.INPUT.AUG.GAUSSIAN_BLUR_PROB = cfg.INPUT.AUG.STAIN_JITTER_PROB = 0.0
     assert build_nuclei_augmentations(cfg, is_train=True) == []
+
+
+def test_build_augmentations_rescales_before_the_crop_only_when_asked():
+    cfg = _cfg()
+    cfg.INPUT.CROP.ENABLED = True
+    cfg.INPUT.CROP.TYPE = "absolute"
+    cfg.INPUT.CROP.SIZE = [16, 16]
+    assert not any(isinstance(getattr(a, "aug", None), RandomRescale) for a in build_nuclei_augmentations(cfg, True))
+    cfg.INPUT.AUG.SCALE_PROB = 0.4
+    cfg.INPUT.AUG.SCALE_RANGE = (1.5, 1.5)
+    augs = build_nuclei_augmentations(cfg, is_train=True)
+    assert isinstance(augs[0], T.RandomApply) and augs[0].prob == 0.4
+    assert (augs[0].aug.low, augs[0].aug.high) == (1.5, 1.5)
+    assert isinstance(augs[1], T.RandomCrop)
+    # The crop comes after the rescale, so a rescaled image still yields crops of the configured size.
+    cfg.INPUT.AUG.SCALE_PROB = 1.0
+    cfg.INPUT.AUG.ROT90 = False
+    image = np.zeros((12, 12, 3), np.uint8)
+    aug_input = T.AugInput(image, sem_seg=np.ones((12, 12), np.int32))
+    T.AugmentationList(build_nuclei_augmentations(cfg, is_train=True))(aug_input)
+    assert aug_input.image.shape[:2] == (16, 16) == aug_input.sem_seg.shape
+    cfg.INPUT.AUG.SCALE_RANGE = (1.0, 1.0)
+    assert not any(isinstance(getattr(a, "aug", None), RandomRescale) for a in build_nuclei_augmentations(cfg, True))
 
 
 def test_build_augmentations_passes_each_configured_range_to_its_augmentation():

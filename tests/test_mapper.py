@@ -220,6 +220,29 @@ def test_photometric_augmentations_do_not_change_targets(tmp_path):
     assert torch.equal(jittered["instances"].gt_boxes.tensor, plain["instances"].gt_boxes.tensor)
 
 
+def test_rescale_resizes_image_masks_boxes_and_sem_seg_together(tmp_path):
+    label_map = _layout_label_map()
+    label_map[label_map == 40] = 300  # an id above uint8's, which Detectron2's resize cannot take
+    record = _write_record(tmp_path, label_map, image=np.full(label_map.shape + (3,), 200, np.uint8))
+    fixed = dict(HFLIP=False, VFLIP=False, ROT90=False)
+    plain = _train_mapper(_cfg(**fixed))(record)
+    scaled = _train_mapper(_cfg(**fixed, SCALE_PROB=1.0, SCALE_RANGE=(2.0, 2.0)))(record)
+    doubled = np.kron(label_map, np.ones((2, 2), np.int32))
+    assert tuple(scaled["image"].shape) == (3, 72, 104)
+    np.testing.assert_array_equal(scaled["sem_seg"].numpy(), doubled > 0)
+    masks = scaled["instances"].gt_masks.tensor.numpy()
+    ids = [int(np.unique(doubled[mask])[0]) for mask in masks]
+    for label_id, mask in zip(ids, masks):
+        np.testing.assert_array_equal(mask, doubled == label_id)
+    # The 2-pixel speck (id 2) is 8 pixels at twice the size, above MIN_FRAGMENT_AREA 4: kept.
+    assert sorted(ids) == [2, 3, 5, 9, 12, 17, 300]
+    plain_boxes = {int(np.unique(label_map[m])[0]): b for m, b in
+                   zip(plain["instances"].gt_masks.tensor.numpy(), plain["instances"].gt_boxes.tensor.numpy())}
+    for label_id, box in zip(ids, scaled["instances"].gt_boxes.tensor.numpy()):
+        if label_id in plain_boxes:
+            np.testing.assert_array_equal(box, 2 * plain_boxes[label_id])
+
+
 def test_empty_label_map_gives_valid_empty_instances(tmp_path):
     record = _write_record(tmp_path, np.zeros((12, 17), dtype=np.int32))
     output = _train_mapper(_cfg())(record)

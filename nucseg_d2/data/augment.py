@@ -1,8 +1,9 @@
 """Augmentations for nuclei images that keep image, label map and boxes aligned.
 
 Geometric transforms (crop, flips, 90-degree rotations) are exact index permutations, so the
-instance label map can travel through them as ``sem_seg`` without interpolation. Photometric
-transforms change only the image: their ``apply_segmentation`` / ``apply_coords`` are identities.
+instance label map can travel through them as ``sem_seg`` without interpolation; the optional
+rescale resamples it by nearest neighbour, so ids stay ids. Photometric transforms change only the
+image: their ``apply_segmentation`` / ``apply_coords`` are identities.
 """
 from typing import List, Sequence, Tuple
 
@@ -16,6 +17,8 @@ from detectron2.data.transforms import NoOpTransform, Transform
 __all__ = [
     "Rot90Transform",
     "RandomRotation90",
+    "LabelResizeTransform",
+    "RandomRescale",
     "PhotometricTransform",
     "GaussianBlurTransform",
     "GaussianNoiseTransform",
@@ -99,6 +102,54 @@ class RandomRotation90(T.Augmentation):
             return NoOpTransform()
         h, w = image.shape[:2]
         return Rot90Transform(h, w, k)
+
+
+def nearest_source_indices(size: int, new_size: int) -> np.ndarray:
+    """For each of ``new_size`` output pixels, the input pixel (of ``size``) under its centre."""
+    centres = (np.arange(new_size, dtype=np.float64) + 0.5) * (size / new_size)
+    return np.minimum(np.floor(centres).astype(np.int64), size - 1)
+
+
+class LabelResizeTransform(T.ResizeTransform):
+    """Detectron2's ``ResizeTransform`` (image and coordinates as there), with label maps of any
+    integer dtype resized by nearest neighbour at pixel centres, as PIL does for uint8.
+
+    Detectron2 resizes a non-uint8 segmentation with ``torch.nn.functional.interpolate``, which has
+    no nearest mode for uint16 or int32 (instance ids above 255).
+    """
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        if segmentation.shape[:2] != (self.h, self.w):
+            raise ValueError(
+                f"LabelResizeTransform built for size {(self.h, self.w)} got a label map of shape "
+                f"{segmentation.shape}"
+            )
+        rows = nearest_source_indices(self.h, self.new_h)
+        cols = nearest_source_indices(self.w, self.new_w)
+        return segmentation[rows[:, None], cols[None, :]]
+
+    def inverse(self) -> "LabelResizeTransform":
+        return LabelResizeTransform(self.new_h, self.new_w, self.h, self.w, self.interp)
+
+
+class RandomRescale(T.Augmentation):
+    """Resize the whole image by a factor drawn log-uniformly from ``scale_range`` (so 0.8 and 1.25
+    are equally likely), keeping its aspect ratio: nuclei of other sizes and magnifications."""
+
+    def __init__(self, scale_range: Sequence[float]):
+        super().__init__()
+        low, high = (float(value) for value in scale_range)
+        if not 0 < low <= high:
+            raise ValueError(f"RandomRescale needs a range 0 < low <= high, got {tuple(scale_range)}")
+        self._init({"low": low, "high": high})
+
+    def get_transform(self, image):
+        scale = float(np.exp(np.random.uniform(np.log(self.low), np.log(self.high))))
+        h, w = image.shape[:2]
+        new_h, new_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+        if (new_h, new_w) == (h, w):
+            return NoOpTransform()
+        return LabelResizeTransform(h, w, new_h, new_w)
 
 
 # ----------------------------------------------------------------------------- photometric
@@ -328,10 +379,11 @@ class RandomStainJitter(T.Augmentation):
 def build_nuclei_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     """Augmentations for ``NucleiDatasetMapper``.
 
-    Training order: random crop (``cfg.INPUT.CROP``), H/V flips, rot90, then photometric ones
+    Training order: random rescale (``INPUT.AUG.SCALE_PROB``, ``SCALE_RANGE``), random crop
+    (``cfg.INPUT.CROP``, after the rescale, so crops keep their size), H/V flips, rot90, then photometric ones
     (stain jitter, blur, noise, emboss, sharpen, channel shuffle), each applied with its
     ``cfg.INPUT.AUG.*_PROB``. The image must be RGB (stain jitter).
-    There is no resize in training: nuclei images are used at their native magnification.
+    Without the rescale, training sees nuclei at their native magnification only.
     At test time: native resolution when ``INPUT.MIN_SIZE_TEST`` is 0 (nucseg-d2's default), else the
     shortest edge resized to it (capped by ``INPUT.MAX_SIZE_TEST``), exactly as NucleiPredictor
     does, so that evaluation and prediction see the same pixels; outputs come back at the
@@ -344,6 +396,8 @@ def build_nuclei_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
         return [T.ResizeShortestEdge([min_size, min_size], cfg.INPUT.MAX_SIZE_TEST)] if min_size else []
     aug_cfg = cfg.INPUT.AUG
     augs: List[T.Augmentation] = []
+    if aug_cfg.SCALE_PROB > 0 and tuple(aug_cfg.SCALE_RANGE) != (1.0, 1.0):
+        augs.append(T.RandomApply(RandomRescale(aug_cfg.SCALE_RANGE), prob=aug_cfg.SCALE_PROB))
     if cfg.INPUT.CROP.ENABLED:
         # For an image smaller than the crop, Detectron2's "absolute" crop shrinks to the image
         # (no padding), so small images pass through whole.
