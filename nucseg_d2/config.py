@@ -160,10 +160,11 @@ def validate_nucseg_config(cfg):
         if not (isinstance(value, (list, tuple)) and len(value) == 2 and 0 <= value[0] <= value[1]):
             raise NucleiConfigError(f"INPUT.AUG.{key} must be a range (low, high) with 0 <= low <= high, got {value}")
     scale_range = aug.SCALE_RANGE
+    # Above 4 a 1000² Kumar image becomes 4000² (48 MB) for every training sample.
     if not (isinstance(scale_range, (list, tuple)) and len(scale_range) == 2
-            and 0 < scale_range[0] <= scale_range[1]):
+            and 0 < scale_range[0] <= scale_range[1] <= 4):
         raise NucleiConfigError(
-            f"INPUT.AUG.SCALE_RANGE must be resize factors (low, high) with 0 < low <= high, got {scale_range}")
+            f"INPUT.AUG.SCALE_RANGE must be resize factors (low, high) with 0 < low <= high <= 4, got {scale_range}")
     if not 0.0 <= aug.STAIN_JITTER_SCALE < 1.0:
         # The HED scale is drawn from U(1 - s, 1 + s): s >= 1 could flip a stain's sign.
         raise NucleiConfigError(f"INPUT.AUG.STAIN_JITTER_SCALE must be in [0, 1), got {aug.STAIN_JITTER_SCALE}")

@@ -148,8 +148,8 @@ def test_random_rescale_draws_log_uniformly_within_its_range():
     for _ in range(400):
         transform = RandomRescale((0.5, 2.0)).get_transform(image)
         if isinstance(transform, LabelResizeTransform):
-            assert transform.new_w == round(50 * transform.new_h / 100) or abs(
-                transform.new_w / 50 - transform.new_h / 100) <= 1 / 50
+            # Both sides scaled by one factor, each rounded to whole pixels.
+            assert abs(transform.new_w / 50 - transform.new_h / 100) <= 0.5 / 50 + 0.5 / 100
             scales.append(transform.new_h / 100)
     scales = np.array(scales)
     assert 0.5 <= scales.min() and scales.max() <= 2.0
@@ -159,6 +159,7 @@ def test_random_rescale_draws_log_uniformly_within_its_range():
     assert isinstance(RandomRescale((1.0, 1.0)).get_transform(image), T.NoOpTransform)
     with pytest.raises(ValueError, match="0 < low <= high"):
         RandomRescale((1.2, 0.9))
+    assert repr(RandomRescale((0.8, 1.25))) == "RandomRescale(scale_range=(0.8, 1.25))"
 
 
 # ----------------------------------------------------------------------------- photometric

@@ -83,9 +83,12 @@ def test_build_nuclei_cfg_from_file_or_node_with_overrides():
         ("tnbc.yaml", ["INPUT.AUG.STAIN_JITTER_SCALE", "1.5"], r"STAIN_JITTER_SCALE must be in \[0, 1\), got 1.5"),
         ("tnbc.yaml", ["INPUT.AUG.STAIN_JITTER_SHIFT", "-0.1"], "STAIN_JITTER_SHIFT must be >= 0"),
         ("tnbc.yaml", ["INPUT.AUG.SCALE_PROB", "1.5"], r"SCALE_PROB must be a probability in \[0, 1\], got 1.5"),
-        ("tnbc.yaml", ["INPUT.AUG.SCALE_RANGE", "(0.0, 1.25)"], r"SCALE_RANGE must be resize factors .* got \(0.0, 1.25\)"),
+        ("tnbc.yaml", ["INPUT.AUG.SCALE_RANGE", "(0.0, 1.25)"],
+         r"SCALE_RANGE must be resize factors .* got \(0.0, 1.25\)"),
         ("tnbc.yaml", ["INPUT.AUG.SCALE_RANGE", "(1.25, 0.8)"], "SCALE_RANGE must be resize factors"),
         ("tnbc.yaml", ["INPUT.AUG.SCALE_RANGE", "(1.25,)"], "SCALE_RANGE must be resize factors"),
+        ("tnbc.yaml", ["INPUT.AUG.SCALE_RANGE", "(0.8, 1e9)"],
+         r"SCALE_RANGE .* <= high <= 4, got \(0.8, 1000000000.0\)"),
         # Kept above the threshold: 0 keeps a whole box (whole image when pasted full-size), 1 nothing.
         ("tnbc.yaml", ["TEST.NUCLEI.MASK_THRESH", "0.0"], r"MASK_THRESH must be in \(0, 1\), got 0.0"),
         ("tnbc.yaml", ["TEST.NUCLEI.MASK_THRESH", "1.0"], r"MASK_THRESH must be in \(0, 1\), got 1.0"),

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks
@@ -223,7 +224,11 @@ def test_photometric_augmentations_do_not_change_targets(tmp_path):
 def test_rescale_resizes_image_masks_boxes_and_sem_seg_together(tmp_path):
     label_map = _layout_label_map()
     label_map[label_map == 40] = 300  # an id above uint8's, which Detectron2's resize cannot take
-    record = _write_record(tmp_path, label_map, image=np.full(label_map.shape + (3,), 200, np.uint8))
+    palette = {label_id: _colour_of(label_id % 200) for label_id in np.unique(label_map) if label_id}
+    image = np.full(label_map.shape + (3,), BACKGROUND_COLOUR, np.uint8)
+    for label_id, colour in palette.items():
+        image[label_map == label_id] = colour
+    record = _write_record(tmp_path, label_map, image=image)
     fixed = dict(HFLIP=False, VFLIP=False, ROT90=False)
     plain = _train_mapper(_cfg(**fixed))(record)
     scaled = _train_mapper(_cfg(**fixed, SCALE_PROB=1.0, SCALE_RANGE=(2.0, 2.0)))(record)
@@ -232,8 +237,13 @@ def test_rescale_resizes_image_masks_boxes_and_sem_seg_together(tmp_path):
     np.testing.assert_array_equal(scaled["sem_seg"].numpy(), doubled > 0)
     masks = scaled["instances"].gt_masks.tensor.numpy()
     ids = [int(np.unique(doubled[mask])[0]) for mask in masks]
+    scaled_image = scaled["image"].permute(1, 2, 0).numpy()
     for label_id, mask in zip(ids, masks):
         np.testing.assert_array_equal(mask, doubled == label_id)
+        # The image moved with the masks: pixels 2 inside a mask (bilinear blends only at edges)
+        # hold its nucleus' colour.
+        interior = ndimage.binary_erosion(mask, iterations=2)
+        assert (scaled_image[interior] == palette[label_id]).all()
     # The 2-pixel speck (id 2) is 8 pixels at twice the size, above MIN_FRAGMENT_AREA 4: kept.
     assert sorted(ids) == [2, 3, 5, 9, 12, 17, 300]
     plain_boxes = {int(np.unique(label_map[m])[0]): b for m, b in

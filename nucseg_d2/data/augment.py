@@ -141,7 +141,7 @@ class RandomRescale(T.Augmentation):
         low, high = (float(value) for value in scale_range)
         if not 0 < low <= high:
             raise ValueError(f"RandomRescale needs a range 0 < low <= high, got {tuple(scale_range)}")
-        self._init({"low": low, "high": high})
+        self._init({"scale_range": (low, high), "low": low, "high": high})  # scale_range: for repr
 
     def get_transform(self, image):
         scale = float(np.exp(np.random.uniform(np.log(self.low), np.log(self.high))))
