@@ -31,7 +31,7 @@ def add_nucseg_config(cfg):
     # Probability of resizing the whole image (before the crop) by a factor drawn log-uniformly from
     # SCALE_RANGE: nuclei at other sizes than the scanner's. Off by default (the paper does not).
     _C.INPUT.AUG.SCALE_PROB = 0.0
-    _C.INPUT.AUG.SCALE_RANGE = (0.8, 1.25)  # (low, high) resize factors, 0 < low <= high
+    _C.INPUT.AUG.SCALE_RANGE = (0.8, 1.25)  # (low, high) resize factors, 0 < low <= high <= 4
     _C.INPUT.AUG.GAUSSIAN_BLUR_PROB = 0.0  # probability of a Gaussian blur
     _C.INPUT.AUG.GAUSSIAN_BLUR_SIGMA = (0.5, 1.5)  # blur sigma range in pixels
     _C.INPUT.AUG.GAUSSIAN_NOISE_PROB = 0.0  # probability of additive Gaussian noise
