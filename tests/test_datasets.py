@@ -22,7 +22,7 @@ from PIL import Image
 
 import nucseg_d2  # noqa: F401  (registers the data sets)
 from nucseg_d2.data import datasets, records
-from nucseg_d2.data.readers import NucleiDataError
+from nucseg_d2.data.readers import NucleiDataError, load_label_map
 from nucseg_d2.data.records import build_records, label_map_to_annotations
 
 from real_data import REAL_DATA_ROOT  # noqa: E402  (tests/ helper)
@@ -108,7 +108,7 @@ def fake_root(tmp_path_factory):
             split_dir = root / "cpm17" / split
             image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
             image.save(split_dir / "Images" / f"image_{i:02d}.png")
-            inst_map = {"inst_map": _tiny_label_map(i)}
+            inst_map = {"inst_map": _tiny_label_map(i).astype(np.float64)}  # as HoVer-Net's release
             scipy.io.savemat(split_dir / "Labels" / f"image_{i:02d}.mat", inst_map)
     return root
 
@@ -423,6 +423,8 @@ def test_cpm17_on_fake_layout(fake_root, monkeypatch):
     train = DatasetCatalog.get("cpm17_train")
     assert [r["image_id"] for r in train] == ["image_00", "image_01", "image_02"]
     assert all(r["label_format"] == "cpm17_mat" and r["label_file"].endswith(".mat") for r in train)
+    for index, record in enumerate(train):
+        np.testing.assert_array_equal(load_label_map(record), _tiny_label_map(index))
     assert len(DatasetCatalog.get("cpm17_test")) == 2
 
 

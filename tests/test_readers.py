@@ -300,7 +300,8 @@ def test_uint32_tiff_and_palette_png_label_maps(tmp_path):
 
 def test_npy_label_maps_float_and_int64(tmp_path):
     np.save(tmp_path / "float.npy", np.array([[0.0, 4.0], [4.0, 1.0]], np.float32))
-    assert read_label_map(tmp_path / "float.npy").tolist() == [[0, 4], [4, 1]]
+    with pytest.warns(UserWarning, match=r"float\.npy: float label map read as integer ids"):
+        assert read_label_map(tmp_path / "float.npy").tolist() == [[0, 4], [4, 1]]
     huge = np.array([[0, 2**40]], np.int64)
     np.save(tmp_path / "huge.npy", huge)
     loaded = read_label_map(tmp_path / "huge.npy")
@@ -523,6 +524,25 @@ def test_cpm17_mat(tmp_path):
     scipy.io.savemat(tmp_path / "image_00.mat", {"inst_map": inst_map, "type_map": inst_map > 0})
     assert read_cpm17_mat(tmp_path / "image_00.mat").tolist() == inst_map.tolist()
     assert read_label_map(tmp_path / "image_00.mat").tolist() == inst_map.tolist()  # by suffix
+
+
+def test_cpm17_mat_reads_float64_ids_as_the_release_stores_them_without_a_warning(tmp_path, recwarn):
+    inst_map = np.array([[0, 2, 2], [7, 0, 0]], np.float64)  # not square: a transpose would show
+    scipy.io.savemat(tmp_path / "image_01.mat", {"inst_map": inst_map})
+    label_map = read_cpm17_mat(tmp_path / "image_01.mat")
+    assert label_map.dtype == np.int32 and label_map.tolist() == [[0, 2, 2], [7, 0, 0]]
+    assert not [w for w in recwarn if "float label map" in str(w.message)]
+    scipy.io.savemat(tmp_path / "half.mat", {"inst_map": inst_map + 0.5})
+    with pytest.raises(NucleiDataError, match=r"half\.mat: float label map has non-integral ids"):
+        read_cpm17_mat(tmp_path / "half.mat")
+
+
+def test_cpm17_mat_v73_is_named_with_what_to_do(tmp_path):
+    # The 128-byte header of a MATLAB v7.3 (HDF5) file: version 0x0200, as scipy checks it.
+    header = b"MATLAB 7.3 MAT-file, HDF5 schema 1.00 .".ljust(116, b" ") + bytes(8) + b"\x00\x02IM"
+    (tmp_path / "v73.mat").write_bytes(header + bytes(512))
+    with pytest.raises(NucleiDataError, match=r"v73\.mat: MATLAB v7\.3 \(HDF5\) \.mat files are not supported.*-v7"):
+        read_cpm17_mat(tmp_path / "v73.mat")
 
 
 def test_cpm17_mat_errors_name_the_file(tmp_path):

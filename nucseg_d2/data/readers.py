@@ -220,8 +220,10 @@ def _to_8_bit(values, path, what):
     return np.round(values.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
 
 
-def _as_label_map(values, path):
-    """Validate a decoded label map and return it as int32 (int64 past 2^31)."""
+def _as_label_map(values, path, warn_float=True):
+    """Validate a decoded label map and return it as int32 (int64 past 2^31).
+
+    ``warn_float=False`` for formats whose official releases store ids as floats (CPM-17's .mat)."""
     values = np.asarray(values)
     if values.ndim == 3 and values.shape[2] in (1, 3, 4):
         # Label maps saved as grey-in-RGB(A): accept only when all colour channels agree.
@@ -242,8 +244,9 @@ def _as_label_map(values, path):
             raise NucleiDataError(f"{path}: float label map contains NaN or infinite values")
         if not (values == np.round(values)).all():
             raise NucleiDataError(f"{path}: float label map has non-integral ids")
-        # Accepted, but loudly: a binary 0.0/1.0 mask saved as float would read as one nucleus.
-        warnings.warn(f"{path}: float label map read as integer ids; save label maps as integers")
+        if warn_float:
+            # Accepted, but loudly: a binary 0.0/1.0 mask saved as float would read as one nucleus.
+            warnings.warn(f"{path}: float label map read as integer ids; save label maps as integers")
     elif values.dtype.kind not in "ui":
         raise NucleiDataError(f"{path}: unsupported label map dtype {values.dtype}")
     if values.size and values.min() < 0:
@@ -386,14 +389,20 @@ def read_cpm17_mat(path):
     _require_file(path)
     try:
         contents = scipy.io.loadmat(path)
-    except Exception as err:  # includes MATLAB v7.3 (HDF5) files, which scipy cannot read
+    except NotImplementedError as err:  # scipy reads MATLAB formats up to v7, not v7.3 (HDF5)
+        raise NucleiDataError(
+            f"{path}: MATLAB v7.3 (HDF5) .mat files are not supported; save it again in MATLAB with "
+            f"save(..., '-v7'), or rewrite inst_map with h5py and scipy.io.savemat ({err})"
+        ) from err
+    except Exception as err:
         raise NucleiDataError(
             f"{path}: cannot load .mat file ({type(err).__name__}: {err})"
         ) from err
     if "inst_map" not in contents:
         keys = sorted(k for k in contents if not k.startswith("__"))
         raise NucleiDataError(f"{path}: no 'inst_map' in .mat file (keys: {keys})")
-    return _as_label_map(contents["inst_map"], path)
+    # HoVer-Net's release of CPM-17 stores inst_map as float64: not worth a warning per file.
+    return _as_label_map(contents["inst_map"], path, warn_float=False)
 
 
 def load_label_map(record):
