@@ -61,7 +61,8 @@ class Trainer(DefaultTrainer):
         hooks = super().build_hooks()
         if self.cfg.SOLVER.NUCLEI.TIME_LIMIT_S > 0:
             # Last, so that the other hooks (lr schedule, writers) have finished the iteration it ends.
-            hooks.append(TrainingTimeLimit(self.cfg.SOLVER.NUCLEI.TIME_LIMIT_S, self.cfg.TEST.EVAL_PERIOD))
+            hooks.append(TrainingTimeLimit(self.cfg.SOLVER.NUCLEI.TIME_LIMIT_S, self.cfg.TEST.EVAL_PERIOD,
+                                           self.cfg.SOLVER.CHECKPOINT_PERIOD))
         return hooks
 
     def train(self):
@@ -116,6 +117,18 @@ def main(args):
     return trainer.train()
 
 
+def check_training_processes(args):
+    """Several training processes need CUDA: Detectron2's trainer wraps the model in
+    DistributedDataParallel with one GPU per process, which PyTorch refuses for a CPU model, so
+    every process would fail with a stack trace. Evaluation builds no such wrapper."""
+    processes = args.num_gpus * args.num_machines
+    if processes > 1 and not args.eval_only and not torch.cuda.is_available():
+        raise NucleiConfigError(
+            f"--num-gpus {args.num_gpus} --num-machines {args.num_machines} starts {processes} training processes, "
+            "which need a CUDA device each; without CUDA train with --num-gpus 1 (one process uses every core; "
+            "--eval-only may use several)")
+
+
 def run(args):
     try:
         result = main(args)
@@ -137,6 +150,11 @@ def run(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    try:
+        check_training_processes(args)
+    except NucleiConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     launch(
         run,
         args.num_gpus,

@@ -28,15 +28,22 @@ class TrainingTimeLimit(HookBase):
     caller catches it. Register it last, so that every other hook has finished the iteration.
     With several processes, the main process's clock decides for all of them. ``eval_period``
     is ``TEST.EVAL_PERIOD``: a stop right after a periodic evaluation does not evaluate the same
-    weights again (``max_iter`` is then one more than the iterations done, which keeps
-    ``EvalHook.after_train`` from repeating it).
+    weights again. ``checkpoint_period`` is ``SOLVER.CHECKPOINT_PERIOD``: a stop where the periodic
+    checkpointer has just saved ``model_<iteration>`` does not write it again.
+
+    The trainer is then left as a finished loop of that many iterations leaves it (``iter`` =
+    ``max_iter`` = iterations done), so that what ``after_train`` records (EvalHook's final
+    evaluation, ``time_limit_stop_iter``) goes under the next iteration number: Detectron2's
+    ``JSONWriter`` drops scalars of an iteration it has already written, which ``PeriodicWriter``
+    does at every 20th.
     """
 
-    def __init__(self, seconds: float, eval_period: int = 0):
+    def __init__(self, seconds: float, eval_period: int = 0, checkpoint_period: int = 0):
         if seconds <= 0:
             raise ValueError(f"time limit must be positive, got {seconds}")
         self.seconds = float(seconds)
         self.eval_period = int(eval_period)
+        self.checkpoint_period = int(checkpoint_period)
         self._start = None
 
     def before_train(self):
@@ -51,23 +58,25 @@ class TrainingTimeLimit(HookBase):
         if not stop:
             return
         scheduled = trainer.max_iter
-        trainer.max_iter = trainer.iter + 1
+        done = trainer.iter + 1
         checkpoint_name = f"model_{trainer.iter:07d}"  # PeriodicCheckpointer's name for this iteration
         logger.warning(
             "Training time limit of %.0f s reached after %d of %d iterations (%.0f s): "
             "stopping here, saving %s and evaluating these weights.",
-            self.seconds, trainer.max_iter, scheduled, elapsed, checkpoint_name,
+            self.seconds, done, scheduled, elapsed, checkpoint_name,
         )
-        trainer.storage.put_scalar("time_limit_stop_iter", trainer.max_iter, smoothing_hint=False)
         checkpointer = getattr(trainer, "checkpointer", None)
-        if checkpointer is not None:
-            checkpointer.save(checkpoint_name)
-        if self.eval_period > 0 and trainer.max_iter % self.eval_period == 0:
+        saved_already = self.checkpoint_period > 0 and done % self.checkpoint_period == 0
+        if checkpointer is not None and not saved_already:
+            checkpointer.save(checkpoint_name)  # with the trainer's state at this iteration: resumable
+        trainer.iter = trainer.max_iter = done
+        trainer.storage.iter = done
+        trainer.storage.put_scalar("time_limit_stop_iter", done, smoothing_hint=False)
+        if self.eval_period > 0 and done % self.eval_period == 0:
             # EvalHook has just evaluated these weights (its after_step ran before this hook's);
-            # its after_train evaluates only when iter + 1 >= max_iter, so one more keeps it from
-            # spending the time the limit protects on the same evaluation again.
-            trainer.max_iter += 1
-        raise TrainingTimeLimitReached(trainer.iter + 1)
+            # its after_train evaluates when iter + 1 >= max_iter, which this keeps false.
+            trainer.max_iter = done + 2
+        raise TrainingTimeLimitReached(done)
 
 
 def reseed_resumed_training_data(trainer, build_train_loader) -> bool:

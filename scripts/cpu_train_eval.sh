@@ -35,9 +35,12 @@ fi
 # The anchor run's schedule, scaled: warm-up 1/11, lr steps at 3/4 and 10/11, eval every 1/4.
 WARMUP=$((ITERS / 11)); STEP1=$((ITERS * 3 / 4)); STEP2=$((ITERS * 10 / 11)); PERIOD=$((ITERS / 4))
 
-trained_iterations() {  # 1 + the last iteration logged in the run's metrics.json (0 without one)
+# 1 + the last training iteration in the run's metrics.json (0 without one). Training rows only (with
+# a total_loss): a final evaluation is logged under the number of iterations done, one past the last.
+trained_iterations() {
   local last
-  last=$(grep -o '"iteration": [0-9]*' "$OUT/metrics.json" 2>/dev/null | awk '{print $2}' | sort -n | tail -n 1 || true)
+  last=$(grep '"total_loss"' "$OUT/metrics.json" 2>/dev/null | grep -o '"iteration": [0-9]*' | awk '{print $2}' \
+    | sort -n | tail -n 1 || true)
   echo $(( ${last:--1} + 1 ))
 }
 

@@ -11,7 +11,8 @@ SCRIPT = os.path.join(REPO, "scripts", "cpu_train_eval.sh")
 
 def _training_call(tmp_path, run_folder_files=(), last_iteration=None, stand_in_status=3, full=False):
     """Run the script on run 'r' with a stand-in python; return (exit status, its argument list),
-    or with ``full`` the completed process too. ``last_iteration``: the last row of metrics.json."""
+    or with ``full`` the completed process too. ``last_iteration``: the last training row of metrics.json,
+    followed, as Detectron2 and the time limit write it, by the final evaluation's under the next number."""
     recorded = tmp_path / "argv.txt"
     stand_in = tmp_path / "python"
     stand_in.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{recorded}"\nexit {stand_in_status}\n')
@@ -22,8 +23,8 @@ def _training_call(tmp_path, run_folder_files=(), last_iteration=None, stand_in_
         (run / name).write_text("saved\n")
     if last_iteration is not None:
         (run / "metrics.json").write_text("".join(
-            f'{{"iteration": {i}, "total_loss": 1.0}}\n' for i in range(19, last_iteration, 20))
-            + f'{{"aji": 0.5, "iteration": {last_iteration}, "total_loss": 1.0}}\n')
+            f'{{"iteration": {i}, "total_loss": 1.0}}\n' for i in [*range(19, last_iteration, 20), last_iteration])
+            + f'{{"nuclei/aji": 0.5, "iteration": {last_iteration + 1}}}\n')
     done = subprocess.run(["bash", SCRIPT, "configs/kumar_ab1.yaml", "r", "SEED", "7"], capture_output=True,
                           text=True, env=dict(os.environ, PYTHON=str(stand_in), RUNS_DIR=str(tmp_path / "runs"),
                                               ITERS="44"))
@@ -65,6 +66,14 @@ def test_training_stopped_by_the_time_limit_is_not_scored(tmp_path):
                                         stand_in_status=0, full=True)
     assert status == 0 and "--eval-only" not in argv
     assert "training stopped after 31 of 44 iterations (time limit): run the same command again" in done.stdout
+
+
+def test_a_stop_one_iteration_short_is_not_scored(tmp_path):
+    # Its final evaluation is logged under iteration 43, the number of iterations done: not a 44th.
+    status, argv, done = _training_call(tmp_path, ("last_checkpoint", "config.yaml"), last_iteration=42,
+                                        stand_in_status=0, full=True)
+    assert status == 0 and "--eval-only" not in argv
+    assert "training stopped after 43 of 44 iterations (time limit)" in done.stdout
 
 
 def test_a_resume_with_another_schedule_is_refused(tmp_path):

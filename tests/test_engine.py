@@ -76,3 +76,81 @@ def test_single_process_stops_past_the_limit_but_not_at_the_last_iteration():
 def test_non_positive_limit_is_refused():
     with pytest.raises(ValueError, match="time limit must be positive, got 0"):
         TrainingTimeLimit(0)
+
+
+class _CountingCheckpointer:
+    path_manager = None  # read by fvcore's PeriodicCheckpointer, used only with max_to_keep
+
+    def __init__(self):
+        self.saved = []
+
+    def save(self, name, **extra):
+        self.saved.append(name)
+
+
+def _train_until_the_limit(tmp_path, stop_after, eval_period=0, checkpoint_period=0, max_iter=50):
+    """A bare Detectron2 training loop with DefaultTrainer's hook order (checkpointer, evaluation,
+    writer, then the limit), whose clock passes the limit when iteration ``stop_after`` ends.
+    Returns the evaluations run, the checkpoint names saved and the rows of metrics.json."""
+    from detectron2.engine import hooks
+    from detectron2.engine.train_loop import TrainerBase
+    from detectron2.utils.events import JSONWriter
+
+    import nucseg_d2.engine
+
+    class Trainer(TrainerBase):
+        def run_step(self):
+            self.storage.put_scalar("total_loss", 1.0)
+
+    evaluations = []
+
+    def evaluate():
+        evaluations.append(trainer.iter)
+        return {"nuclei": {"aji": 0.5}}
+
+    trainer = Trainer()
+    trainer.checkpointer = _CountingCheckpointer()
+    readings = iter([0.0] + [0.0] * stop_after + [1e9] * max_iter)  # before_train, then one per step
+    limit = TrainingTimeLimit(10, eval_period, checkpoint_period)
+    hook_list = [hooks.EvalHook(eval_period, evaluate),
+                 hooks.PeriodicWriter([JSONWriter(str(tmp_path / "metrics.json"))], period=20), limit]
+    if checkpoint_period:
+        hook_list.insert(0, hooks.PeriodicCheckpointer(trainer.checkpointer, checkpoint_period))
+    trainer.register_hooks(hook_list)
+    original_clock = nucseg_d2.engine.perf_counter
+    nucseg_d2.engine.perf_counter = lambda: next(readings)
+    try:
+        with pytest.raises(TrainingTimeLimitReached):
+            trainer.train(0, max_iter)
+    finally:
+        nucseg_d2.engine.perf_counter = original_clock
+    rows = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    return evaluations, trainer.checkpointer.saved, rows
+
+
+@pytest.mark.parametrize("stop_after", [5, 19])  # 19: PeriodicWriter has just written that iteration
+def test_the_stop_and_its_final_evaluation_reach_metrics_json(tmp_path, stop_after):
+    evaluations, saved, rows = _train_until_the_limit(tmp_path, stop_after)
+    assert len(evaluations) == 1
+    assert saved == [f"model_{stop_after:07d}"]
+    final = [row for row in rows if "nuclei/aji" in row]
+    # Under the number of iterations done, as a finished schedule's final evaluation.
+    assert [row["iteration"] for row in final] == [stop_after + 1]
+    assert final[0]["time_limit_stop_iter"] == stop_after + 1
+    trained = [row["iteration"] for row in rows if "total_loss" in row]
+    assert trained[-1] == stop_after  # nothing trained past the stop
+
+
+def test_a_stop_after_a_periodic_evaluation_and_checkpoint_repeats_neither(tmp_path):
+    evaluations, saved, rows = _train_until_the_limit(tmp_path, 19, eval_period=10, checkpoint_period=10)
+    assert evaluations == [9, 19]  # EvalHook's periodic ones only
+    assert saved == ["model_0000009", "model_0000019"]  # PeriodicCheckpointer's only
+    # (Detectron2's writer keeps each key's latest value: iteration 9's is replaced before it writes.)
+    assert [row["iteration"] for row in rows if "nuclei/aji" in row] == [19]
+    assert [row["iteration"] for row in rows if "time_limit_stop_iter" in row] == [20]
+
+
+def test_a_stop_between_checkpoints_saves_its_own(tmp_path):
+    evaluations, saved, _ = _train_until_the_limit(tmp_path, 14, eval_period=10, checkpoint_period=10)
+    assert evaluations == [9, 15]  # the periodic one, then the final one of the 15 iterations done
+    assert saved == ["model_0000009", "model_0000014"]

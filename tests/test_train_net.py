@@ -318,6 +318,21 @@ def test_time_limit_right_after_a_periodic_evaluation_does_not_evaluate_again(tm
     assert set(results) == {"nuclei"} and (output_dir / "model_0000000.pth").is_file()
 
 
+def test_several_training_processes_without_cuda_are_refused_before_launch(monkeypatch):
+    monkeypatch.setattr(train_net.torch.cuda, "is_available", lambda: False)
+
+    def check(*argv):
+        train_net.check_training_processes(default_argument_parser().parse_args(["--config-file", "c.yaml", *argv]))
+
+    with pytest.raises(train_net.NucleiConfigError, match="--num-gpus 2 --num-machines 1 starts 2 training "
+                                                           "processes, which need a CUDA device each"):
+        check("--num-gpus", "2")
+    with pytest.raises(train_net.NucleiConfigError, match="starts 2 training processes"):
+        check("--num-machines", "2", "--dist-url", "tcp://127.0.0.1:1")
+    check()  # one process
+    check("--num-gpus", "2", "--eval-only")  # evaluation wraps no model in DistributedDataParallel
+
+
 def test_negative_time_limit_is_refused():
     with pytest.raises(train_net.NucleiConfigError, match="SOLVER.NUCLEI.TIME_LIMIT_S must be >= 0"):
         _run("--config-file", str(ROOT / "configs/demo.yaml"), "SOLVER.NUCLEI.TIME_LIMIT_S", "-1")
