@@ -89,6 +89,12 @@ def setup(args):
     # config asks for them.
     register_config_datasets(cfg)
     check_run_inputs(cfg, eval_only=args.eval_only, resume=args.resume)
+    processes = comm.get_world_size()
+    if processes > 1 and not args.eval_only and not cfg.MODEL.DEVICE.startswith("cuda"):
+        # check_training_processes sees no config: here MODEL.DEVICE cpu on a CUDA machine.
+        raise NucleiConfigError(
+            f"{processes} training processes need MODEL.DEVICE cuda (one GPU each), got MODEL.DEVICE "
+            f"{cfg.MODEL.DEVICE}; train on the CPU with --num-gpus 1")
     cfg.freeze()
     default_setup(cfg, args)
     # This package's warnings (e.g. a training time limit reached) go to the run's log.txt too.

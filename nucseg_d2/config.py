@@ -31,7 +31,7 @@ def add_nucseg_config(cfg):
     # Probability of resizing the whole image (before the crop) by a factor drawn log-uniformly from
     # SCALE_RANGE: nuclei at other sizes than the scanner's. Off by default (the paper does not).
     _C.INPUT.AUG.SCALE_PROB = 0.0
-    _C.INPUT.AUG.SCALE_RANGE = (0.8, 1.25)  # (low, high) resize factors, 0 < low <= high <= 4
+    _C.INPUT.AUG.SCALE_RANGE = (0.8, 1.25)  # (low, high) resize factors, 0.25 <= low <= high <= 4
     _C.INPUT.AUG.GAUSSIAN_BLUR_PROB = 0.0  # probability of a Gaussian blur
     _C.INPUT.AUG.GAUSSIAN_BLUR_SIGMA = (0.5, 1.5)  # blur sigma range in pixels
     _C.INPUT.AUG.GAUSSIAN_NOISE_PROB = 0.0  # probability of additive Gaussian noise
@@ -160,11 +160,15 @@ def validate_nucseg_config(cfg):
         if not (isinstance(value, (list, tuple)) and len(value) == 2 and 0 <= value[0] <= value[1]):
             raise NucleiConfigError(f"INPUT.AUG.{key} must be a range (low, high) with 0 <= low <= high, got {value}")
     scale_range = aug.SCALE_RANGE
-    # Above 4 a 1000² Kumar image becomes 4000² (48 MB) for every training sample.
+    # Above 4 a 1000² Kumar image becomes 4000² (48 MB) for every training sample; below 1/4 a
+    # nucleus 16 px across (40x) is 4 px across and one of 8 px falls under MIN_FRAGMENT_AREA:
+    # training on ever emptier targets.
     if not (isinstance(scale_range, (list, tuple)) and len(scale_range) == 2
-            and 0 < scale_range[0] <= scale_range[1] <= 4):
+            and all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in scale_range)
+            and 0.25 <= scale_range[0] <= scale_range[1] <= 4):
         raise NucleiConfigError(
-            f"INPUT.AUG.SCALE_RANGE must be resize factors (low, high) with 0 < low <= high <= 4, got {scale_range}")
+            f"INPUT.AUG.SCALE_RANGE must be resize factors (low, high) with 0.25 <= low <= high <= 4, "
+            f"got {scale_range}")
     if not 0.0 <= aug.STAIN_JITTER_SCALE < 1.0:
         # The HED scale is drawn from U(1 - s, 1 + s): s >= 1 could flip a stain's sign.
         raise NucleiConfigError(f"INPUT.AUG.STAIN_JITTER_SCALE must be in [0, 1), got {aug.STAIN_JITTER_SCALE}")

@@ -1,4 +1,6 @@
 """Tests for nucseg_d2.data.augment: exact geometry, image-only photometry, cfg builder."""
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from detectron2.config import get_cfg
@@ -24,6 +26,7 @@ from nucseg_d2.data.augment import (
     StainJitterTransform,
     build_nuclei_augmentations,
     emboss_kernel,
+    nearest_source_indices,
     sharpen_kernel,
 )
 
@@ -110,15 +113,32 @@ def test_label_resize_repeats_each_id_and_keeps_ids_above_uint8():
 
 
 def test_label_resize_down_takes_the_pixel_under_each_output_centre():
-    # Output centres 0.5, 1.5, 2.5 of 3 map to input 0.67, 2.0, 3.33 of 4: rows/cols 0, 2, 3.
+    # Output centres 0.5, 1.5, 2.5 of 3 map to input 0.67, 2.0, 3.33 of 4: rows/cols 0, 2, 3 (2.0, on
+    # the boundary of pixels 1 and 2, takes the later one).
     label_map = np.arange(16, dtype=np.uint16).reshape(4, 4)
     resized = LabelResizeTransform(4, 4, 3, 3).apply_segmentation(label_map)
     np.testing.assert_array_equal(resized, label_map[np.ix_([0, 2, 3], [0, 2, 3])])
 
 
-# Sizes where no output centre falls exactly between two input pixels (a tie either side may take).
-@pytest.mark.parametrize("new_hw", [(7, 9), (13, 6), (20, 30)])
+def test_nearest_source_indices_break_ties_towards_the_later_pixel_exactly():
+    # 26 -> 23: output 11's centre is 11.5 * 26 / 23 = 13.0 exactly, which floating point puts just
+    # below 13; and every tie of a size pair in the rescale's range.
+    assert nearest_source_indices(26, 23)[11] == 13
+    for size in range(1, 120):
+        for new_size in range(max(1, size * 4 // 5), size * 5 // 4 + 2):
+            expected = [min(int(Fraction(2 * i + 1, 2 * new_size) * size), size - 1) for i in range(new_size)]
+            assert nearest_source_indices(size, new_size).tolist() == expected, (size, new_size)
+
+
+def _has_tie(size, new_size):
+    return any((2 * i + 1) * size % (2 * new_size) == 0 for i in range(new_size))
+
+
+# Sizes where no output centre falls on the boundary of two input pixels, where PIL's rounding
+# decides: up, down and both.
+@pytest.mark.parametrize("new_hw", [(4, 8), (14, 6), (20, 30), (6, 10)])
 def test_label_resize_matches_detectron2_on_uint8_where_detectron2_can(new_hw):
+    assert not _has_tie(H * 2, new_hw[0]) and not _has_tie(W * 2, new_hw[1])
     label_map = np.random.default_rng(1).integers(0, 250, size=(H * 2, W * 2)).astype(np.uint8)
     ours = LabelResizeTransform(H * 2, W * 2, *new_hw).apply_segmentation(label_map)
     np.testing.assert_array_equal(ours, T.ResizeTransform(H * 2, W * 2, *new_hw).apply_segmentation(label_map))

@@ -85,6 +85,8 @@ def test_build_nuclei_cfg_from_file_or_node_with_overrides():
         ("tnbc.yaml", ["INPUT.AUG.SCALE_PROB", "1.5"], r"SCALE_PROB must be a probability in \[0, 1\], got 1.5"),
         ("tnbc.yaml", ["INPUT.AUG.SCALE_RANGE", "(0.0, 1.25)"],
          r"SCALE_RANGE must be resize factors .* got \(0.0, 1.25\)"),
+        ("tnbc.yaml", ["INPUT.AUG.SCALE_RANGE", "(0.2, 1.25)"], r"0.25 <= low <= high .* got \(0.2, 1.25\)"),
+        ("tnbc.yaml", ["INPUT.AUG.SCALE_RANGE", "('a', 1.25)"], "SCALE_RANGE must be resize factors"),
         ("tnbc.yaml", ["INPUT.AUG.SCALE_RANGE", "(1.25, 0.8)"], "SCALE_RANGE must be resize factors"),
         ("tnbc.yaml", ["INPUT.AUG.SCALE_RANGE", "(1.25,)"], "SCALE_RANGE must be resize factors"),
         ("tnbc.yaml", ["INPUT.AUG.SCALE_RANGE", "(0.8, 1e9)"],

@@ -9,7 +9,7 @@ from detectron2.structures import BitMasks
 from PIL import Image
 
 from nucseg_d2.config import NucleiConfigError, add_nucseg_config, validate_nucseg_config
-from nucseg_d2.data.augment import RandomRotation90, Rot90Transform
+from nucseg_d2.data.augment import LabelResizeTransform, RandomRotation90, Rot90Transform
 from nucseg_d2.data.mapper import (
     NucleiDatasetMapper,
     instances_from_label_map,
@@ -251,6 +251,37 @@ def test_rescale_resizes_image_masks_boxes_and_sem_seg_together(tmp_path):
     for label_id, box in zip(ids, scaled["instances"].gt_boxes.tensor.numpy()):
         if label_id in plain_boxes:
             np.testing.assert_array_equal(box, 2 * plain_boxes[label_id])
+
+
+@pytest.mark.parametrize("scale, crop_size, out_hw", [
+    (0.7, [64, 64], (25, 36)),  # 36.4 -> 36: the crop, larger than the image, takes the whole image
+    (1.3, [40, 50], (40, 50)),  # 46.8 x 67.6 -> 47 x 68, then cropped
+])
+def test_rescale_by_non_integer_factor_keeps_masks_boxes_and_sem_seg_consistent(tmp_path, scale, crop_size, out_hw):
+    label_map = _layout_label_map()
+    record = _write_record(tmp_path, label_map)
+    cfg = _cfg(HFLIP=False, VFLIP=False, ROT90=False, SCALE_PROB=1.0, SCALE_RANGE=(scale, scale))
+    cfg.INPUT.CROP.ENABLED = True
+    cfg.INPUT.CROP.TYPE = "absolute"
+    cfg.INPUT.CROP.SIZE = crop_size
+    resized = LabelResizeTransform(36, 52, round(36 * scale), round(52 * scale)).apply_segmentation(label_map)
+    for seed in range(4):
+        np.random.seed(seed)
+        output = _train_mapper(cfg)(record)
+        assert tuple(output["image"].shape[1:]) == out_hw
+        instances = output["instances"]
+        masks = instances.gt_masks.tensor.numpy()
+        np.testing.assert_array_equal(
+            instances.gt_boxes.tensor.numpy(), instances.gt_masks.get_bounding_boxes().tensor.numpy())
+        np.testing.assert_array_equal(masks.any(axis=0), output["sem_seg"].numpy() == 1)
+        # The masks are those of the resized label map in one crop window: each id's pixels there,
+        # less ids under MIN_FRAGMENT_AREA (4).
+        got = {mask.tobytes() for mask in masks}
+        windows = [resized[r:r + out_hw[0], c:c + out_hw[1]] for r in range(resized.shape[0] - out_hw[0] + 1)
+                   for c in range(resized.shape[1] - out_hw[1] + 1)]
+        assert any(got == {(window == label_id).tobytes() for label_id in np.unique(window)
+                           if label_id and (window == label_id).sum() >= 4} for window in windows)
+        assert len(masks) >= 3
 
 
 def test_empty_label_map_gives_valid_empty_instances(tmp_path):

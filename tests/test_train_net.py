@@ -333,6 +333,21 @@ def test_several_training_processes_without_cuda_are_refused_before_launch(monke
     check("--num-gpus", "2", "--eval-only")  # evaluation wraps no model in DistributedDataParallel
 
 
+def test_several_training_processes_on_a_cpu_device_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+    # A CUDA machine told MODEL.DEVICE cpu: what check_training_processes cannot see before launch.
+    monkeypatch.setattr(train_net.comm, "get_world_size", lambda: 2)
+    output_dir = tmp_path / "out"
+
+    def setup(*opts):
+        return train_net.setup(default_argument_parser().parse_args(
+            ["--config-file", str(ROOT / "configs/demo.yaml"), *opts, "OUTPUT_DIR", str(output_dir)]))
+
+    with pytest.raises(train_net.NucleiConfigError,
+                       match="2 training processes need MODEL.DEVICE cuda .*got MODEL.DEVICE cpu"):
+        setup("MODEL.DEVICE", "cpu")
+    assert not output_dir.exists()
+
+
 def test_negative_time_limit_is_refused():
     with pytest.raises(train_net.NucleiConfigError, match="SOLVER.NUCLEI.TIME_LIMIT_S must be >= 0"):
         _run("--config-file", str(ROOT / "configs/demo.yaml"), "SOLVER.NUCLEI.TIME_LIMIT_S", "-1")

@@ -105,9 +105,14 @@ class RandomRotation90(T.Augmentation):
 
 
 def nearest_source_indices(size: int, new_size: int) -> np.ndarray:
-    """For each of ``new_size`` output pixels, the input pixel (of ``size``) under its centre."""
-    centres = (np.arange(new_size, dtype=np.float64) + 0.5) * (size / new_size)
-    return np.minimum(np.floor(centres).astype(np.int64), size - 1)
+    """For each of ``new_size`` output pixels, the input pixel (of ``size``) under its centre; a centre
+    on the boundary of two input pixels takes the later one (floor of the centre, as PIL's rule).
+
+    Integer arithmetic: in floating point ``(i + 0.5) * size / new_size`` lands on either side of a
+    boundary depending on rounding (26 -> 23 would take pixel 12 for output 11 instead of 13).
+    """
+    doubled_centres = (2 * np.arange(new_size, dtype=np.int64) + 1) * size
+    return np.minimum(doubled_centres // (2 * new_size), size - 1)
 
 
 class LabelResizeTransform(T.ResizeTransform):
