@@ -33,6 +33,17 @@ def test_configs_exist():
     assert expected <= names
 
 
+def test_each_data_set_keeps_the_proposal_budget_chosen_on_its_validation_split():
+    # docs/RESULTS.md, "Proposal budget": 4,000 on kumar_val, 2,000 on tnbc_val; every variant of a
+    # data set's config is compared with the others at the same budget.
+    for path in CONFIGS:
+        dataset = path.name.split("_")[0].split(".")[0]
+        if dataset in ("tnbc", "kumar"):
+            rpn = _load(path).MODEL.RPN
+            budget = {"tnbc": 2000, "kumar": 4000}[dataset]
+            assert (rpn.PRE_NMS_TOPK_TEST, rpn.POST_NMS_TOPK_TEST) == (budget, budget), path.name
+
+
 def test_ablation_configs_switch_exactly_their_component():
     def components(name):
         cfg = _load(CONFIGS[0].parent / name)
