@@ -35,9 +35,8 @@ class TrainingTimeLimit(HookBase):
     ``max_iter`` = iterations done), so that what ``after_train`` records (EvalHook's final
     evaluation, ``time_limit_stop_iter``) goes under the next iteration number: Detectron2's
     ``JSONWriter`` drops scalars of an iteration it has already written, which ``PeriodicWriter``
-    does at every 20th. The price: Detectron2's ``IterationTimer``, whose ``after_train`` runs
-    first, counts one iteration more than ran in its "Overall training speed" line (the time it
-    gives is right).
+    does at every 20th. ``IterationTimer``'s "Overall training speed" line then counts as after a
+    finished schedule of that many iterations.
     """
 
     def __init__(self, seconds: float, eval_period: int = 0, checkpoint_period: int = 0):

@@ -2,6 +2,7 @@
 forever in the next collective (the gradient all-reduce on GPUs); on its own, when it stops,
 what it leaves for the trainer, what it refuses."""
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -112,10 +113,10 @@ def _train_until_the_limit(tmp_path, stop_after, eval_period=0, checkpoint_perio
     trainer.checkpointer = _CountingCheckpointer()
     readings = iter([0.0] + [0.0] * stop_after + [1e9] * max_iter)  # before_train, then one per step
     limit = TrainingTimeLimit(10, eval_period, checkpoint_period)
-    hook_list = [hooks.EvalHook(eval_period, evaluate),
+    hook_list = [hooks.IterationTimer(warmup_iter=3), hooks.EvalHook(eval_period, evaluate),
                  hooks.PeriodicWriter([JSONWriter(str(tmp_path / "metrics.json"))], period=20), limit]
     if checkpoint_period:
-        hook_list.insert(0, hooks.PeriodicCheckpointer(trainer.checkpointer, checkpoint_period))
+        hook_list.insert(1, hooks.PeriodicCheckpointer(trainer.checkpointer, checkpoint_period))
     trainer.register_hooks(hook_list)
     original_clock = nucseg_d2.engine.perf_counter
     nucseg_d2.engine.perf_counter = lambda: next(readings)
@@ -139,6 +140,14 @@ def test_the_stop_and_its_final_evaluation_reach_metrics_json(tmp_path, stop_aft
     assert final[0]["time_limit_stop_iter"] == stop_after + 1
     trained = [row["iteration"] for row in rows if "total_loss" in row]
     assert trained[-1] == stop_after  # nothing trained past the stop
+
+
+def test_the_training_speed_line_counts_the_iterations_as_a_finished_schedule_would(tmp_path, caplog):
+    # IterationTimer leaves out its 3 warm-up iterations and counts one past storage.iter: for the
+    # 20 done, 20 + 1 - 3 = 18, as after a schedule of 20 (and as results_table reads it).
+    with caplog.at_level(logging.INFO, logger="detectron2.engine.hooks"):
+        _train_until_the_limit(tmp_path, 19)
+    assert "Overall training speed: 18 iterations in" in caplog.text
 
 
 def test_a_stop_after_a_periodic_evaluation_and_checkpoint_repeats_neither(tmp_path):

@@ -346,6 +346,12 @@ def test_several_training_processes_on_a_cpu_device_are_refused_before_anything_
                        match="2 training processes need MODEL.DEVICE cuda .*got MODEL.DEVICE cpu"):
         setup("MODEL.DEVICE", "cpu")
     assert not output_dir.exists()
+    # Evaluation wraps no model in DistributedDataParallel: several CPU processes may share it.
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(ROOT / "configs/demo.yaml"), "--eval-only", "MODEL.DEVICE", "cpu",
+         "MODEL.WEIGHTS", str(tmp_path / "weights.pth"), "OUTPUT_DIR", str(output_dir)])
+    (tmp_path / "weights.pth").write_bytes(b"")
+    assert train_net.setup(args).MODEL.DEVICE == "cpu"
 
 
 def test_negative_time_limit_is_refused():
