@@ -160,9 +160,9 @@ def validate_nucseg_config(cfg):
         if not (isinstance(value, (list, tuple)) and len(value) == 2 and 0 <= value[0] <= value[1]):
             raise NucleiConfigError(f"INPUT.AUG.{key} must be a range (low, high) with 0 <= low <= high, got {value}")
     scale_range = aug.SCALE_RANGE
-    # Above 4 a 1000² Kumar image becomes 4000² (48 MB) for every training sample; below 1/4 a
-    # nucleus 16 px across (40x) is 4 px across and one of 8 px falls under MIN_FRAGMENT_AREA:
-    # training on ever emptier targets.
+    # Above 4 a 1000² Kumar image becomes 4000² (48 MB) for every training sample. At 1/4 a nucleus
+    # 16 px across (40x) is 4 px across (about 13 px², kept) and one of 8 px falls under the default
+    # MIN_FRAGMENT_AREA (8 px²); below it ever more nuclei vanish from the targets.
     if not (isinstance(scale_range, (list, tuple)) and len(scale_range) == 2
             and all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in scale_range)
             and 0.25 <= scale_range[0] <= scale_range[1] <= 4):
